@@ -1,0 +1,1 @@
+"""Networks, checkpoint loading and the diffusion parameterisation."""

@@ -1,0 +1,60 @@
+"""Seeded random checkpoints in the real ldm layout: the built-in demo model and the test fixtures.
+
+The file is written from the network's own parameter list in torch layout, exactly as a real checkpoint
+stores it, and then goes through the ordinary loader.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from jaxlora.models.checkpoint import torch_parameters
+from jaxlora.models.unet import UNet, UNetConfig
+
+# A UNet with SD1.x's structure (8 heads, conv projections, 768-d context) at a size that runs in seconds.
+TINY_SD1 = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=(2, 2, 2),
+    transformer_depth=(1, 1, 1, 1, 0, 0),
+    transformer_depth_middle=1,
+    transformer_depth_output=(0, 0, 0, 1, 1, 1, 1, 1, 1),
+    context_dim=768,
+    num_heads=8,
+)
+
+
+def random_unet_tensors(config: UNetConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """float32 tensors in torch layout, keyed as in a bare diffusion model.
+
+    Weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2): every layer contributes,
+    unlike a real initialisation whose zeroed output convs would hide layout errors.
+    """
+    rng = np.random.default_rng(seed)
+    network = UNet(config)
+    tensors = {}
+    for key, layer, name in torch_parameters(network):
+        shape = layer.torch_shape(name, getattr(layer, name).shape)
+        if name == "bias":
+            value = 0.1 * rng.standard_normal(shape)
+        elif len(shape) == 1:
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
+        tensors[key] = value.astype(np.float32)
+    return tensors
+
+
+def write_random_checkpoint(
+    config: UNetConfig, path: str | Path, seed: int = 0, prefix: str = "model.diffusion_model."
+) -> Path:
+    """Write a random UNet as a .safetensors checkpoint with the given key prefix."""
+    tensors = {prefix + key: value for key, value in random_unet_tensors(config, seed).items()}
+    save_file(tensors, str(path))
+    return Path(path)

@@ -1,0 +1,37 @@
+"""What tells the UNet families apart, as data: detection keys, head rule, latent format, parameterisation.
+
+Head counts are not stored in the weights: SD1.x uses 8 heads in every block, SD2.x and SDXL a head width of
+64 (ComfyUI's `unet_extra_config`). The context width and the presence of `label_emb` identify the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxlora.models.sampling import SD15_LATENT, SDXL_LATENT, LatentFormat
+
+
+@dataclass(frozen=True)
+class UNetFamily:
+    name: str
+    description: str
+    context_dim: int
+    adm_in_channels: int | None
+    num_heads: int | None
+    num_head_channels: int | None
+    latent_format: LatentFormat
+
+
+UNET_FAMILIES = (
+    UNetFamily("sd1", "Stable Diffusion 1.x", 768, None, 8, None, SD15_LATENT),
+    UNetFamily("sd2", "Stable Diffusion 2.x", 1024, None, None, 64, SD15_LATENT),
+    UNetFamily("sdxl", "Stable Diffusion XL", 2048, 2816, None, 64, SDXL_LATENT),
+)
+
+
+def find_unet_family(context_dim: int, adm_in_channels: int | None) -> UNetFamily | None:
+    """The family with this context width and `y` width, or None when no supported family matches."""
+    for family in UNET_FAMILIES:
+        if family.context_dim == context_dim and family.adm_in_channels == adm_in_channels:
+            return family
+    return None

@@ -1,0 +1,182 @@
+"""Building blocks shared by the networks: weight layers that can carry an adapter, norms and attention.
+
+Activations are channels-last (NHWC images, [B, T, C] tokens). Weights are stored in Flax layout (linear
+[in, out], conv HWIO) so the forward needs no transposes; `torch_shape`, `from_torch` and `to_torch` convert at
+the file boundary only.
+
+Every layer with weights derives from `WeightLayer`, the single place where an adapter attached to a layer
+patches its weight or bias (ComfyUI semantics: the stored weight is cast to the compute dtype first, then the
+adapter applies).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class WeightPatch(Protocol):
+    """What an adapter offers a layer: functions of the weight and bias in the compute dtype."""
+
+    def patch_weight(self, weight: jax.Array) -> jax.Array: ...
+
+    def patch_bias(self, bias: jax.Array) -> jax.Array: ...
+
+
+class WeightLayer(nnx.Module):
+    """A layer with a `weight` (and optional `bias`) parameter and a slot for an adapter.
+
+    `torch_to_flax` is the axis permutation from the torch weight layout to the stored one.
+    """
+
+    torch_to_flax: ClassVar[tuple[int, ...]] = (0,)
+    weight: nnx.Param
+    bias: nnx.Param | None
+    adapter: WeightPatch | None
+
+    def weight_as(self, dtype: jnp.dtype) -> jax.Array:
+        """The weight in the compute dtype, patched by the adapter when one is attached."""
+        weight = self.weight[...].astype(dtype)
+        return weight if self.adapter is None else self.adapter.patch_weight(weight)
+
+    def bias_as(self, dtype: jnp.dtype) -> jax.Array | None:
+        if self.bias is None:
+            return None
+        bias = self.bias[...].astype(dtype)
+        return bias if self.adapter is None else self.adapter.patch_bias(bias)
+
+    @classmethod
+    def permutation(cls, name: str) -> tuple[int, ...]:
+        """Axis permutation torch -> Flax for parameter `name` ("weight" or "bias")."""
+        return cls.torch_to_flax if name == "weight" else (0,)
+
+    @classmethod
+    def torch_shape(cls, name: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        inverse = np.argsort(cls.permutation(name))
+        return tuple(flax_shape[i] for i in inverse)
+
+    @classmethod
+    def from_torch(cls, name: str, array: np.ndarray) -> np.ndarray:
+        return np.transpose(array, cls.permutation(name))
+
+    @classmethod
+    def to_torch(cls, name: str, array: np.ndarray) -> np.ndarray:
+        return np.transpose(array, np.argsort(cls.permutation(name)))
+
+
+def _placeholder(*shape: int) -> nnx.Param:
+    """An abstract float32 parameter: networks are built empty and filled from a checkpoint."""
+    return nnx.Param(jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+class Linear(WeightLayer):
+    """y = x W + b over the last axis; weight [in, out] (torch stores [out, in])."""
+
+    torch_to_flax = (1, 0)
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True):
+        self.weight = _placeholder(in_features, out_features)
+        self.bias = _placeholder(out_features) if bias else None
+        self.adapter = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.matmul(x, self.weight_as(x.dtype))
+        bias = self.bias_as(x.dtype)
+        return y if bias is None else y + bias
+
+
+class Conv2d(WeightLayer):
+    """2-D convolution on NHWC input; weight HWIO (torch stores OIHW)."""
+
+    torch_to_flax = (2, 3, 1, 0)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+    ):
+        self.weight = _placeholder(kernel_size, kernel_size, in_channels, out_channels)
+        self.bias = _placeholder(out_channels)
+        self.adapter = nnx.data(None)
+        self.stride = stride
+        self.padding = padding
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x,
+            self.weight_as(x.dtype),
+            window_strides=(self.stride, self.stride),
+            padding=((self.padding, self.padding), (self.padding, self.padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + self.bias_as(x.dtype)
+
+
+def _normalize(x: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
+    """Zero-mean unit-variance over `axes`, with statistics in float32 whatever the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axes, keepdims=True)
+    var = jnp.square(x32 - mean).mean(axes, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + eps)
+
+
+class GroupNorm(WeightLayer):
+    """torch.nn.GroupNorm over channels-last input ([B, ..., C]) with an affine scale and shift."""
+
+    def __init__(self, num_groups: int, channels: int, *, eps: float = 1e-5):
+        if channels % num_groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {num_groups} groups")
+        self.weight = _placeholder(channels)
+        self.bias = _placeholder(channels)
+        self.adapter = nnx.data(None)
+        self.num_groups = num_groups
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        grouped = x.reshape(*x.shape[:-1], self.num_groups, x.shape[-1] // self.num_groups)
+        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        y = _normalize(grouped, axes, self.eps).reshape(x.shape).astype(x.dtype)
+        return y * self.weight_as(x.dtype) + self.bias_as(x.dtype)
+
+
+class LayerNorm(WeightLayer):
+    """torch.nn.LayerNorm over the last axis with an affine scale and shift."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        self.weight = _placeholder(dim)
+        self.bias = _placeholder(dim)
+        self.adapter = nnx.data(None)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = _normalize(x, (x.ndim - 1,), self.eps).astype(x.dtype)
+        return y * self.weight_as(x.dtype) + self.bias_as(x.dtype)
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+    """Scaled dot-product attention of [B, T, heads*d] queries over [B, S, heads*d] keys/values."""
+    batch, q_len, width = q.shape
+    split = lambda t: t.reshape(batch, t.shape[1], heads, width // heads)  # noqa: E731
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    return out.reshape(batch, q_len, width)
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """[cos(t f_j), sin(t f_j)] with f_j = max_period^(-j/(dim/2)), cos half first, in float32.
+
+    The ldm UNet's timestep embedding and SDXL's size/crop embedding (ComfyUI `timestep_embedding`,
+    diffusers `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`).
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)

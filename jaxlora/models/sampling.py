@@ -1,0 +1,247 @@
+"""The diffusion parameterisation: noise schedules, EPS/V model sampling, latent formats, SDXL size ids.
+
+Everything lives in sigma space, as in ComfyUI's ``comfy/model_sampling.py`` and k-diffusion: a sample is
+``x_t = x0 + sigma * noise``; the network sees ``calculate_input(sigma, x_t)`` and ``timestep(sigma)`` and
+returns a raw output, which ``calculate_denoised`` turns into an x0 prediction. The networks know nothing of
+this; they only share ``timestep_embedding``. Everything is jax.numpy-traceable; sigma may be a scalar or a
+per-sample [B] array.
+
+A flow-matching (CONST, Flux/SD3) parameterisation is one more ``Parameterisation`` row in
+``PARAMETERISATIONS`` plus a schedule with the same ``sigma`` / ``timestep`` / ``percent_to_sigma`` methods as
+``DiscreteSchedule``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+# ComfyUI's stand-in for "infinite noise" when a training draw hits percent 0 exactly.
+_PERCENT_ZERO_SIGMA = 999999999.9
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class DiscreteSchedule:
+    """A table of ``steps`` noise levels indexed by integer timestep, as ComfyUI's ModelSamplingDiscrete.
+
+    ``sigmas`` and ``log_sigmas`` are read-only float32 numpy arrays of shape [steps], increasing with t, so
+    they embed in a jitted function as small constants. Compared and hashed by identity, as it holds arrays.
+    """
+
+    sigmas: np.ndarray
+    log_sigmas: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma(self, t: ArrayLike) -> jax.Array:
+        """Sigma at a (possibly fractional) timestep: t clamped to [0, steps-1], log sigma interpolated."""
+        t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, self.steps - 1)
+        low = jnp.floor(t)
+        weight = t - low
+        log_sigmas = jnp.asarray(self.log_sigmas)
+        low_log = log_sigmas[low.astype(jnp.int32)]
+        high_log = log_sigmas[jnp.ceil(t).astype(jnp.int32)]
+        return jnp.exp((1.0 - weight) * low_log + weight * high_log)
+
+    def timestep(self, sigma: ArrayLike) -> jax.Array:
+        """The integer timestep whose sigma is nearest in log space, as float32 (what the network is fed).
+
+        Ties go to the lower index, as torch's argmin does. Shape follows ``sigma``.
+        """
+        log_sigma = jnp.log(jnp.asarray(sigma, jnp.float32))
+        distances = jnp.abs(log_sigma[..., None] - jnp.asarray(self.log_sigmas))
+        return jnp.argmin(distances, axis=-1).astype(jnp.float32)
+
+    def percent_to_sigma(self, percent: ArrayLike) -> jax.Array:
+        """Sigma for a fraction of the denoising process: 0 is pure noise (1e9), 1 is clean (0).
+
+        In between it is ``sigma((1 - percent) * (steps - 1))``, so a uniform draw of ``percent`` is uniform
+        in continuous timestep; this is how ComfyUI's trainer draws each sample's noise level.
+        """
+        percent = jnp.asarray(percent, jnp.float32)
+        sigma = self.sigma((1.0 - percent) * (self.steps - 1))
+        return jnp.where(percent <= 0.0, _PERCENT_ZERO_SIGMA, jnp.where(percent >= 1.0, 0.0, sigma))
+
+
+def scaled_linear_schedule(
+    steps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012
+) -> DiscreteSchedule:
+    """The SD1.x/SD2.x/SDXL schedule ("linear" in ComfyUI, "scaled_linear" in diffusers).
+
+    betas are linear in sqrt space. The cumulative product runs in float64 and only the resulting sigmas
+    and their logs are rounded to float32, as in ComfyUI; diffusers computes in float32, which moves the
+    smallest sigmas by up to 1.3e-5 relative.
+    """
+    betas = np.linspace(math.sqrt(linear_start), math.sqrt(linear_end), steps, dtype=np.float64) ** 2
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+    return DiscreteSchedule(
+        sigmas=_frozen(sigmas.astype(np.float32)), log_sigmas=_frozen(np.log(sigmas).astype(np.float32))
+    )
+
+
+def _unit_variance_input(sigma: jax.Array, x: jax.Array) -> jax.Array:
+    # x_t = x0 + sigma * noise has variance sigma^2 + 1 for unit-variance latents (sigma_data = 1).
+    return x / jnp.sqrt(sigma**2 + 1.0)
+
+
+def _eps_denoised(sigma: jax.Array, model_output: jax.Array, x: jax.Array) -> jax.Array:
+    return x - sigma * model_output
+
+
+def _v_denoised(sigma: jax.Array, model_output: jax.Array, x: jax.Array) -> jax.Array:
+    return x / (sigma**2 + 1.0) - model_output * sigma / jnp.sqrt(sigma**2 + 1.0)
+
+
+def _add_noise(sigma: jax.Array, noise: jax.Array, x0: jax.Array) -> jax.Array:
+    return x0 + sigma * noise
+
+
+@dataclass(frozen=True)
+class Parameterisation:
+    """What a network's input and output mean in sigma space; one row per ComfyUI model-sampling type.
+
+    Each function takes sigma already shaped to broadcast against the latent.
+    """
+
+    calculate_input: Callable[[jax.Array, jax.Array], jax.Array]
+    calculate_denoised: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    noise_scaling: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+EPS = Parameterisation(_unit_variance_input, _eps_denoised, _add_noise)
+V_PREDICTION = Parameterisation(_unit_variance_input, _v_denoised, _add_noise)
+PARAMETERISATIONS: dict[str, Parameterisation] = {"eps": EPS, "v": V_PREDICTION}
+
+
+def _per_sample(sigma: ArrayLike, x: jax.Array) -> jax.Array:
+    """Shape sigma to broadcast over x: [B] -> [B, 1, ..., 1], a scalar stays a scalar; layout-agnostic."""
+    sigma = jnp.asarray(sigma)
+    if sigma.ndim == 0:
+        return sigma
+    return sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
+
+
+@dataclass(frozen=True)
+class ModelSampling:
+    """A prediction type ("eps" or "v") on a noise schedule: everything between a network and x0.
+
+    ``x`` is any latent with the batch first (NCHW or NHWC alike); sigma is a scalar or one value per sample.
+    """
+
+    prediction: str
+    schedule: DiscreteSchedule
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PARAMETERISATIONS:
+            raise ValueError(
+                f"unknown prediction type {self.prediction!r}; expected one of {sorted(PARAMETERISATIONS)}"
+            )
+
+    @property
+    def parameterisation(self) -> Parameterisation:
+        return PARAMETERISATIONS[self.prediction]
+
+    def calculate_input(self, sigma: ArrayLike, x: jax.Array) -> jax.Array:
+        """The network input for a noisy sample x_t."""
+        return self.parameterisation.calculate_input(_per_sample(sigma, x), x)
+
+    def calculate_denoised(self, sigma: ArrayLike, model_output: jax.Array, x: jax.Array) -> jax.Array:
+        """The x0 prediction from the network's raw output and the noisy sample x_t it was given."""
+        return self.parameterisation.calculate_denoised(_per_sample(sigma, x), model_output, x)
+
+    def noise_scaling(self, sigma: ArrayLike, noise: jax.Array, x0: jax.Array) -> jax.Array:
+        """The noisy sample x_t for clean latents x0 (ComfyUI's max_denoise=False path)."""
+        return self.parameterisation.noise_scaling(_per_sample(sigma, x0), noise, x0)
+
+    def timestep(self, sigma: ArrayLike) -> jax.Array:
+        return self.schedule.timestep(sigma)
+
+    def percent_to_sigma(self, percent: ArrayLike) -> jax.Array:
+        return self.schedule.percent_to_sigma(percent)
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """The affine map between raw VAE latents and the unit-variance latents the diffusion model works on."""
+
+    scale_factor: float
+    shift: float = 0.0
+
+    def process_in(self, x: jax.Array) -> jax.Array:
+        """Raw VAE latent -> diffusion-model latent."""
+        return (x - self.shift) * self.scale_factor
+
+    def process_out(self, x: jax.Array) -> jax.Array:
+        """Diffusion-model latent -> raw VAE latent."""
+        return x / self.scale_factor + self.shift
+
+
+SD15_LATENT = LatentFormat(scale_factor=0.18215)  # SD1.x and SD2.x
+SDXL_LATENT = LatentFormat(scale_factor=0.13025)
+
+
+def timestep_embedding(t: ArrayLike, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding [..., dim] of t [...]: ``[cos(t * f_j), sin(t * f_j)]``, cos half first.
+
+    ``f_j = max_period ** (-j / (dim / 2))`` for j < dim / 2, computed in float32. The UNet's time embedding
+    and SDXL's size conditioning both use this one implementation.
+    """
+    if dim % 2:
+        raise ValueError(f"timestep_embedding needs an even dim, got {dim}")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+SDXL_SIZE_EMBED_DIM = 256
+
+
+def sdxl_vector(
+    pooled_output: jax.Array,
+    height: ArrayLike,
+    width: ArrayLike,
+    crop_h: ArrayLike = 0,
+    crop_w: ArrayLike = 0,
+    target_height: ArrayLike | None = None,
+    target_width: ArrayLike | None = None,
+) -> jax.Array:
+    """SDXL's ``y`` [B, 1280 + 6*256]: pooled CLIP-G output [B, 1280] then embeddings of the six size ids.
+
+    Sizes are in pixels (ComfyUI's default is the latent's H and W times 8); each is a number or one value per
+    sample [B]. The targets default to height and width.
+    """
+    target_height = height if target_height is None else target_height
+    target_width = width if target_width is None else target_width
+    batch = pooled_output.shape[0]
+    size_ids = jnp.stack(
+        [
+            jnp.broadcast_to(jnp.asarray(size, jnp.float32), (batch,))
+            for size in (height, width, crop_h, crop_w, target_height, target_width)
+        ],
+        axis=1,
+    )
+    size_embeddings = timestep_embedding(size_ids, SDXL_SIZE_EMBED_DIM).reshape(batch, -1)
+    return jnp.concatenate([pooled_output, size_embeddings], axis=1)
