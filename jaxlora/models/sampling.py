@@ -3,8 +3,7 @@
 Everything lives in sigma space, as in ComfyUI's ``comfy/model_sampling.py`` and k-diffusion: a sample is
 ``x_t = x0 + sigma * noise``; the network sees ``calculate_input(sigma, x_t)`` and ``timestep(sigma)`` and
 returns a raw output, which ``calculate_denoised`` turns into an x0 prediction. The networks know nothing of
-this; they only share ``timestep_embedding``. Everything is jax.numpy-traceable; sigma may be a scalar or a
-per-sample [B] array.
+this. Everything is jax.numpy-traceable; sigma may be a scalar or a per-sample [B] array.
 
 A flow-matching (CONST, Flux/SD3) parameterisation is one more ``Parameterisation`` row in
 ``PARAMETERISATIONS`` plus a schedule with the same ``sigma`` / ``timestep`` / ``percent_to_sigma`` methods as
@@ -21,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+from jaxlora.models.layers import sinusoidal_embedding
 
 # ComfyUI's stand-in for "infinite noise" when a training draw hits percent 0 exactly.
 _PERCENT_ZERO_SIGMA = 999999999.9
@@ -201,21 +202,6 @@ class LatentFormat:
 SD15_LATENT = LatentFormat(scale_factor=0.18215)  # SD1.x and SD2.x
 SDXL_LATENT = LatentFormat(scale_factor=0.13025)
 
-
-def timestep_embedding(t: ArrayLike, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal embedding [..., dim] of t [...]: ``[cos(t * f_j), sin(t * f_j)]``, cos half first.
-
-    ``f_j = max_period ** (-j / (dim / 2))`` for j < dim / 2, computed in float32. The UNet's time embedding
-    and SDXL's size conditioning both use this one implementation.
-    """
-    if dim % 2:
-        raise ValueError(f"timestep_embedding needs an even dim, got {dim}")
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = jnp.asarray(t, jnp.float32)[..., None] * freqs
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
 SDXL_SIZE_EMBED_DIM = 256
 
 
@@ -230,8 +216,8 @@ def sdxl_vector(
 ) -> jax.Array:
     """SDXL's ``y`` [B, 1280 + 6*256]: pooled CLIP-G output [B, 1280] then embeddings of the six size ids.
 
-    Sizes are in pixels (ComfyUI's default is the latent's H and W times 8); each is a number or one value per
-    sample [B]. The targets default to height and width.
+    Sizes are in pixels (ComfyUI's default is the latent's H and W times 8); each is a number or one value
+    per sample [B]. The targets default to height and width. Each id is embedded like the UNet's timestep.
     """
     target_height = height if target_height is None else target_height
     target_width = width if target_width is None else target_width
@@ -243,5 +229,5 @@ def sdxl_vector(
         ],
         axis=1,
     )
-    size_embeddings = timestep_embedding(size_ids, SDXL_SIZE_EMBED_DIM).reshape(batch, -1)
+    size_embeddings = sinusoidal_embedding(size_ids, SDXL_SIZE_EMBED_DIM).reshape(batch, -1)
     return jnp.concatenate([pooled_output, size_embeddings], axis=1)

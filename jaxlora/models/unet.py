@@ -307,8 +307,8 @@ class UNet(nnx.Module):
     ) -> jax.Array:
         """Predict eps or v (depending on the checkpoint) for NHWC `x`; output NHWC in x's dtype."""
         if (y is None) != (self.label_emb is None):
-            need = "needs" if self.label_emb is not None else "takes no"
-            raise ValueError(f"this UNet {need} a `y` vector (adm_in_channels={self.config.adm_in_channels})")
+            need = "needs a" if self.label_emb is not None else "takes no"
+            raise ValueError(f"this UNet {need} `y` vector (adm_in_channels={self.config.adm_in_channels})")
         dtype = x.dtype
         t_emb = sinusoidal_embedding(timesteps, self.config.model_channels).astype(dtype)
         emb = self.time_embed["2"](jax.nn.silu(self.time_embed["0"](t_emb)))
