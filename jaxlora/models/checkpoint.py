@@ -10,6 +10,7 @@ to Flax layout, cast and placed on the device, so the host never holds more than
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,10 +149,11 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[UNetConfig
             raise UnknownLayoutError(f"{block} is neither a ResBlock nor a Downsample")
     num_res_blocks.append(res_in_level)
 
-    context_dims = {shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight")}
-    if len(context_dims) != 1:
-        raise UnknownLayoutError(f"expected one cross-attention context width, found {sorted(context_dims)}")
-    context_dim = context_dims.pop()
+    context_dims = Counter(shape[-1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight"))
+    if not context_dims:
+        raise UnknownLayoutError("no cross-attention layer (attn2.to_k) found: not a text-conditioned UNet")
+    # The majority width; a single odd tensor is then reported by name in the shape check.
+    context_dim = context_dims.most_common(1)[0][0]
     adm = shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else None
     family = find_unet_family(context_dim, adm)
     if family is None:

@@ -1,8 +1,8 @@
 """Building blocks shared by the networks: weight layers that can carry an adapter, norms and attention.
 
 Activations are channels-last (NHWC images, [B, T, C] tokens). Weights are stored in Flax layout (linear
-[in, out], conv HWIO) so the forward needs no transposes; `torch_shape`, `from_torch` and `to_torch` convert at
-the file boundary only.
+[in, out], conv HWIO) so the forward needs no transposes; `torch_shape`, `from_torch` and `to_torch`
+convert at the file boundary only.
 
 Every layer with weights derives from `WeightLayer`, the single place where an adapter attached to a layer
 patches its weight or bias (ComfyUI semantics: the stored weight is cast to the compute dtype first, then the

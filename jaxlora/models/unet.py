@@ -2,8 +2,8 @@
 
 Module paths mirror the checkpoint's one to one (`input_blocks.1.1.transformer_blocks.0.attn1.to_q` here is
 `diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q` in the file), so a parameter's file key is
-its path with the prefix in front and adapter export is a transpose. Index positions that hold no parameters in
-torch (SiLU, Dropout) are simply absent from the `nnx.Dict` containers.
+its path with the prefix in front and adapter export is a transpose. Index positions that hold no
+parameters in torch (SiLU, Dropout) are simply absent from the `nnx.Dict` containers.
 
 Input and output latents are NHWC. The network sees the timestep as given (ComfyUI passes the nearest integer
 index as a float); sigmas, input scaling and the parameterisation live in `sampling.py`.

@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxlora.models.checkpoint import infer_unet_config, torch_parameters
 from jaxlora.models.demo import random_unet_tensors
-from jaxlora.models.unet import SD15, SD21, SDXL, UNet
+from jaxlora.models.unet import SD15, SD21, SDXL, UNet, UNetConfig
 from tests.models.tiny_unets import FAMILIES
 
 
@@ -30,7 +30,10 @@ def test_full_size_unet_has_published_parameter_count(config, published):
 @pytest.mark.parametrize("config", [SD15, SD21, SDXL], ids=["sd15", "sd21", "sdxl"])
 def test_config_is_inferred_back_from_full_size_key_shapes(config):
     network = UNet(config)
-    shapes = {key: layer.torch_shape(name, getattr(layer, name).shape) for key, layer, name in torch_parameters(network)}
+    shapes = {
+        key: layer.torch_shape(name, getattr(layer, name).shape)
+        for key, layer, name in torch_parameters(network)
+    }
     inferred, _ = infer_unet_config(shapes)
     assert inferred == config
 
@@ -52,8 +55,23 @@ def test_parameter_paths_are_the_ldm_checkpoint_keys():
     assert not any(key.endswith("to_q.bias") for key in keys)  # attention q/k/v carry no bias
 
 
-def loaded_tiny_sd1(dtype=jnp.float32):
-    network = UNet(FAMILIES["sd1"].config)
+# Two levels, one ResBlock each: the smallest UNet with every block type, so the backward compiles quickly.
+MINIMAL = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=(1, 1),
+    transformer_depth=(1, 0),
+    transformer_depth_middle=1,
+    transformer_depth_output=(0, 0, 1, 1),
+    context_dim=768,
+    num_heads=8,
+)
+
+
+def loaded_unet(config, dtype=jnp.float32):
+    network = UNet(config)
     tensors = random_unet_tensors(network.config, seed=3)
     for key, layer, name in torch_parameters(network):
         getattr(layer, name).set_value(jnp.asarray(layer.from_torch(name, tensors[key]), dtype))
@@ -61,7 +79,7 @@ def loaded_tiny_sd1(dtype=jnp.float32):
 
 
 def test_remat_gives_identical_outputs_and_gradients():
-    network = loaded_tiny_sd1()
+    network = loaded_unet(MINIMAL)
     graph, params = nnx.split(network)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
@@ -84,4 +102,6 @@ def test_sdxl_unet_requires_y_and_sd1_rejects_it():
     with pytest.raises(ValueError, match="needs a `y`"):
         UNet(FAMILIES["sdxl"].config)(jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros((1, 2, 2048)))
     with pytest.raises(ValueError, match="takes no `y`"):
-        UNet(FAMILIES["sd1"].config)(jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros((1, 2, 768)), jnp.zeros((1, 8)))
+        UNet(FAMILIES["sd1"].config)(
+            jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros((1, 2, 768)), jnp.zeros((1, 8))
+        )

@@ -19,7 +19,9 @@ class TinyFamily:
 
     def write_diffusers_config(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **self.diffusers_config}))
+        (folder / "config.json").write_text(
+            json.dumps({"_class_name": "UNet2DConditionModel", **self.diffusers_config})
+        )
         return folder
 
 
