@@ -21,11 +21,14 @@ from flax import nnx
 
 
 class WeightPatch(Protocol):
-    """What an adapter offers a layer: functions of the weight and bias in the compute dtype."""
+    """What an adapter offers a layer: functions of the weight and bias in the compute dtype, and the
+    activation ("bypass") form `y + h(x)` for adapters that do not patch the weight."""
 
     def patch_weight(self, weight: jax.Array) -> jax.Array: ...
 
     def patch_bias(self, bias: jax.Array) -> jax.Array: ...
+
+    def add_bypass(self, x: jax.Array, y: jax.Array, layer: WeightLayer) -> jax.Array: ...
 
 
 class WeightLayer(nnx.Module):
@@ -84,8 +87,13 @@ class Linear(WeightLayer):
         self.bias = _placeholder(out_features) if bias else None
         self.adapter = nnx.data(None)
 
+    def apply_kernel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jnp.matmul(x, kernel)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.matmul(x, self.weight_as(x.dtype))
+        y = self.apply_kernel(x, self.weight_as(x.dtype))
+        if self.adapter is not None:
+            y = self.adapter.add_bypass(x, y, self)
         bias = self.bias_as(x.dtype)
         return y if bias is None else y + bias
 
@@ -110,14 +118,20 @@ class Conv2d(WeightLayer):
         self.stride = stride
         self.padding = padding
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
+    def apply_kernel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """The convolution with this layer's stride and padding for any HWIO kernel."""
+        return jax.lax.conv_general_dilated(
             x,
-            self.weight_as(x.dtype),
+            kernel,
             window_strides=(self.stride, self.stride),
             padding=((self.padding, self.padding), (self.padding, self.padding)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.apply_kernel(x, self.weight_as(x.dtype))
+        if self.adapter is not None:
+            y = self.adapter.add_bypass(x, y, self)
         return y + self.bias_as(x.dtype)
 
 

@@ -1,0 +1,126 @@
+"""What every adapter shares: the trainable variable type, the layer it adapts, and the per-layer container.
+
+Adapter tensors are kept in torch layout and shapes (the file's), in float32: they are the master copy the
+optimizer updates. At use they are rounded to `lora_dtype` (the storage dtype ComfyUI trains in) and computed
+in the layer's compute dtype, and the resulting delta is permuted to the layer's Flax layout.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.models.layers import WeightLayer
+
+
+class AdapterParam(nnx.Variable):
+    """A trainable adapter tensor. Distinct from `nnx.Param`, so `nnx.split(model, AdapterParam, ...)` separates
+    the adapter tree (differentiated, updated) from the frozen base."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The weight an adapter patches: its torch shape and the permutation to the stored Flax layout."""
+
+    torch_shape: tuple[int, ...]
+    torch_to_flax: tuple[int, ...]
+
+    @classmethod
+    def of(cls, layer: WeightLayer) -> Target:
+        return cls(layer.torch_shape("weight", layer.weight.shape), layer.permutation("weight"))
+
+    @property
+    def out_features(self) -> int:
+        return self.torch_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Input width with the kernel folded in (`d_in` of the spec): what a flattened factor spans."""
+        return math.prod(self.torch_shape[1:])
+
+    def to_flax(self, delta: jax.Array) -> jax.Array:
+        """A delta in torch layout (any shape with the weight's size) -> the stored Flax layout."""
+        return jnp.transpose(delta.reshape(self.torch_shape), self.torch_to_flax)
+
+
+def master(value) -> AdapterParam:
+    return AdapterParam(jnp.asarray(value, jnp.float32))
+
+
+def rounded(param: AdapterParam, lora_dtype: jnp.dtype, dtype: jnp.dtype) -> jax.Array:
+    """The master value as stored in `lora_dtype`, then in the compute dtype (torch autocast semantics)."""
+    return param[...].astype(lora_dtype).astype(dtype)
+
+
+def layer_rng(seed: int, path: str) -> np.random.Generator:
+    """A generator that depends only on the user's seed and the layer's path: same inputs, same adapter."""
+    return np.random.default_rng([seed, zlib.crc32(path.encode())])
+
+
+def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """ComfyUI/LyCORIS `factorization`: (m, n) with m <= n and m * n = dim, m close to `factor`."""
+    if 0 < factor and dim % factor == 0 and dim >= factor * factor:
+        return tuple(sorted((factor, dim // factor)))
+    if factor < 0:
+        factor = dim
+    m, n = 1, dim
+    candidate = m + 1
+    while m < n:
+        while dim % candidate:
+            candidate += 1
+        if candidate > factor:
+            break
+        m, n = candidate, dim // candidate
+        candidate += 1
+    return (m, n) if m <= n else (n, m)
+
+
+class Diff(nnx.Module):
+    """A full additive difference in torch layout: `diff` for one-dimensional weights (norm scales), biases
+    (`diff_b`) and, when imported from a LyCORIS "full" file, whole weights (`torch_to_flax` then permutes).
+
+    ComfyUI's BiasDiff: the sum is taken in `lora_dtype`, then cast back to the incoming dtype.
+    """
+
+    def __init__(self, value, lora_dtype: jnp.dtype, torch_to_flax: tuple[int, ...] | None = None):
+        self.diff = master(value)
+        self.lora_dtype = jnp.dtype(lora_dtype)
+        self.torch_to_flax = torch_to_flax
+
+    def patch(self, tensor: jax.Array) -> jax.Array:
+        diff = self.diff[...].astype(self.lora_dtype)
+        if self.torch_to_flax is not None:
+            diff = jnp.transpose(diff, self.torch_to_flax)
+        return (tensor.astype(self.lora_dtype) + diff).astype(tensor.dtype)
+
+    def export(self) -> dict[str, np.ndarray]:
+        return {"diff": np.asarray(self.diff[...])}
+
+
+class LayerAdapter(nnx.Module):
+    """Everything attached to one layer: a weight adapter (or a `Diff` for 1-D weights) and a bias `Diff`.
+
+    With `bypass` the weight adapter runs on activations, `y = x W + h(x)`, instead of patching W.
+    """
+
+    def __init__(self, weight: nnx.Module | None, bias: Diff | None, bypass: bool = False):
+        self.weight = weight
+        self.bias = bias
+        self.bypass = bypass
+
+    def patch_weight(self, weight: jax.Array) -> jax.Array:
+        if self.weight is None or self.bypass:
+            return weight
+        return self.weight.patch(weight)
+
+    def patch_bias(self, bias: jax.Array) -> jax.Array:
+        return bias if self.bias is None else self.bias.patch(bias)
+
+    def add_bypass(self, x: jax.Array, y: jax.Array, layer: WeightLayer) -> jax.Array:
+        return y + self.weight.bypass(x, layer) if self.bypass else y

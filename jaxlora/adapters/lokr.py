@@ -1,0 +1,50 @@
+"""LoKr: W' = W + kron(w1, w2), with `factorization(dim, rank)` choosing the Kronecker factor shapes."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.adapters.base import Target, factorization, master, rounded
+
+
+class LoKr(nnx.Module):
+    """`lokr_w1` [out_l, in_m] and `lokr_w2` [out_k, in_n, k...] (torch layout; the kernel stays on w2).
+
+    Directly stored factors carry no alpha scaling, on the train side and on ComfyUI's load side alike.
+    """
+
+    def __init__(self, target: Target, w1, w2, lora_dtype: jnp.dtype):
+        self.target = target
+        self.w1 = master(w1)
+        self.w2 = master(w2)
+        self.lora_dtype = jnp.dtype(lora_dtype)
+
+    @classmethod
+    def create(cls, target: Target, rank: int, rng: np.random.Generator, lora_dtype: jnp.dtype) -> LoKr:
+        """w1 zeros; w2 kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_n * k..."""
+        out_l, out_k = factorization(target.out_features, rank)
+        in_m, in_n = factorization(target.torch_shape[1], rank)
+        kernel = target.torch_shape[2:]
+        bound = 1.0 / math.sqrt(in_n * math.prod(kernel))
+        w2 = rng.uniform(-bound, bound, (out_k, in_n, *kernel))
+        return cls(target, np.zeros((out_l, in_m)), w2, lora_dtype)
+
+    def patch(self, weight: jax.Array) -> jax.Array:
+        w1, w2 = (
+            rounded(self.w1, self.lora_dtype, weight.dtype),
+            rounded(self.w2, self.lora_dtype, weight.dtype),
+        )
+        w1 = w1.reshape(w1.shape + (1,) * (w2.ndim - 2))
+        return weight + self.target.to_flax(jnp.kron(w1, w2)).astype(weight.dtype)
+
+    def export(self) -> dict[str, np.ndarray]:
+        return {
+            "lokr_w1": np.asarray(self.w1[...]),
+            "lokr_w2": np.asarray(self.w2[...]),
+            "alpha": np.asarray(1.0, np.float32),
+        }
