@@ -23,14 +23,10 @@ from jaxlora.models.sampling import sdxl_vector
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jaxlora.inspect", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "checkpoint", nargs="?", type=Path, help=".safetensors checkpoint (default: the demo)"
-    )
+    parser.add_argument("checkpoint", nargs="?", type=Path, help=".safetensors checkpoint (default: the demo)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weight dtype")
     parser.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"])
-    parser.add_argument(
-        "--latent-size", type=int, default=32, help="latent height and width of the test forward"
-    )
+    parser.add_argument("--latent-size", type=int, default=32, help="latent height and width of the test forward")
     parser.add_argument("--no-forward", action="store_true", help="only load and describe the checkpoint")
     return parser.parse_args(argv)
 

@@ -12,9 +12,7 @@ def tiny_checkpoint(tmp_path_factory):
     def make(family: str):
         if family not in written:
             folder = tmp_path_factory.mktemp(family)
-            written[family] = write_random_checkpoint(
-                FAMILIES[family].config, folder / "model.safetensors", seed=1
-            )
+            written[family] = write_random_checkpoint(FAMILIES[family].config, folder / "model.safetensors", seed=1)
         return written[family]
 
     return make

@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.adapters.base import Diff, LayerAdapter, Target, layer_rng
-from jaxlora.adapters.lokr import LoKr
 from jaxlora.adapters.loha import LoHa
+from jaxlora.adapters.lokr import LoKr
 from jaxlora.adapters.lora import LoRA
 from jaxlora.adapters.oft import OFT
 from jaxlora.models.layers import WeightLayer

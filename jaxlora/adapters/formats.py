@@ -25,8 +25,8 @@ import numpy as np
 
 from jaxlora.adapters.attach import adapted_layers, weight_layers
 from jaxlora.adapters.base import Diff, LayerAdapter, Target
-from jaxlora.adapters.lokr import LoKr
 from jaxlora.adapters.loha import LoHa
+from jaxlora.adapters.lokr import LoKr
 from jaxlora.adapters.lora import LoRA
 from jaxlora.adapters.oft import OFT
 from jaxlora.models.diffusers_names import unet_to_diffusers
@@ -53,14 +53,8 @@ SUFFIXES = {
     ".lora_linear_layer.down.weight": "down",
     ".lora_B.default.weight": "up",
     ".lora_A.default.weight": "down",
-    **{
-        f".{name}": name
-        for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-    },
-    **{
-        f".{name}": name
-        for name in ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
-    },
+    **{f".{name}": name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
+    **{f".{name}": name for name in ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")},
     ".lokr_t2": "lokr_t2",
     ".oft_blocks": "oft_blocks",
     ".rescale": "rescale",
@@ -186,9 +180,7 @@ def export_adapter(
     return tensors
 
 
-def group_keys(
-    keys: Iterable[str], base_names: Mapping[str, str]
-) -> tuple[dict[str, dict[str, str]], list[str]]:
+def group_keys(keys: Iterable[str], base_names: Mapping[str, str]) -> tuple[dict[str, dict[str, str]], list[str]]:
     """File keys grouped by layer path as {path: {canonical name: file key}}, plus the keys that match no layer."""
     groups: dict[str, dict[str, str]] = defaultdict(dict)
     bases: dict[str, set[str]] = defaultdict(set)
@@ -240,14 +232,8 @@ def _lora(f: _Factors, target: Target, lora_dtype) -> LoRA:
     if mid is not None:
         down = np.einsum("pjkl,ji->pikl", mid, down.reshape(rank, -1))
     up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
-    if (
-        up.shape[0] != target.out_features
-        or down.shape[1] != target.in_features
-        or up.shape[1] != down.shape[0]
-    ):
-        raise f.fail(
-            f"LoRA factors up {up.shape} / down {down.shape} do not fit the weight {target.torch_shape}"
-        )
+    if up.shape[0] != target.out_features or down.shape[1] != target.in_features or up.shape[1] != down.shape[0]:
+        raise f.fail(f"LoRA factors up {up.shape} / down {down.shape} do not fit the weight {target.torch_shape}")
     return LoRA(target, up, down, alpha * down.shape[0] / rank, lora_dtype)
 
 
@@ -289,9 +275,7 @@ def _lokr(f: _Factors, target: Target, lora_dtype) -> LoKr:
     if alpha is not None and rank is not None:
         w2 = w2 * (float(alpha) / rank)
     if w1.size * w2.size != np.prod(target.torch_shape):
-        raise f.fail(
-            f"kron(lokr_w1 {w1.shape}, lokr_w2 {w2.shape}) does not fit the weight {target.torch_shape}"
-        )
+        raise f.fail(f"kron(lokr_w1 {w1.shape}, lokr_w2 {w2.shape}) does not fit the weight {target.torch_shape}")
     return LoKr(target, w1, w2, lora_dtype)
 
 
@@ -346,9 +330,7 @@ def import_adapter(
         raise AdapterFileError(f"{len(unmatched)} keys match no layer of this model: {_describe(unmatched)}")
     layers = dict(weight_layers(network))
     return {
-        path: _layer_adapter(
-            _Factors(path, {n: tensors[k] for n, k in keys.items()}, keys), layers[path], lora_dtype
-        )
+        path: _layer_adapter(_Factors(path, {n: tensors[k] for n, k in keys.items()}, keys), layers[path], lora_dtype)
         for path, keys in groups.items()
     }
 

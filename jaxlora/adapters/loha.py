@@ -45,8 +45,8 @@ class LoHa(nnx.Module):
         return weight + self.target.to_flax(delta).astype(weight.dtype)
 
     def export(self) -> dict[str, np.ndarray]:
-        names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        tensors = {
-            name: np.asarray(p[...]) for name, p in zip(names, (self.w1a, self.w1b, self.w2a, self.w2b))
+        factors = {"hada_w1_a": self.w1a, "hada_w1_b": self.w1b, "hada_w2_a": self.w2a, "hada_w2_b": self.w2b}
+        return {
+            **{name: np.asarray(p[...]) for name, p in factors.items()},
+            "alpha": np.asarray(self.alpha, np.float32),
         }
-        return {**tensors, "alpha": np.asarray(self.alpha, np.float32)}

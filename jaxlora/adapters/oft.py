@@ -20,9 +20,7 @@ def cayley_rotations(blocks: jax.Array, constraint: float) -> jax.Array:
         q = jnp.where(norm > constraint, q * (constraint / norm), q)
     eye = jnp.eye(q.shape[-1], dtype=q.dtype)
     # (I + Q)(I - Q)^-1 = ((I - Q)^-T (I + Q)^T)^T; solve instead of forming the inverse.
-    return jnp.swapaxes(
-        jnp.linalg.solve(jnp.swapaxes(eye - q, -1, -2), jnp.swapaxes(eye + q, -1, -2)), -1, -2
-    )
+    return jnp.swapaxes(jnp.linalg.solve(jnp.swapaxes(eye - q, -1, -2), jnp.swapaxes(eye + q, -1, -2)), -1, -2)
 
 
 class OFT(nnx.Module):

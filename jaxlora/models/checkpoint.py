@@ -77,9 +77,7 @@ def read_index(path: str | Path) -> CheckpointIndex:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        raise CheckpointError(
-            f"{path}: pickled checkpoints are not loaded (they can run code); use .safetensors"
-        )
+        raise CheckpointError(f"{path}: pickled checkpoints are not loaded (they can run code); use .safetensors")
     try:
         with safe_open(path, framework="numpy") as f:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
@@ -139,9 +137,7 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[UNetConfig
             channels = shapes[f"{block}.0.in_layers.2.weight"][0]
             if res_in_level == 0:
                 if channels % model_channels:
-                    raise UnknownLayoutError(
-                        f"{block}: {channels} channels is not a multiple of {model_channels}"
-                    )
+                    raise UnknownLayoutError(f"{block}: {channels} channels is not a multiple of {model_channels}")
                 channel_mult.append(channels // model_channels)
             res_in_level += 1
             depth.append(_transformer_depth(shapes, block))
@@ -171,9 +167,7 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[UNetConfig
         num_res_blocks=tuple(num_res_blocks),
         transformer_depth=tuple(depth),
         transformer_depth_middle=_transformer_depth(shapes, "middle_block"),
-        transformer_depth_output=tuple(
-            _transformer_depth(shapes, f"output_blocks.{j}") for j in output_blocks
-        ),
+        transformer_depth_output=tuple(_transformer_depth(shapes, f"output_blocks.{j}") for j in output_blocks),
         context_dim=context_dim,
         num_heads=family.num_heads,
         num_head_channels=family.num_head_channels,
@@ -205,12 +199,8 @@ def check_keys(network: nnx.Module, shapes: Mapping[str, tuple[int, ...]], prefi
         raise KeyMismatchError(f"checkpoint lacks {len(missing)} UNet keys: {_describe_keys(missing)}")
     unexpected = present - expected.keys()
     if unexpected:
-        raise KeyMismatchError(
-            f"checkpoint has {len(unexpected)} unexpected UNet keys: {_describe_keys(unexpected)}"
-        )
-    wrong = [
-        f"{key}: file {shapes[key]}, model {shape}" for key, shape in expected.items() if shapes[key] != shape
-    ]
+        raise KeyMismatchError(f"checkpoint has {len(unexpected)} unexpected UNet keys: {_describe_keys(unexpected)}")
+    wrong = [f"{key}: file {shapes[key]}, model {shape}" for key, shape in expected.items() if shapes[key] != shape]
     if wrong:
         raise ShapeMismatchError(f"{len(wrong)} UNet tensors have the wrong shape: " + "; ".join(wrong[:8]))
 

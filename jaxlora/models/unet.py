@@ -57,9 +57,7 @@ class UNetConfig:
         if len(self.num_res_blocks) != levels:
             raise ValueError(f"num_res_blocks {self.num_res_blocks} needs one entry per level ({levels})")
         if len(self.transformer_depth) != sum(self.num_res_blocks):
-            raise ValueError(
-                f"transformer_depth needs {sum(self.num_res_blocks)} entries (one per input ResBlock)"
-            )
+            raise ValueError(f"transformer_depth needs {sum(self.num_res_blocks)} entries (one per input ResBlock)")
         if len(self.transformer_depth_output) != sum(n + 1 for n in self.num_res_blocks):
             raise ValueError("transformer_depth_output needs one entry per output block")
         if (self.num_heads is None) == (self.num_head_channels is None):
@@ -106,9 +104,7 @@ class ResBlock(nnx.Module):
     """GroupNorm-SiLU-conv twice, with the timestep embedding added in between (use_scale_shift_norm off)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
-        self.in_layers = nnx.Dict(
-            {"0": GroupNorm(GROUPS, channels), "2": Conv2d(channels, out_channels, 3, padding=1)}
-        )
+        self.in_layers = nnx.Dict({"0": GroupNorm(GROUPS, channels), "2": Conv2d(channels, out_channels, 3, padding=1)})
         self.emb_layers = nnx.Dict({"1": Linear(emb_channels, out_channels)})
         self.out_layers = nnx.Dict(
             {"0": GroupNorm(GROUPS, out_channels), "3": Conv2d(out_channels, out_channels, 3, padding=1)}
@@ -302,9 +298,7 @@ class UNet(nnx.Module):
                 h = layer(h)
         return h
 
-    def __call__(
-        self, x: jax.Array, timesteps: jax.Array, context: jax.Array, y: jax.Array | None = None
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, timesteps: jax.Array, context: jax.Array, y: jax.Array | None = None) -> jax.Array:
         """Predict eps or v (depending on the checkpoint) for NHWC `x`; output NHWC in x's dtype."""
         if (y is None) != (self.label_emb is None):
             need = "needs a" if self.label_emb is not None else "takes no"

@@ -32,9 +32,7 @@ def write(tmp_path, tensors, prefix=PREFIX, name="model.safetensors"):
 
 
 def parameters(model):
-    return {
-        key: np.asarray(getattr(layer, name)[...]) for key, layer, name in torch_parameters(model.network)
-    }
+    return {key: np.asarray(getattr(layer, name)[...]) for key, layer, name in torch_parameters(model.network)}
 
 
 @pytest.mark.parametrize("prefix", ["diffusion_model.", ""])
@@ -58,16 +56,11 @@ def test_weights_arrive_in_flax_layout_with_the_requested_dtype(tmp_path, sd1_te
     assert conv.dtype == linear.dtype == jnp.bfloat16
     np.testing.assert_array_equal(
         np.asarray(conv, np.float32),
-        fp16["input_blocks.1.0.in_layers.2.weight"]
-        .transpose(2, 3, 1, 0)
-        .astype(jnp.bfloat16)
-        .astype(np.float32),
+        fp16["input_blocks.1.0.in_layers.2.weight"].transpose(2, 3, 1, 0).astype(jnp.bfloat16).astype(np.float32),
     )
     np.testing.assert_array_equal(
         np.asarray(linear, np.float32),
-        fp16["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"]
-        .T.astype(jnp.bfloat16)
-        .astype(np.float32),
+        fp16["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].T.astype(jnp.bfloat16).astype(np.float32),
     )
 
 

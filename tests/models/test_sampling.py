@@ -28,9 +28,7 @@ def test_schedule_matches_comfyui_sigma_values_to_every_printed_digit():
 
 def test_schedule_agrees_with_diffusers_float32_scaled_linear_schedule():
     diffusers = pytest.importorskip("diffusers")
-    scheduler = diffusers.EulerDiscreteScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
-    )
+    scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     alphas_cumprod = scheduler.alphas_cumprod.numpy()
     diffusers_sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
     np.testing.assert_allclose(SCHEDULE.sigmas, diffusers_sigmas, rtol=5e-5)
@@ -208,7 +206,5 @@ def test_sdxl_vector_accepts_per_sample_sizes_in_comfyui_order():
         target_height=jnp.array([2048, 832]),
         target_width=1536,
     )
-    expected = _diffusers_sdxl_vector(
-        pooled, [[1024, 1024, 0, 32, 2048, 1536], [832, 1216, 16, 32, 832, 1536]]
-    )
+    expected = _diffusers_sdxl_vector(pooled, [[1024, 1024, 0, 32, 2048, 1536], [832, 1216, 16, 32, 832, 1536]])
     np.testing.assert_allclose(y, expected, atol=SIZE_EMBEDDING_ATOL)

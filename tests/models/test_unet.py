@@ -31,8 +31,7 @@ def test_full_size_unet_has_published_parameter_count(config, published):
 def test_config_is_inferred_back_from_full_size_key_shapes(config):
     network = UNet(config)
     shapes = {
-        key: layer.torch_shape(name, getattr(layer, name).shape)
-        for key, layer, name in torch_parameters(network)
+        key: layer.torch_shape(name, getattr(layer, name).shape) for key, layer, name in torch_parameters(network)
     }
     inferred, _ = infer_unet_config(shapes)
     assert inferred == config
@@ -102,6 +101,4 @@ def test_sdxl_unet_requires_y_and_sd1_rejects_it():
     with pytest.raises(ValueError, match="needs a `y`"):
         UNet(FAMILIES["sdxl"].config)(jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros((1, 2, 2048)))
     with pytest.raises(ValueError, match="takes no `y`"):
-        UNet(FAMILIES["sd1"].config)(
-            jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros((1, 2, 768)), jnp.zeros((1, 8))
-        )
+        UNet(FAMILIES["sd1"].config)(jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros((1, 2, 768)), jnp.zeros((1, 8)))

@@ -35,9 +35,7 @@ def random_inputs(config, height, width, batch=2, tokens=10, seed=0):
     if config.adm_in_channels:
         inputs["pooled"] = rng.standard_normal((batch, 1280)).astype(np.float32)
         # height, width, crop_h, crop_w, target_height, target_width per sample
-        inputs["size_ids"] = np.array(
-            [[1024, 768, 0, 16, 1024, 768], [512, 640, 32, 0, 1024, 1024]], np.float32
-        )
+        inputs["size_ids"] = np.array([[1024, 768, 0, 16, 1024, 768], [512, 640, 32, 0, 1024, 1024]], np.float32)
     return inputs
 
 
