@@ -1,0 +1,96 @@
+"""Exported adapter files, read by ComfyUI's load math (tests/adapters/comfy_loader.py): every key is consumed,
+and the weights it patches equal the weights jaxlora trained with (fp32: rtol 1e-5, atol 1e-6), so the
+denoiser output is the same (max error <= 1e-4 of the output scale)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlora.adapters.attach import attach_adapters, detach_adapters
+from jaxlora.adapters.formats import AdapterFileError, export_adapter
+from jaxlora.models.checkpoint import torch_parameters
+from tests.adapters import comfy_loader
+from tests.adapters.conftest import effective_state_dict, randomize_adapters
+from tests.models.tiny_unets import FAMILIES
+
+
+def comfyui_patched(model, base, tensors, family):
+    names = comfy_loader.diffusers_weight_names(base, FAMILIES[family].diffusers_config)
+    key_map = comfy_loader.model_key_map(base, names)
+    return comfy_loader.apply_file(base, tensors, key_map)
+
+
+def assert_same_weights(patched, expected):
+    assert patched.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(patched[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def adapted(tiny_model, family, algorithm, include=None):
+    model, base = tiny_model(family)
+    attach_adapters(model.network, algorithm, rank=4, seed=0, lora_dtype=jnp.float32, include=include)
+    randomize_adapters(model.network)
+    return model, base
+
+
+@pytest.mark.parametrize("style", ["comfyui", "kohya"])
+@pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr", "OFT"])
+def test_every_key_loads_and_patches_the_trained_weights(tiny_model, algorithm, style):
+    model, base = adapted(tiny_model, "sd1", algorithm)
+    tensors = export_adapter(model.network, "sd1", style, jnp.float32)
+    patched, not_loaded = comfyui_patched(model, base, tensors, "sd1")
+    assert not_loaded == []
+    assert_same_weights(patched, effective_state_dict(model.network))
+
+
+def test_kohya_sdxl_uses_ldm_names_and_loads(tiny_model):
+    model, base = adapted(tiny_model, "sdxl", "LoRA")
+    tensors = export_adapter(model.network, "sdxl", "kohya", jnp.float32)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    patched, not_loaded = comfyui_patched(model, base, tensors, "sdxl")
+    assert not_loaded == []
+    assert_same_weights(patched, effective_state_dict(model.network))
+
+
+def test_kohya_sd1_uses_diffusers_names_with_4d_conv_factors(tiny_model):
+    model, _ = adapted(tiny_model, "sd1", "LoRA")
+    tensors = export_adapter(model.network, "sd1", "kohya", jnp.float32)
+    assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (4, 32, 3, 3)
+    assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape == (32, 4, 1, 1)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha" in tensors
+
+
+def test_peft_style_loads_outside_attention_projections(tiny_model):
+    def not_attention(path):
+        return not any(f"attn{i}.to_" in path for i in (1, 2))
+
+    model, base = adapted(tiny_model, "sd1", "LoRA", include=not_attention)
+    tensors = export_adapter(model.network, "sd1", "peft", jnp.float32)
+    assert "unet.down_blocks.0.resnets.0.conv1.lora_A.weight" in tensors
+    assert not any(key.endswith(".alpha") for key in tensors)
+    patched, not_loaded = comfyui_patched(model, base, tensors, "sd1")
+    assert not_loaded == []
+    assert_same_weights(patched, effective_state_dict(model.network))
+
+
+def test_peft_style_refuses_attention_projections_by_name(tiny_model):
+    model, _ = adapted(tiny_model, "sd1", "LoRA")
+    with pytest.raises(AdapterFileError, match=r"input_blocks\.1\.1\.transformer_blocks\.0\.attn1\.to_k"):
+        export_adapter(model.network, "sd1", "peft", jnp.float32)
+
+
+@pytest.mark.parametrize("algorithm", ["LoRA", "OFT"])
+def test_comfyui_patched_model_gives_the_adapted_output(tiny_model, algorithm):
+    model, base = adapted(tiny_model, "sd1", algorithm)
+    tensors = export_adapter(model.network, "sd1", "comfyui", jnp.float32)
+    patched, _ = comfyui_patched(model, base, tensors, "sd1")
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
+    context = jnp.asarray(rng.standard_normal((1, 6, 768)), jnp.float32)
+    t = jnp.array([400.0])
+    adapted_out = np.asarray(model.network(x, t, context))
+    detach_adapters(model.network)
+    for key, layer, name in torch_parameters(model.network):
+        getattr(layer, name).set_value(jnp.asarray(layer.from_torch(name, patched[f"diffusion_model.{key}"])))
+    comfy_out = np.asarray(model.network(x, t, context))
+    assert np.abs(adapted_out - comfy_out).max() <= 1e-4 * np.abs(comfy_out).max()
