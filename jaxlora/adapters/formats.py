@@ -244,7 +244,8 @@ def _loha(f: _Factors, target: Target, lora_dtype) -> LoHa:
     rank = w1b.shape[0]
     alpha = f.get("alpha")
     alpha = rank if alpha is None else float(alpha)
-    if f.get("hada_t1") is not None:
+    if f.get("hada_t1") is not None:  # Tucker LoHa stores w_a as [r, out]
+        w1a, w2a = w1a.T, w2a.T
         w1b, w2b = _fold_tucker(f.get("hada_t1"), w1b), _fold_tucker(f.get("hada_t2"), w2b)
     w1b, w2b = w1b.reshape(w1b.shape[0], -1), w2b.reshape(w2b.shape[0], -1)
     if w1a.shape[0] != target.out_features or w1b.shape[1] != target.in_features or w2b.shape != w1b.shape:
@@ -268,7 +269,7 @@ def _lokr(f: _Factors, target: Target, lora_dtype) -> LoKr:
             raise f.fail("LoKr needs lokr_w2 or lokr_w2_a and lokr_w2_b")
         if t2 is None:
             w2 = w2a @ w2b.reshape(w2b.shape[0], -1)
-        else:
+        else:  # Tucker: t2 [r, r, k, k], w2a [r, out_k], w2b [r, in_n]
             w2 = np.einsum("ijkl,jr,ip->prkl", t2, w2b, w2a)
         rank = w2b.shape[0]
     alpha = f.get("alpha")
