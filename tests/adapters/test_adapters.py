@@ -1,0 +1,92 @@
+"""The adapters on a network: identity at init, seeded, the only differentiated tree, and bypass == patching."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlora.adapters.attach import adapted_layers, attach_adapters
+from jaxlora.adapters.base import AdapterParam
+from tests.adapters.conftest import randomize_adapters
+
+
+def inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
+    return x, jnp.array([300.0]), jnp.asarray(rng.standard_normal((1, 6, 768)), jnp.float32)
+
+
+def adapter_values(network) -> dict:
+    return {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(network, AdapterParam))}
+
+
+@pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr", "OFT"])
+def test_fresh_adapters_leave_the_output_unchanged(tiny_model, algorithm):
+    model, _ = tiny_model("sd1")
+    before = np.asarray(model.network(*inputs()))
+    count = attach_adapters(model.network, algorithm, rank=4, seed=0, lora_dtype=jnp.float32)
+    assert count == len(list(adapted_layers(model.network))) > 0
+    np.testing.assert_allclose(np.asarray(model.network(*inputs())), before, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_bypass_equals_weight_patching(tiny_model):
+    outputs = []
+    for bypass in (False, True):
+        model, _ = tiny_model("sd1")
+        attach_adapters(model.network, "LoRA", rank=4, seed=0, lora_dtype=jnp.float32, bypass=bypass)
+        randomize_adapters(model.network, seed=5, scale=0.2)
+        outputs.append(np.asarray(model.network(*inputs())))
+    patched, bypassed = outputs
+    assert np.abs(patched - bypassed).max() <= 1e-5 * np.abs(patched).max()
+
+
+def test_same_seed_gives_the_same_adapter_and_another_seed_a_different_one(tiny_model):
+    values = []
+    for seed in (7, 7, 8):
+        model, _ = tiny_model("sd1")
+        attach_adapters(model.network, "LoHa", rank=4, seed=seed, lora_dtype=jnp.float32)
+        values.append(adapter_values(model.network))
+    first, again, other = values
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert not np.array_equal(first[next(k for k in first if "w1a" in k)], other[next(k for k in other if "w1a" in k)])
+
+
+def test_initialisation_follows_comfyui(tiny_model):
+    model, _ = tiny_model("sd1")
+    attach_adapters(model.network, "LoRA", rank=4, seed=0, lora_dtype=jnp.float32)
+    layer = dict((p, a) for p, _, a in adapted_layers(model.network))["input_blocks.1.0.in_layers.2"]
+    up, down = np.asarray(layer.weight.up[...]), np.asarray(layer.weight.down[...])
+    assert up.shape == (32, 4) and down.shape == (4, 32 * 3 * 3)
+    assert np.all(down == 0) and np.abs(up).max() <= 0.5 and np.abs(up).max() > 0.4  # U(-1/sqrt(4), 1/sqrt(4))
+    assert layer.weight.alpha == 1.0
+    norm = dict((p, a) for p, _, a in adapted_layers(model.network))["input_blocks.1.0.in_layers.0"]
+    assert norm.weight.diff.shape == (32,) and norm.bias.diff.shape == (32,)
+
+
+def test_gradients_reach_only_the_adapter_tree(tiny_model):
+    model, _ = tiny_model("sd1")
+    attach_adapters(model.network, "LoRA", rank=4, seed=0, lora_dtype=jnp.float32)
+    graph, adapters, base = nnx.split(model.network, AdapterParam, ...)
+    assert not any(isinstance(v, AdapterParam) for _, v in nnx.to_flat_state(base))
+
+    def loss(adapters, base):
+        return jnp.mean(nnx.merge(graph, adapters, base)(*inputs()) ** 2)
+
+    grads = jax.grad(loss)(adapters, base)
+    flat = dict(nnx.to_flat_state(grads))
+    assert flat.keys() == dict(nnx.to_flat_state(adapters)).keys()
+    downs = [np.abs(np.asarray(v[...])).max() for path, v in flat.items() if path[-1] == "down"]
+    ups = [np.abs(np.asarray(v[...])).max() for path, v in flat.items() if path[-1] == "up"]
+    assert min(downs) > 0  # ComfyUI's init: up random, down zero, so only down has a gradient at step 0
+    assert max(ups) == 0
+
+
+def test_bad_algorithm_rank_and_bypass_requests_are_refused(tiny_model):
+    model, _ = tiny_model("sd1")
+    with pytest.raises(ValueError, match="unknown algorithm 'GLoRA'"):
+        attach_adapters(model.network, "GLoRA")
+    with pytest.raises(ValueError, match="bypass mode is available for \\['LoRA'\\], not OFT"):
+        attach_adapters(model.network, "OFT", bypass=True)
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        attach_adapters(model.network, "LoRA", rank=0)
