@@ -225,6 +225,12 @@ def guess_v_prediction(index: CheckpointIndex, prefix: str, family: UNetFamily) 
         return float(np.std(f.get_tensor(key).astype(np.float32))) > 0.09
 
 
+def set_parameter(layer: WeightLayer, name: str, torch_array: np.ndarray, dtype: jnp.dtype) -> None:
+    """Convert one torch-layout tensor to the layer's Flax layout and dtype, and place it on the device."""
+    host_dtype = ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
+    getattr(layer, name).set_value(jax.device_put(layer.from_torch(name, torch_array).astype(host_dtype)))
+
+
 def load_unet(index: CheckpointIndex, dtype: jnp.dtype) -> tuple[UNet, UNetFamily, str]:
     """Build the UNet abstractly, check every key, then stream the tensors in."""
     prefix = find_unet_prefix(index.shapes)
@@ -232,9 +238,7 @@ def load_unet(index: CheckpointIndex, dtype: jnp.dtype) -> tuple[UNet, UNetFamil
     config, family = infer_unet_config(unprefixed)
     network = UNet(config)
     check_keys(network, index.shapes, prefix)
-    host_dtype = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.dtype(dtype)
     with safe_open(index.path, framework="numpy") as f:
         for key, layer, name in torch_parameters(network):
-            array = layer.from_torch(name, f.get_tensor(prefix + key)).astype(host_dtype)
-            getattr(layer, name).set_value(jax.device_put(array))
+            set_parameter(layer, name, f.get_tensor(prefix + key), dtype)
     return network, family, prefix

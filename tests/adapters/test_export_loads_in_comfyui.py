@@ -8,7 +8,7 @@ import pytest
 
 from jaxlora.adapters.attach import attach_adapters, detach_adapters
 from jaxlora.adapters.formats import AdapterFileError, export_adapter
-from jaxlora.models.checkpoint import torch_parameters
+from jaxlora.models.checkpoint import set_parameter, torch_parameters
 from tests.adapters import comfy_loader
 from tests.adapters.conftest import effective_state_dict, randomize_adapters
 from tests.models.tiny_unets import FAMILIES
@@ -91,6 +91,6 @@ def test_comfyui_patched_model_gives_the_adapted_output(tiny_model, algorithm):
     adapted_out = np.asarray(model.network(x, t, context))
     detach_adapters(model.network)
     for key, layer, name in torch_parameters(model.network):
-        getattr(layer, name).set_value(jnp.asarray(layer.from_torch(name, patched[f"diffusion_model.{key}"])))
+        set_parameter(layer, name, patched[f"diffusion_model.{key}"], jnp.float32)
     comfy_out = np.asarray(model.network(x, t, context))
     assert np.abs(adapted_out - comfy_out).max() <= 1e-4 * np.abs(comfy_out).max()

@@ -9,9 +9,8 @@ import pytest
 from flax import nnx
 
 from jaxlora.models.checkpoint import infer_unet_config, torch_parameters
-from jaxlora.models.demo import random_unet_tensors
-from jaxlora.models.unet import SD15, SD21, SDXL, UNet, UNetConfig
-from tests.models.tiny_unets import FAMILIES
+from jaxlora.models.unet import SD15, SD21, SDXL, UNet
+from tests.models.tiny_unets import FAMILIES, MINIMAL, loaded_unet
 
 
 def parameter_count(config) -> int:
@@ -52,29 +51,6 @@ def test_parameter_paths_are_the_ldm_checkpoint_keys():
     ]:
         assert key in keys
     assert not any(key.endswith("to_q.bias") for key in keys)  # attention q/k/v carry no bias
-
-
-# Two levels, one ResBlock each: the smallest UNet with every block type, so the backward compiles quickly.
-MINIMAL = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=(1, 1),
-    transformer_depth=(1, 0),
-    transformer_depth_middle=1,
-    transformer_depth_output=(0, 0, 1, 1),
-    context_dim=768,
-    num_heads=8,
-)
-
-
-def loaded_unet(config, dtype=jnp.float32):
-    network = UNet(config)
-    tensors = random_unet_tensors(network.config, seed=3)
-    for key, layer, name in torch_parameters(network):
-        getattr(layer, name).set_value(jnp.asarray(layer.from_torch(name, tensors[key]), dtype))
-    return network
 
 
 def test_remat_gives_identical_outputs_and_gradients():

@@ -7,8 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from jaxlora.models.demo import TINY_SD1
-from jaxlora.models.unet import UNetConfig
+import jax.numpy as jnp
+
+from jaxlora.models.checkpoint import set_parameter, torch_parameters
+from jaxlora.models.demo import TINY_SD1, random_unet_tensors
+from jaxlora.models.unet import UNet, UNetConfig
 
 
 @dataclass(frozen=True)
@@ -111,3 +114,26 @@ SDXL = TinyFamily(
 )
 
 FAMILIES = {family.name: family for family in (SD1, SD2, SDXL)}
+
+
+# Two levels, one ResBlock each: the smallest UNet with every block type, so the backward compiles quickly.
+MINIMAL = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=(1, 1),
+    transformer_depth=(1, 0),
+    transformer_depth_middle=1,
+    transformer_depth_output=(0, 0, 1, 1),
+    context_dim=768,
+    num_heads=8,
+)
+
+
+def loaded_unet(config, dtype=jnp.float32):
+    network = UNet(config)
+    tensors = random_unet_tensors(network.config, seed=3)
+    for key, layer, name in torch_parameters(network):
+        set_parameter(layer, name, tensors[key], dtype)
+    return network
