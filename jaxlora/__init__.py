@@ -1,5 +1,7 @@
 """jaxlora: train LoRA-style adapters on diffusion models with JAX/Flax; outputs load in ComfyUI."""
 
+from jaxlora.adapters.attach import attach_adapters
+from jaxlora.adapters.lora_files import load_lora, save_lora
 from jaxlora.models.diffusion import DiffusionModel, load_model
 
-__all__ = ["DiffusionModel", "load_model"]
+__all__ = ["DiffusionModel", "attach_adapters", "load_lora", "load_model", "save_lora"]
