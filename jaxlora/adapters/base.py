@@ -103,21 +103,50 @@ class Diff(nnx.Module):
         return {"diff": np.asarray(self.diff[...])}
 
 
+def weight_decompose(
+    weight: jax.Array, patched: jax.Array, magnitude: jax.Array, torch_to_flax: tuple[int, ...]
+) -> jax.Array:
+    """DoRA as ComfyUI loads it (spec 4.7): W' = (W + dW) * m / ||.||, in float32.
+
+    `magnitude` is in torch layout: [out, 1, ...] normalises per output channel, using the norm of the
+    *original* weight (ComfyUI's quirk, reproduced so files load as trained); [1, in, ...] per input channel
+    of the patched weight.
+    """
+    weight32, patched32 = weight.astype(jnp.float32), patched.astype(jnp.float32)
+    per_output = magnitude.shape[0] == weight.shape[torch_to_flax.index(0)]  # ComfyUI's test
+    source, kept = (weight32, torch_to_flax.index(0)) if per_output else (patched32, torch_to_flax.index(1))
+    axes = tuple(axis for axis in range(weight.ndim) if axis != kept)
+    norm = jnp.sqrt(jnp.sum(jnp.square(source), axis=axes, keepdims=True)) + jnp.finfo(jnp.float32).eps
+    scale = jnp.transpose(magnitude.astype(jnp.float32), torch_to_flax) / norm
+    return (patched32 * scale).astype(weight.dtype)
+
+
 class LayerAdapter(nnx.Module):
-    """Everything attached to one layer: a weight adapter (or a `Diff` for 1-D weights) and a bias `Diff`.
+    """Everything attached to one layer: a weight adapter (or a `Diff` for 1-D weights), a bias `Diff`, and
+    optionally a DoRA magnitude (`dora_scale`, torch layout) kept from an imported file.
 
     With `bypass` the weight adapter runs on activations, `y = x W + h(x)`, instead of patching W.
     """
 
-    def __init__(self, weight: nnx.Module | None, bias: Diff | None, bypass: bool = False):
+    def __init__(
+        self,
+        weight: nnx.Module | None,
+        bias: Diff | None,
+        bypass: bool = False,
+        dora_scale: np.ndarray | None = None,
+    ):
         self.weight = weight
         self.bias = bias
         self.bypass = bypass
+        self.dora_scale = None if dora_scale is None else master(dora_scale)
 
     def patch_weight(self, weight: jax.Array) -> jax.Array:
         if self.weight is None or self.bypass:
             return weight
-        return self.weight.patch(weight)
+        patched = self.weight.patch(weight)
+        if self.dora_scale is None:
+            return patched
+        return weight_decompose(weight, patched, self.dora_scale[...], self.weight.target.torch_to_flax)
 
     def patch_bias(self, bias: jax.Array) -> jax.Array:
         return bias if self.bias is None else self.bias.patch(bias)

@@ -69,7 +69,6 @@ SUFFIXES = {
 }
 _SUFFIXES_LONGEST_FIRST = sorted(SUFFIXES, key=len, reverse=True)
 UNSUPPORTED = {
-    "dora_scale": "DoRA magnitudes (dora_scale) are not supported yet",
     "rescale": "OFT rescale is ignored by ComfyUI's loader and not supported",
     "reshape_weight": "reshape_weight patches are not supported",
     "set_weight": "set_weight patches are not supported",
@@ -161,13 +160,17 @@ def export_adapter(
     for path, layer, adapter in adapted_layers(network):
         base = export_base_name(path, style, family, diffusers)
         if style == "peft" and (
-            _is_attention_projection(diffusers[path]) or not isinstance(adapter.weight, LoRA | Diff | None)
+            _is_attention_projection(diffusers[path])
+            or not isinstance(adapter.weight, LoRA | Diff | None)
+            or adapter.dora_scale is not None
         ):
             unmappable.append(path)
             continue
         parts = {}
         if adapter.weight is not None:
             parts.update(_style_tensors(adapter.weight, Target.of(layer), style))
+        if adapter.dora_scale is not None:
+            parts["dora_scale"] = adapter.dora_scale[...]
         if adapter.bias is not None:
             parts["diff_b"] = adapter.bias.export()["diff"]
         for suffix, value in parts.items():
@@ -305,6 +308,18 @@ def _layer_adapter(f: _Factors, layer, lora_dtype) -> LayerAdapter:
     weight = None
     if builders:
         weight = builders.pop()(f, target, lora_dtype)
+    dora_scale = f.get("dora_scale")
+    if dora_scale is not None:
+        if not isinstance(weight, LoRA | LoHa | LoKr):
+            raise f.fail("dora_scale needs a LoRA, LoHa or LoKr adapter beside it")
+        out_axis = (target.out_features,) + (1,) * (len(target.torch_shape) - 1)
+        in_axis = (1, target.torch_shape[1]) + (1,) * (len(target.torch_shape) - 2)
+        if dora_scale.shape[0] == target.out_features and dora_scale.size == target.out_features:
+            dora_scale = dora_scale.reshape(out_axis)
+        elif dora_scale.size == target.torch_shape[1]:
+            dora_scale = dora_scale.reshape(in_axis)
+        else:
+            raise f.fail(f"dora_scale of shape {dora_scale.shape} fits neither {out_axis} nor {in_axis}")
     elif "diff" in f.tensors:
         diff = f.get("diff")
         if diff.shape != target.torch_shape:
@@ -318,7 +333,7 @@ def _layer_adapter(f: _Factors, layer, lora_dtype) -> LayerAdapter:
         bias = Diff(diff_b, lora_dtype)
     if weight is None and bias is None:
         raise f.fail("only alpha/dora keys, no adapter tensors")
-    return LayerAdapter(weight, bias)
+    return LayerAdapter(weight, bias, dora_scale=dora_scale)
 
 
 def import_adapter(

@@ -110,6 +110,24 @@ def _cayley(blocks, constraint):
     return np.stack([(eye + qk) @ np.linalg.inv(eye - qk) for qk in q])
 
 
+def weight_decompose(dora_scale, weight, diff, scale, strength):
+    """Spec 4.7: per-output norm of the original weight (quirk) or per-input norm of the patched weight."""
+    patched = weight + scale * diff
+    if dora_scale.shape[0] == weight.shape[0]:
+        norm = np.linalg.norm(weight.reshape(weight.shape[0], -1), axis=1).reshape(-1, *[1] * (weight.ndim - 1))
+    else:
+        columns = np.swapaxes(patched, 0, 1).reshape(patched.shape[1], -1)
+        norm = np.linalg.norm(columns, axis=1).reshape(1, -1, *[1] * (weight.ndim - 2))
+    patched = patched * (dora_scale / (norm + np.finfo(np.float32).eps))
+    return patched if strength == 1.0 else weight + strength * (patched - weight)
+
+
+def _add(weight, diff, scale, dora, strength):
+    if dora is None:
+        return weight + strength * scale * diff
+    return weight_decompose(dora, weight, diff, scale, strength)
+
+
 def calculate_weight(weight: np.ndarray, patches, strength: float = 1.0) -> np.ndarray:
     """Apply a key's patches in order, in float32 (ComfyUI's intermediate dtype)."""
     weight = weight.astype(np.float32).copy()
@@ -119,12 +137,11 @@ def calculate_weight(weight: np.ndarray, patches, strength: float = 1.0) -> np.n
             weight += strength * data
         elif kind == "lora":
             up, down, alpha, mid, dora = data
-            assert dora is None
             scale = alpha / down.shape[0] if alpha is not None else 1.0
             if mid is not None:
                 final = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
                 down = (_flat(down).T @ _flat(np.swapaxes(mid, 0, 1))).reshape(final).swapaxes(0, 1)
-            weight += strength * scale * (_flat(up) @ _flat(down)).reshape(weight.shape)
+            weight = _add(weight, (_flat(up) @ _flat(down)).reshape(weight.shape), scale, dora, strength)
         elif kind == "loha":
             w1a, w1b, w2a, w2b, alpha, t1, t2, dora = data
             scale = alpha / w1b.shape[0] if alpha is not None else 1.0
@@ -133,7 +150,7 @@ def calculate_weight(weight: np.ndarray, patches, strength: float = 1.0) -> np.n
                 m2 = np.einsum("ijkl,jr,ip->prkl", t2, w2b, w2a)
             else:
                 m1, m2 = w1a @ w1b, w2a @ w2b
-            weight += strength * scale * (m1 * m2).reshape(weight.shape)
+            weight = _add(weight, (m1 * m2).reshape(weight.shape), scale, dora, strength)
         elif kind == "lokr":
             factors, alpha, dora = data
             dim = None
@@ -150,7 +167,7 @@ def calculate_weight(weight: np.ndarray, patches, strength: float = 1.0) -> np.n
             scale = alpha / dim if alpha is not None and dim is not None else 1.0
             if w2.ndim == 4:
                 w1 = w1[:, :, None, None]
-            weight += strength * scale * np.kron(w1, w2).reshape(weight.shape)
+            weight = _add(weight, np.kron(w1, w2).reshape(weight.shape), scale, dora, strength)
         elif kind == "oft":
             blocks, alpha, _rescale, dora = data
             block_num, block_size = blocks.shape[:2]

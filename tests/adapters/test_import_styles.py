@@ -160,9 +160,31 @@ def test_factors_of_the_wrong_shape_are_named(tiny_model):
         import_adapter(model.network, tensors)
 
 
-def test_dora_files_are_refused_not_silently_dropped(tiny_model):
+def dora_file(rng):
+    """DoRA on a linear (per output, LyCORIS' default) and on a conv (per input)."""
+    tensors = lora_file(rng, *STYLE_TABLE["kohya-ldm"])
+    tensors["lora_unet_" + LINEAR.replace(".", "_") + ".dora_scale"] = 1 + rand(rng, 32, 1)
+    tensors["lora_unet_" + CONV.replace(".", "_") + ".dora_scale"] = 1 + rand(rng, 1, 32, 1, 1)
+    return tensors
+
+
+def test_dora_applies_as_in_comfyui(tiny_model):
+    model, base = tiny_model("sd1")
+    tensors = dora_file(np.random.default_rng(0))
+    assert_same_weights(jaxlora_weights(model, tensors), comfyui_weights(base, tensors))
+
+
+def test_dora_survives_export_and_loads_in_comfyui(tiny_model):
+    model, base = tiny_model("sd1")
+    attach_imported(model.network, import_adapter(model.network, dora_file(np.random.default_rng(1)), jnp.float32))
+    exported = export_adapter(model.network, "sd1", "comfyui", jnp.float32)
+    assert f"diffusion_model.{CONV}.dora_scale" in exported
+    assert_same_weights(effective_state_dict(model.network), comfyui_weights(base, exported))
+
+
+def test_dora_scale_of_the_wrong_shape_is_named(tiny_model):
     model, _ = tiny_model("sd1")
     tensors = lora_file(np.random.default_rng(0), *STYLE_TABLE["comfyui"])
-    tensors[f"diffusion_model.{LINEAR}.dora_scale"] = np.ones((32, 1), np.float32)
-    with pytest.raises(AdapterFileError, match="dora_scale"):
+    tensors[f"diffusion_model.{LINEAR}.dora_scale"] = np.ones((5, 1), np.float32)
+    with pytest.raises(AdapterFileError, match=r"to_k.*dora_scale of shape \(5, 1\) fits neither"):
         import_adapter(model.network, tensors)
