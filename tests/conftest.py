@@ -1,5 +1,7 @@
 import pytest
+from safetensors.numpy import load_file
 
+from jaxlora import load_model
 from jaxlora.models.demo import write_random_checkpoint
 from tests.models.tiny_unets import FAMILIES
 
@@ -14,5 +16,17 @@ def tiny_checkpoint(tmp_path_factory):
             folder = tmp_path_factory.mktemp(family)
             written[family] = write_random_checkpoint(FAMILIES[family].config, folder / "model.safetensors", seed=1)
         return written[family]
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(tiny_checkpoint):
+    """A freshly loaded fp32 tiny model of a family, with its base state dict in torch layout."""
+
+    def make(family: str):
+        path = tiny_checkpoint(family)
+        base = {k[len("model.") :]: v for k, v in load_file(str(path)).items()}
+        return load_model(path, dtype="fp32"), base
 
     return make

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-import jax.numpy as jnp
+from jaxlora.models.checkpoint import resolve_dtype
 
 # jaxlora family -> (kohya ss_base_model_version, modelspec architecture)
 FAMILY_NAMES = {
@@ -50,7 +50,9 @@ class AdapterInfo:
 
 
 def dtype_name(dtype) -> str:
-    return {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(jnp.dtype(dtype).name, jnp.dtype(dtype).name)
+    """ "bf16", "fp32" or "fp16" for a dtype or any of its accepted names."""
+    name = resolve_dtype(dtype).name
+    return {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(name, name)
 
 
 def adapter_metadata(info: AdapterInfo, style: str) -> dict[str, str]:

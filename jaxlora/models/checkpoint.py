@@ -231,13 +231,16 @@ def set_parameter(layer: WeightLayer, name: str, torch_array: np.ndarray, dtype:
     getattr(layer, name).set_value(jax.device_put(layer.from_torch(name, torch_array).astype(host_dtype)))
 
 
-def load_unet(index: CheckpointIndex, dtype: jnp.dtype) -> tuple[UNet, UNetFamily, str]:
-    """Build the UNet abstractly, check every key, then stream the tensors in."""
+def load_unet(index: CheckpointIndex, dtype: jnp.dtype, weights: bool = True) -> tuple[UNet, UNetFamily, str]:
+    """Build the UNet abstractly, check every key, then stream the tensors in (unless `weights` is False:
+    the structure alone is what adapter-file conversion needs)."""
     prefix = find_unet_prefix(index.shapes)
     unprefixed = {k[len(prefix) :]: s for k, s in index.shapes.items() if k.startswith(prefix)}
     config, family = infer_unet_config(unprefixed)
     network = UNet(config)
     check_keys(network, index.shapes, prefix)
+    if not weights:
+        return network, family, prefix
     with safe_open(index.path, framework="numpy") as f:
         for key, layer, name in torch_parameters(network):
             set_parameter(layer, name, f.get_tensor(prefix + key), dtype)

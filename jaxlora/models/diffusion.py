@@ -48,18 +48,21 @@ class DiffusionModel:
         return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(self.network, nnx.Param)))
 
 
-def load_model(path: str | Path, dtype: str | jnp.dtype = "bf16", prediction: str = "auto") -> DiffusionModel:
+def load_model(
+    path: str | Path, dtype: str | jnp.dtype = "bf16", prediction: str = "auto", weights: bool = True
+) -> DiffusionModel:
     """Load a UNet checkpoint (.safetensors, as ComfyUI loads it) with its config inferred from the weights.
 
     `dtype` is the storage dtype of the frozen weights ("bf16", "fp32" or "fp16"). `prediction` is "eps" or
     "v"; "auto" follows ComfyUI's detection (a `v_pred` key, or the SD2 768-v weight statistics), which a
-    v-prediction fine-tune without that key defeats: then pass prediction="v".
+    v-prediction fine-tune without that key defeats: then pass prediction="v". With `weights=False` only the
+    header is read and the network stays abstract (shapes, no values): enough to convert adapter files.
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; use one of {PREDICTIONS}")
     dtype = resolve_dtype(dtype)
     index = read_index(path)
-    network, family, prefix = load_unet(index, dtype)
+    network, family, prefix = load_unet(index, dtype, weights)
     if prediction == "auto":
         prediction = "v" if guess_v_prediction(index, prefix, family) else "eps"
     return DiffusionModel(network, family, ModelSampling(prediction, scaled_linear_schedule()), Path(path))

@@ -1,10 +1,7 @@
 import jax
 import numpy as np
-import pytest
 from flax import nnx
-from safetensors.numpy import load_file
 
-from jaxlora import load_model
 from jaxlora.adapters.base import AdapterParam
 from jaxlora.models.checkpoint import torch_parameters
 
@@ -22,15 +19,3 @@ def effective_state_dict(network) -> dict[str, np.ndarray]:
         f"diffusion_model.{key}": layer.to_torch(name, np.asarray(getattr(layer, f"{name}_as")(np.float32)))
         for key, layer, name in torch_parameters(network)
     }
-
-
-@pytest.fixture
-def tiny_model(tiny_checkpoint):
-    """A freshly loaded fp32 tiny model of a family, with its base state dict in torch layout."""
-
-    def make(family: str):
-        path = tiny_checkpoint(family)
-        base = {k[len("model.") :]: v for k, v in load_file(str(path)).items()}
-        return load_model(path, dtype="fp32"), base
-
-    return make
