@@ -85,7 +85,10 @@ class Diff(nnx.Module):
     """A full additive difference in torch layout: `diff` for one-dimensional weights (norm scales), biases
     (`diff_b`) and, when imported from a LyCORIS "full" file, whole weights (`torch_to_flax` then permutes).
 
-    ComfyUI's BiasDiff: the sum is taken in `lora_dtype`, then cast back to the incoming dtype.
+    The diff is rounded to `lora_dtype` (as stored) and added in the compute dtype. ComfyUI's trainer instead
+    rounds the frozen tensor itself to `lora_dtype` before adding, which its loader does not: with bf16 that
+    moves norm scales by up to 2^-8 between training and loading. Adding without that rounding keeps the
+    trained model and the loaded file identical.
     """
 
     def __init__(self, value, lora_dtype: jnp.dtype, torch_to_flax: tuple[int, ...] | None = None):
@@ -94,10 +97,10 @@ class Diff(nnx.Module):
         self.torch_to_flax = torch_to_flax
 
     def patch(self, tensor: jax.Array) -> jax.Array:
-        diff = self.diff[...].astype(self.lora_dtype)
+        diff = rounded(self.diff, self.lora_dtype, tensor.dtype)
         if self.torch_to_flax is not None:
             diff = jnp.transpose(diff, self.torch_to_flax)
-        return (tensor.astype(self.lora_dtype) + diff).astype(tensor.dtype)
+        return tensor + diff
 
     def export(self) -> dict[str, np.ndarray]:
         return {"diff": np.asarray(self.diff[...])}

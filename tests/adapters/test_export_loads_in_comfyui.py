@@ -94,3 +94,16 @@ def test_comfyui_patched_model_gives_the_adapted_output(tiny_model, algorithm):
         set_parameter(layer, name, patched[f"diffusion_model.{key}"], jnp.float32)
     comfy_out = np.asarray(model.network(x, t, context))
     assert np.abs(adapted_out - comfy_out).max() <= 1e-4 * np.abs(comfy_out).max()
+
+
+@pytest.mark.parametrize("algorithm", ["LoRA", "LoKr"])
+def test_bf16_file_loads_to_the_weights_trained_with_bf16_adapters(tiny_model, algorithm):
+    """lora_dtype bf16: the adapter computes with its bf16-rounded tensors, exactly what the file stores, and the
+    frozen norm scales and biases are not rounded (ComfyUI's trainer rounds them, its loader does not)."""
+    model, base = tiny_model("sd1")
+    attach_adapters(model.network, algorithm, rank=4, seed=0, lora_dtype=jnp.bfloat16)
+    randomize_adapters(model.network)
+    tensors = export_adapter(model.network, "sd1", "comfyui", jnp.bfloat16)
+    patched, not_loaded = comfyui_patched(model, base, tensors, "sd1")
+    assert not_loaded == []
+    assert_same_weights(patched, effective_state_dict(model.network))
