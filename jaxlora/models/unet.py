@@ -284,7 +284,7 @@ class UNet(nnx.Module):
         if self.remat_policy is None:
             return module(*args)
         policy = getattr(jax.checkpoint_policies, self.remat_policy)
-        return nnx.remat(lambda m, *a: m(*a), policy=policy)(module, *args)
+        return nnx.remat(lambda m, *a: m(*a), policy=policy, graph_updates=False)(module, *args)
 
     def _run(self, block: nnx.List, h: jax.Array, emb: jax.Array, context: jax.Array, size) -> jax.Array:
         for layer in block:

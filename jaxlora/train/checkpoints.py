@@ -1,0 +1,73 @@
+"""Resumable training state with orbax-checkpoint: the adapter tree, the optimizer state, the step and the loss
+history. Randomness and data order are functions of (seed, step), so nothing else is needed to continue a run
+exactly where it stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+RUN_FILE = "run.json"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that does not belong to this run; the message names the setting that differs."""
+
+
+class Checkpoints:
+    """A folder of step checkpoints for one run, described by `fingerprint` (the settings that must match to
+    resume: seed, algorithm, rank, data, ...)."""
+
+    def __init__(self, directory: str | Path, fingerprint: dict, keep: int = 2):
+        self.directory = Path(directory).absolute()
+        self.fingerprint = fingerprint
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, adapters: nnx.State, opt_state, losses: list[float]) -> None:
+        tree = {
+            "adapters": nnx.to_pure_dict(adapters),
+            "opt_state": {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))},
+            "losses": np.asarray(losses, np.float32),
+        }
+        self.manager.save(step, args=ocp.args.StandardSave(tree))
+        self.manager.wait_until_finished()
+        (self.directory / RUN_FILE).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True, default=str))
+
+    def restore(self, adapters: nnx.State, opt_state) -> tuple[int, nnx.State, object, list[float]]:
+        """The latest checkpoint, shaped like the given (freshly initialised) adapters and optimizer state."""
+        step = self.latest_step()
+        if step is None:
+            raise ResumeError(f"no checkpoint to resume from in {self.directory}")
+        self._check_fingerprint()
+        leaves, treedef = jax.tree.flatten(opt_state)
+        template = {
+            "adapters": nnx.to_pure_dict(adapters),
+            "opt_state": {str(i): leaf for i, leaf in enumerate(leaves)},
+            "losses": np.zeros((0,), np.float32),
+        }
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        abstract["losses"] = None
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        nnx.replace_by_pure_dict(adapters, restored["adapters"])
+        opt_state = jax.tree.unflatten(treedef, [restored["opt_state"][str(i)] for i in range(len(leaves))])
+        return step, adapters, opt_state, [float(x) for x in np.asarray(restored["losses"])]
+
+    def _check_fingerprint(self) -> None:
+        path = self.directory / RUN_FILE
+        if not path.is_file():
+            raise ResumeError(f"{path} is missing: cannot tell which run the checkpoints in {self.directory} belong to")
+        saved = json.loads(path.read_text())
+        current = json.loads(json.dumps(self.fingerprint, default=str))
+        differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if differing:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differing)
+            raise ResumeError(f"the checkpoints in {self.directory} belong to a different run ({details})")

@@ -1,0 +1,78 @@
+"""The training settings: the Train LoRA node's inputs with its names, ranges and defaults, plus the options
+jaxlora adds. Validated once, before any data is read or anything compiled."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from jaxlora.adapters.attach import ALGORITHMS, BYPASS_ALGORITHMS
+from jaxlora.train.optim import LOSSES, OPTIMIZERS
+
+# field -> (lowest, highest), the node's ranges (spec section 1)
+RANGES = {
+    "batch_size": (1, 10000),
+    "grad_accumulation_steps": (1, 1024),
+    "steps": (1, 100000),
+    "learning_rate": (1e-7, 1.0),
+    "rank": (1, 128),
+    "seed": (0, 2**64 - 1),
+}
+DTYPES = ("bf16", "fp32")
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+CHOICES = {
+    "optimizer": tuple(OPTIMIZERS),
+    "loss_function": tuple(LOSSES),
+    "training_dtype": DTYPES,
+    "lora_dtype": DTYPES,
+    "algorithm": tuple(ALGORITHMS),
+    "remat_policy": REMAT_POLICIES,
+    "prediction": ("auto", "eps", "v"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The node's inputs (same names and defaults) and jaxlora's additions below them."""
+
+    batch_size: int = 1
+    grad_accumulation_steps: int = 1
+    steps: int = 16
+    learning_rate: float = 0.0005
+    rank: int = 8
+    optimizer: str = "AdamW"
+    loss_function: str = "MSE"
+    seed: int = 0
+    training_dtype: str = "bf16"
+    lora_dtype: str = "bf16"
+    algorithm: str = "LoRA"
+    gradient_checkpointing: bool = True
+    existing_lora: str | None = None
+    # jaxlora's additions
+    remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps (jax.checkpoint_policies)
+    bypass: bool = False  # LoRA in activation form instead of weight patching
+    prediction: str = "auto"  # eps / v override for checkpoints whose type cannot be read from the weights
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
+        for name in ("batch_size", "grad_accumulation_steps", "steps", "rank", "seed"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        if self.bypass and self.algorithm not in BYPASS_ALGORITHMS:
+            raise ValueError(f"bypass is available for {sorted(BYPASS_ALGORITHMS)}, not {self.algorithm}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)

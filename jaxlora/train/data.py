@@ -1,0 +1,249 @@
+"""Training data: VAE latents with their text conditioning, grouped into resolution buckets.
+
+On disk a dataset is a `.safetensors` file, or a folder of them, holding `latents` [N, C, H, W] (ComfyUI LATENT
+`samples`: raw VAE latents, NCHW) and the conditioning: `c_crossattn` [N or 1, T, D]; for SDXL `pooled_output`
+[N or 1, 1280] and optionally `width`, `height`, `crop_w`, `crop_h`, `target_width`, `target_height`; other
+per-sample numbers (e.g. `guidance`) ride along. A folder written by ComfyUI's SaveTrainingDataset node
+(`shard_XXXX.pkl`) is read too. Files of different latent shapes become separate buckets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save
+
+from jaxlora.files import write_new_file
+from jaxlora.models.diffusion import DiffusionModel
+from jaxlora.models.sampling import sdxl_vector
+
+SIZE_FIELDS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
+SEQUENCE_FIELDS = {"c_crossattn": 3, "pooled_output": 2}  # name -> rank with the sample axis
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot train this model; the message names the file, key or shape at fault."""
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Samples of one latent shape. Conditioning arrays have one row per sample, or one row shared by all."""
+
+    latents: np.ndarray
+    conditioning: Mapping[str, np.ndarray]
+    source: str = "arrays"
+
+    @property
+    def size(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.latents.shape[1:])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    buckets: tuple[Bucket, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(bucket.size for bucket in self.buckets)
+
+
+def _as_array(value) -> np.ndarray:
+    array = np.asarray(value)
+    return array.astype(np.float32) if array.dtype == ml_dtypes.bfloat16 else array
+
+
+def make_bucket(latents, conditioning: Mapping | np.ndarray, source: str = "arrays") -> Bucket:
+    """Check one group of samples: latents [N, C, H, W]; each conditioning field with N rows or 1."""
+    latents = _as_array(latents)
+    if latents.ndim != 4:
+        raise DatasetError(f"{source}: latents must be [N, C, H, W], got shape {latents.shape}")
+    if not isinstance(conditioning, Mapping):
+        conditioning = {"c_crossattn": conditioning}
+    if "c_crossattn" not in conditioning:
+        raise DatasetError(f"{source}: no `c_crossattn` (the text encoder's hidden states)")
+    fields = {}
+    for name, value in conditioning.items():
+        value = _as_array(value)
+        rank = SEQUENCE_FIELDS.get(name, 1)
+        if value.ndim == rank - 1 and name in SEQUENCE_FIELDS:
+            value = value[None]
+        if value.ndim == 0:
+            value = value.reshape(1)
+        if value.ndim != rank:
+            raise DatasetError(
+                f"{source}: `{name}` must have {rank} dimensions with the sample first, got {value.shape}"
+            )
+        if value.shape[0] not in (1, latents.shape[0]):
+            raise DatasetError(
+                f"{source}: `{name}` has {value.shape[0]} entries for {latents.shape[0]} latents; use one per "
+                "latent or a single one for all"
+            )
+        fields[name] = value
+    return Bucket(latents, fields, source)
+
+
+def _rows(value: np.ndarray, count: int) -> np.ndarray:
+    return np.broadcast_to(value, (count, *value.shape[1:])) if value.shape[0] == 1 else value
+
+
+def _tile_tokens(context: np.ndarray, tokens: int) -> np.ndarray:
+    """Repeat the token axis to `tokens` (a multiple): attention over repeated keys and values is unchanged,
+    which is how ComfyUI batches captions of different lengths."""
+    return np.tile(context, (1, tokens // context.shape[1], 1))
+
+
+def merge_buckets(buckets: Sequence[Bucket]) -> tuple[Bucket, ...]:
+    """One bucket per latent shape, in order of first appearance."""
+    groups: dict[tuple, list[Bucket]] = {}
+    for bucket in buckets:
+        groups.setdefault(bucket.shape, []).append(bucket)
+    merged = []
+    for group in groups.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        names = set(group[0].conditioning)
+        for bucket in group[1:]:
+            if set(bucket.conditioning) != names:
+                raise DatasetError(
+                    f"{bucket.source} has conditioning {sorted(bucket.conditioning)} but {group[0].source} has "
+                    f"{sorted(names)}: same-shaped files must carry the same fields"
+                )
+        tokens = math.lcm(*(b.conditioning["c_crossattn"].shape[1] for b in group))
+        fields = {}
+        for name in names:
+            parts = [_rows(b.conditioning[name], b.size) for b in group]
+            if name == "c_crossattn":
+                parts = [_tile_tokens(p, tokens) for p in parts]
+            fields[name] = np.concatenate(parts)
+        latents = np.concatenate([b.latents for b in group])
+        merged.append(Bucket(latents, fields, ", ".join(b.source for b in group)))
+    return tuple(merged)
+
+
+def make_dataset(latents, positive) -> Dataset:
+    """The node's inputs as a dataset: `latents` [N, C, H, W] (or a list of such arrays, one bucket each) and
+    `positive`, the conditioning: an array [N or 1, T, D] or a dict of fields (or a list matching `latents`)."""
+    if isinstance(latents, list | tuple):
+        positives = positive if isinstance(positive, list | tuple) else [positive] * len(latents)
+        if len(positives) != len(latents):
+            raise DatasetError(f"{len(positives)} conditioning entries for {len(latents)} latent groups")
+        buckets = [make_bucket(lat, pos, f"latents[{i}]") for i, (lat, pos) in enumerate(zip(latents, positives))]
+    else:
+        buckets = [make_bucket(latents, positive)]
+    return Dataset(merge_buckets(buckets))
+
+
+def _read_safetensors(path: Path) -> Bucket:
+    try:
+        with safe_open(path, framework="numpy") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise DatasetError(f"{path} is not a readable .safetensors file: {error}") from error
+    if "latents" not in tensors:
+        raise DatasetError(f"{path} has no `latents` tensor (keys: {sorted(tensors)})")
+    latents = tensors.pop("latents")
+    return make_bucket(latents, tensors, str(path))
+
+
+def _read_comfy_folder(folder: Path) -> list[Bucket]:
+    from jaxlora.train.comfy_dataset import read_comfy_dataset
+
+    data = read_comfy_dataset(folder)
+    return [
+        make_bucket(latent[None], {k: np.asarray(v)[None] for k, v in cond.items()}, f"{folder} sample {i}")
+        for i, (latent, cond) in enumerate(zip(data.latents, data.conditioning, strict=True))
+    ]
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """A dataset from a .safetensors file, a folder of them, or a ComfyUI SaveTrainingDataset folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    if path.is_file():
+        return Dataset(merge_buckets([_read_safetensors(path)]))
+    if any(path.glob("shard_*.pkl")):
+        return Dataset(merge_buckets(_read_comfy_folder(path)))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise DatasetError(f"{path} holds neither .safetensors files nor ComfyUI shard_*.pkl files")
+    return Dataset(merge_buckets([_read_safetensors(file) for file in files]))
+
+
+def save_dataset(path: str | Path, latents: np.ndarray, c_crossattn: np.ndarray, **conditioning) -> Path:
+    """Write numpy arrays as a jaxlora dataset file (never over an existing file).
+
+    `latents` [N, C, H, W] are raw VAE latents (not yet multiplied by the latent format's scale factor);
+    `c_crossattn` [N or 1, T, D]; optional `pooled_output` [N or 1, P] and per-sample numbers (SDXL sizes,
+    `guidance`) as arrays [N or 1] or scalars.
+    """
+    bucket = make_bucket(latents, {"c_crossattn": c_crossattn, **conditioning}, str(path))
+    tensors = {"latents": np.ascontiguousarray(bucket.latents)}
+    tensors.update({k: np.ascontiguousarray(v) for k, v in bucket.conditioning.items()})
+    return write_new_file(path, save(tensors))
+
+
+def check_dataset(dataset: Dataset, model: DiffusionModel) -> None:
+    """Refuse, with the file and field named, data this model cannot train on."""
+    config = model.config
+    if dataset.size == 0:
+        raise DatasetError("the dataset holds no samples")
+    for bucket in dataset.buckets:
+        channels = bucket.latents.shape[1]
+        if channels != config.in_channels:
+            raise DatasetError(
+                f"{bucket.source}: latents have {channels} channels, the model takes {config.in_channels}"
+            )
+        width = bucket.conditioning["c_crossattn"].shape[-1]
+        if width != config.context_dim:
+            raise DatasetError(
+                f"{bucket.source}: c_crossattn is {width}-d, the model's cross-attention takes {config.context_dim}-d "
+                f"({model.family.description} text encoder output)"
+            )
+        if config.adm_in_channels is not None:
+            pooled = bucket.conditioning.get("pooled_output")
+            expected = config.adm_in_channels - 256 * len(SIZE_FIELDS)
+            if pooled is None or pooled.shape[-1] != expected:
+                found = "none" if pooled is None else f"{pooled.shape[-1]}-d"
+                raise DatasetError(
+                    f"{bucket.source}: {model.family.description} needs pooled_output ({expected}-d), found {found}"
+                )
+        if not np.isfinite(bucket.latents).all():
+            raise DatasetError(f"{bucket.source}: latents contain NaN or infinite values")
+
+
+def device_arrays(bucket: Bucket, model: DiffusionModel, dtype: jnp.dtype) -> dict[str, jnp.ndarray]:
+    """What the train step reads: latents cast to the training dtype first (as ComfyUI does), then scaled by the
+    latent format, NHWC; the context; SDXL's `y` built once from pooled output and sizes (in pixels, defaulting
+    to the bucket's latent size x 8)."""
+    latents = jnp.asarray(bucket.latents).astype(dtype)
+    arrays = {
+        "latents": jnp.transpose(model.latent_format.process_in(latents), (0, 2, 3, 1)),
+        "context": jnp.asarray(bucket.conditioning["c_crossattn"], dtype),
+    }
+    if model.config.adm_in_channels is not None:
+        height, width = 8 * bucket.shape[1], 8 * bucket.shape[2]
+        defaults = {"height": height, "width": width, "crop_h": 0, "crop_w": 0}
+        sizes = {name: bucket.conditioning.get(name, defaults.get(name)) for name in SIZE_FIELDS}
+        sizes["target_height"] = bucket.conditioning.get("target_height", sizes["height"])
+        sizes["target_width"] = bucket.conditioning.get("target_width", sizes["width"])
+        pooled = jnp.asarray(bucket.conditioning["pooled_output"], jnp.float32)
+        rows = max([pooled.shape[0]] + [np.size(v) for v in sizes.values()])
+        pooled = jnp.broadcast_to(pooled, (rows, pooled.shape[-1]))
+        vector = sdxl_vector(
+            pooled, *(jnp.broadcast_to(jnp.asarray(sizes[n], jnp.float32).reshape(-1), (rows,)) for n in SIZE_FIELDS)
+        )
+        arrays["y"] = vector.astype(dtype)
+    return arrays

@@ -1,0 +1,306 @@
+"""The training run around the compiled step: set-up and checks, compilation per resolution bucket, the step
+loop with asynchronous loss fetching, checkpoints, and the result. `train_lora` mirrors ComfyUI's node."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.adapters.attach import attach_adapters
+from jaxlora.adapters.base import AdapterParam
+from jaxlora.adapters.formats import attach_imported, export_adapter, import_adapter
+from jaxlora.adapters.lora_files import read_lora_file
+from jaxlora.models.checkpoint import resolve_dtype
+from jaxlora.models.diffusion import DiffusionModel
+from jaxlora.models.sampling import ModelSampling
+from jaxlora.train.checkpoints import Checkpoints
+from jaxlora.train.config import TrainConfig
+from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
+from jaxlora.train.optim import loss_function, make_optimizer
+from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the message names the step. Checkpoints hold only steps before it."""
+
+
+@dataclass
+class RunStats:
+    compile_seconds: float = 0.0
+    train_seconds: float = 0.0
+    steps_run: int = 0
+    samples: int = 0
+    peak_memory_bytes: int | None = None
+    interrupted: bool = False
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.train_seconds / max(self.steps_run, 1)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.train_seconds if self.train_seconds else 0.0
+
+
+@dataclass
+class TrainResult:
+    """The node's outputs, plus what the run measured."""
+
+    model_with_lora: DiffusionModel
+    lora: dict[str, np.ndarray]
+    loss_map: dict[str, list[float]]
+    steps: int
+    stats: RunStats = field(default_factory=RunStats)
+
+
+def existing_steps(path: Path, metadata: dict[str, str]) -> int:
+    """Steps already trained: the file's metadata, else the `_<int>_steps_` name pattern, else 0 (warned)."""
+    for key in ("steps", "ss_steps"):
+        if metadata.get(key, "").isdigit():
+            return int(metadata[key])
+    match = re.search(r"_(\d+)_steps_", path.name)
+    if match:
+        return int(match.group(1))
+    warnings.warn(f"{path.name}: no step count in its metadata or name; counting from 0", stacklevel=2)
+    return 0
+
+
+def adapted_network(model: DiffusionModel, config: TrainConfig, dtype: jnp.dtype):
+    """A network sharing the model's weight arrays (cast once if the training dtype differs), with the existing
+    adapter attached where it has layers and fresh adapters everywhere else. The input model is not modified."""
+    graph, state = nnx.split(model.network)
+    if model.dtype != dtype:
+        state = jax.tree.map(lambda a: a.astype(dtype), state)
+    network = nnx.merge(graph, state)
+    previous = 0
+    if config.existing_lora:
+        path = Path(config.existing_lora)
+        tensors, metadata = read_lora_file(path)
+        attach_imported(network, import_adapter(network, tensors, resolve_dtype(config.lora_dtype)))
+        previous = existing_steps(path, metadata)
+    attach_adapters(
+        network,
+        config.algorithm,
+        config.rank,
+        config.seed,
+        resolve_dtype(config.lora_dtype),
+        bypass=config.bypass,
+    )
+    network.remat_policy = config.remat_policy if config.gradient_checkpointing else None
+    return network, previous
+
+
+def choose_bucket(sizes: list[int], seed: int, step: int) -> int:
+    """A bucket per optimizer step with probability proportional to its size, from (seed, step) alone."""
+    if len(sizes) == 1:
+        return 0
+    rng = np.random.default_rng([seed % 2**63, step, 0xB0C])
+    return int(rng.choice(len(sizes), p=np.asarray(sizes) / sum(sizes)))
+
+
+@contextmanager
+def stop_requests():
+    """Ctrl-C asks the loop to stop after the current step (and checkpoint) instead of killing it mid-update."""
+    requested = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if requested:  # a second Ctrl-C stops at once
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        requested.append(True)
+        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not in the main thread: no handler, plain KeyboardInterrupt
+        pass
+    try:
+        yield requested
+    finally:
+        try:
+            signal.signal(signal.SIGINT, previous)
+        except ValueError:
+            pass
+
+
+def peak_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def fingerprint(config: TrainConfig, model: DiffusionModel, dataset: Dataset) -> dict:
+    settings = config.as_dict()
+    settings.pop("steps")  # a run may be resumed to train longer
+    return {**settings, "family": model.family.name, "dataset": [[b.size, *b.shape] for b in dataset.buckets]}
+
+
+def run_training(
+    model: DiffusionModel,
+    dataset: Dataset,
+    config: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    progress: Callable[[str], None] | None = None,
+    log_every_seconds: float = 2.0,
+) -> TrainResult:
+    progress = progress or (lambda line: print(line, file=sys.stderr))
+    check_dataset(dataset, model)
+    dtype = resolve_dtype(config.training_dtype)
+    network, previous_steps = adapted_network(model, config, dtype)
+    graph, adapters, base = nnx.split(network, AdapterParam, ...)
+    optimizer = make_optimizer(config.optimizer, config.learning_rate)
+    opt_state = optimizer.init(adapters)
+    sampling = ModelSampling(
+        model.sampling.prediction if config.prediction == "auto" else config.prediction, model.sampling.schedule
+    )
+    settings = StepSettings(
+        config.batch_size,
+        config.grad_accumulation_steps,
+        dtype,
+        loss_function(config.loss_function),
+        optimizer,
+        sampling,
+    )
+
+    checkpoints = None
+    start, history = 0, []
+    if checkpoint_dir is not None:
+        checkpoints = Checkpoints(checkpoint_dir, fingerprint(config, model, dataset))
+        if resume and checkpoints.latest_step() is not None:
+            start, adapters, opt_state, history = checkpoints.restore(adapters, opt_state)
+            progress(f"resumed from step {start} ({checkpoints.directory})")
+
+    data = [device_arrays(bucket, model, dtype) for bucket in dataset.buckets]
+    micro = config.grad_accumulation_steps
+    perm_key = permutation_key(config.seed)
+    stats = RunStats()
+    compiled = []
+    for bucket in data:
+        begin = time.perf_counter()
+        lowered = compile_step(graph, settings).lower(
+            adapters, opt_state, base, bucket, noise_key_data(config.seed, 0, micro), perm_key, 0
+        )
+        compiled.append(lowered.compile())
+        stats.compile_seconds += time.perf_counter() - begin
+    progress(f"compiled {len(compiled)} step shape(s) in {stats.compile_seconds:.1f} s")
+
+    sizes = [bucket.size for bucket in dataset.buckets]
+    pending: list[tuple[int, jax.Array]] = []
+
+    def collect() -> None:
+        """Fetch the losses computed so far (the only host sync) and stop at the first non-finite one."""
+        for step, losses in pending:
+            values = [float(v) for v in np.asarray(losses)]
+            if not all(np.isfinite(values)):
+                raise NonFiniteLossError(
+                    f"loss became {values} at step {step + 1}; the last checkpoint holds the adapter before it"
+                )
+            history.extend(values)
+        pending.clear()
+
+    done = start
+    began, last_log = time.perf_counter(), time.perf_counter()
+    with stop_requests() as stop:
+        for step in range(start, config.steps):
+            bucket = choose_bucket(sizes, config.seed, step)
+            adapters, opt_state, losses = compiled[bucket](
+                adapters,
+                opt_state,
+                base,
+                data[bucket],
+                noise_key_data(config.seed, step * micro, micro),
+                perm_key,
+                step * micro,
+            )
+            pending.append((step, losses))
+            stats.steps_run += 1
+            stats.samples += micro * min(config.batch_size, sizes[bucket])
+            done = step + 1
+            if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
+                collect()
+                checkpoints.save(done, adapters, opt_state, history)
+            if time.perf_counter() - last_log >= log_every_seconds or done == config.steps or stop:
+                collect()
+                last_log = time.perf_counter()
+                rate = stats.steps_run / (last_log - began)
+                progress(f"step {done}/{config.steps}  loss {history[-1]:.4f}  {rate:.2f} steps/s")
+            if stop:
+                stats.interrupted = True
+                break
+    collect()
+    jax.block_until_ready(adapters)
+    stats.train_seconds = time.perf_counter() - began
+    stats.peak_memory_bytes = peak_memory()
+    if checkpoints is not None and done > start:
+        checkpoints.save(done, adapters, opt_state, history)
+
+    network = nnx.merge(graph, adapters, base)
+    adapted = DiffusionModel(network, model.family, sampling, model.source)
+    lora = export_adapter(network, model.family.name, "comfyui", resolve_dtype(config.lora_dtype))
+    return TrainResult(adapted, lora, {"loss": history}, done + previous_steps, stats)
+
+
+def train_lora(
+    model: DiffusionModel,
+    latents,
+    positive,
+    batch_size: int = 1,
+    grad_accumulation_steps: int = 1,
+    steps: int = 16,
+    learning_rate: float = 0.0005,
+    rank: int = 8,
+    optimizer: str = "AdamW",
+    loss_function: str = "MSE",
+    seed: int = 0,
+    training_dtype: str = "bf16",
+    lora_dtype: str = "bf16",
+    algorithm: str = "LoRA",
+    gradient_checkpointing: bool = True,
+    existing_lora: str | None = None,
+    **options,
+) -> TrainResult:
+    """ComfyUI's Train LoRA node as a function, with its inputs, names and defaults.
+
+    `latents`: raw VAE latents [N, C, H, W] (ComfyUI LATENT `samples`), or a list of such arrays of different
+    resolutions. `positive`: the text conditioning, an array [N or 1, T, D] or a dict with `c_crossattn` and,
+    for SDXL, `pooled_output` and optional size fields (or a list matching `latents`). `options` are the
+    TrainConfig additions (remat_policy, bypass, prediction) and run_training's (checkpoint_dir,
+    checkpoint_every, resume, progress). Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and
+    steps (including the existing adapter's).
+    """
+    run_options = {k: options.pop(k) for k in list(options) if k in RUN_OPTIONS}
+    config = TrainConfig(
+        batch_size=batch_size,
+        grad_accumulation_steps=grad_accumulation_steps,
+        steps=steps,
+        learning_rate=learning_rate,
+        rank=rank,
+        optimizer=optimizer,
+        loss_function=loss_function,
+        seed=seed,
+        training_dtype=training_dtype,
+        lora_dtype=lora_dtype,
+        algorithm=algorithm,
+        gradient_checkpointing=gradient_checkpointing,
+        existing_lora=existing_lora,
+        **options,
+    )
+    dataset = latents if isinstance(latents, Dataset) else make_dataset(latents, positive)
+    return run_training(model, dataset, config, **run_options)
+
+
+RUN_OPTIONS = ("checkpoint_dir", "checkpoint_every", "resume", "progress", "log_every_seconds")

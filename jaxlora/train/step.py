@@ -1,0 +1,114 @@
+"""One optimizer step as one compiled function: for each of `grad_accumulation_steps` micro-steps draw a batch,
+noise it, denoise it, take the x0-space loss and its gradient with respect to the adapter tree only; then
+apply the optimizer. Read this file top to bottom to know what training does.
+
+Randomness is stateless, so a resumed run repeats an uninterrupted one exactly: micro-step i draws its noise and
+sigmas from a key made of the 64-bit value seed + 1000 i (ComfyUI's structure), and its batch indices from a
+key folded from (seed, i). Batches are drawn without replacement within a micro-step, independently across them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxlora.models.sampling import ModelSampling
+
+PERMUTATION_STREAM = 0x5EED
+
+
+def noise_key_data(seed: int, first_micro_step: int, count: int) -> np.ndarray:
+    """Threefry key data [count, 2] (uint32 hi, lo) of seed + 1000 i for i in [first, first + count), mod 2^64."""
+    values = np.uint64(seed) + np.uint64(1000) * np.arange(first_micro_step, first_micro_step + count, dtype=np.uint64)
+    return np.stack(
+        [(values >> np.uint64(32)).astype(np.uint32), (values & np.uint64(0xFFFFFFFF)).astype(np.uint32)], 1
+    )
+
+
+def permutation_key(seed: int) -> jax.Array:
+    """The base key of batch selection: the 64-bit seed split into two 32-bit words, then a separate stream."""
+    data = noise_key_data(seed, 0, 1)[0]
+    return jax.random.fold_in(jax.random.wrap_key_data(data, impl="threefry2x32"), PERMUTATION_STREAM)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The static part of a train step (a change recompiles)."""
+
+    batch_size: int
+    grad_accumulation_steps: int
+    compute_dtype: jnp.dtype
+    loss: Callable[[jax.Array, jax.Array], jax.Array]
+    optimizer: optax.GradientTransformation
+    sampling: ModelSampling
+
+
+def _rows(array: jax.Array | None, index: jax.Array) -> jax.Array | None:
+    """Per-sample rows of a conditioning array, or its single row repeated."""
+    if array is None:
+        return None
+    if array.shape[0] == 1:
+        return jnp.broadcast_to(array, (index.shape[0], *array.shape[1:]))
+    return array[index]
+
+
+def micro_step_loss(graph, adapters, base, data, key_data, perm_key, micro_step, settings: StepSettings):
+    """The loss of one micro-step: pick samples, noise them, denoise, compare with x0 (every family's objective)."""
+    sampling = settings.sampling
+    count = data["latents"].shape[0]
+    batch = min(settings.batch_size, count)
+    index = jax.random.permutation(jax.random.fold_in(perm_key, micro_step), count)[:batch]
+    x0 = data["latents"][index].astype(jnp.float32)
+    noise_key, sigma_key = jax.random.split(jax.random.wrap_key_data(key_data, impl="threefry2x32"))
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32).astype(settings.compute_dtype).astype(jnp.float32)
+    # u in (0, 1): ComfyUI's u = 0 (odds 2^-24 per sample) would give sigma = 1e9 and wreck that step.
+    percent = jax.random.uniform(sigma_key, (batch,), minval=jnp.finfo(jnp.float32).tiny)
+    sigma = sampling.percent_to_sigma(percent)
+    noisy = sampling.noise_scaling(sigma, noise, x0)
+
+    network = nnx.merge(graph, adapters, base)
+    dtype = settings.compute_dtype
+    output = network(
+        sampling.calculate_input(sigma, noisy).astype(dtype),
+        sampling.timestep(sigma),
+        _rows(data["context"], index),
+        _rows(data.get("y"), index),
+    )
+    denoised = sampling.calculate_denoised(sigma, output.astype(jnp.float32), noisy)
+    return settings.loss(denoised, x0)
+
+
+def train_step(graph, adapters, opt_state, base, data, key_data, perm_key, first_micro_step, settings: StepSettings):
+    """Accumulate gradients over the micro-steps inside the compiled step (no Python round trip), then update.
+
+    Returns the new adapters and optimizer state and the undivided loss of every micro-step.
+    """
+    grad_fn = jax.value_and_grad(micro_step_loss, argnums=1)
+
+    def accumulate(grads, inputs):
+        key, offset = inputs
+        loss, micro_grads = grad_fn(graph, adapters, base, data, key, perm_key, first_micro_step + offset, settings)
+        return jax.tree.map(jnp.add, grads, micro_grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, adapters)
+    offsets = jnp.arange(settings.grad_accumulation_steps)
+    grads, losses = jax.lax.scan(accumulate, zeros, (key_data, offsets))
+    grads = jax.tree.map(lambda g: g / settings.grad_accumulation_steps, grads)
+    updates, opt_state = settings.optimizer.update(grads, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state, losses
+
+
+def compile_step(graph, settings: StepSettings):
+    """The jitted step: the adapters and optimizer state are donated (updated in place), the frozen base is a
+    plain argument (never a closure constant, never copied)."""
+
+    def step(adapters, opt_state, base, data, key_data, perm_key, first_micro_step):
+        return train_step(graph, adapters, opt_state, base, data, key_data, perm_key, first_micro_step, settings)
+
+    return jax.jit(step, donate_argnums=(0, 1))
