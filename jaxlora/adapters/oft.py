@@ -16,8 +16,10 @@ def cayley_rotations(blocks: jax.Array, constraint: float) -> jax.Array:
     when it exceeds it; float32."""
     q = blocks - jnp.swapaxes(blocks, -1, -2)
     if constraint != 0:
-        norm = jnp.linalg.norm(q) + 1e-8
-        q = jnp.where(norm > constraint, q * (constraint / norm), q)
+        # ||Q|| + 1e-8 with torch's gradient at Q = 0 (zero, where a plain sqrt would give NaN at init)
+        squared = jnp.sum(jnp.square(q))
+        norm = jnp.where(squared > 0, jnp.sqrt(jnp.where(squared > 0, squared, 1.0)), 0.0) + 1e-8
+        q = q * jnp.where(norm > constraint, constraint / norm, 1.0)
     eye = jnp.eye(q.shape[-1], dtype=q.dtype)
     # (I + Q)(I - Q)^-1 = ((I - Q)^-T (I + Q)^T)^T; solve instead of forming the inverse.
     return jnp.swapaxes(jnp.linalg.solve(jnp.swapaxes(eye - q, -1, -2), jnp.swapaxes(eye + q, -1, -2)), -1, -2)

@@ -139,7 +139,9 @@ def make_dataset(latents, positive) -> Dataset:
         positives = positive if isinstance(positive, list | tuple) else [positive] * len(latents)
         if len(positives) != len(latents):
             raise DatasetError(f"{len(positives)} conditioning entries for {len(latents)} latent groups")
-        buckets = [make_bucket(lat, pos, f"latents[{i}]") for i, (lat, pos) in enumerate(zip(latents, positives))]
+        buckets = [
+            make_bucket(lat, pos, f"latents[{i}]") for i, (lat, pos) in enumerate(zip(latents, positives, strict=True))
+        ]
     else:
         buckets = [make_bucket(latents, positive)]
     return Dataset(merge_buckets(buckets))
