@@ -30,6 +30,34 @@ TINY_SD1 = UNetConfig(
 )
 
 
+# The smallest UNet with every block type (two levels, one ResBlock each): the training demo, and the tests
+# that compile a backward pass.
+DEMO_UNET = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=(1, 1),
+    transformer_depth=(1, 0),
+    transformer_depth_middle=1,
+    transformer_depth_output=(0, 0, 1, 1),
+    context_dim=768,
+    num_heads=8,
+)
+
+
+def demo_dataset(count: int = 8, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic raw latents [count, 4, size, size] (smooth patterns at VAE-latent scale) and one caption
+    embedding [1, 8, 768] shared by all: a small fixed problem the demo adapter can visibly learn."""
+    rng = np.random.default_rng(seed)
+    grid = np.linspace(-1.0, 1.0, size)
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    phases = rng.uniform(0, 2 * np.pi, (count, 4, 1, 1))
+    frequencies = rng.uniform(1.0, 3.0, (count, 4, 1, 1))
+    latents = 4.0 * np.sin(frequencies * (xx + yy) * np.pi + phases)
+    return latents.astype(np.float32), rng.standard_normal((1, 8, 768)).astype(np.float32)
+
+
 def random_unet_tensors(config: UNetConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """float32 tensors in torch layout, keyed as in a bare diffusion model.
 

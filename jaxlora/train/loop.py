@@ -102,6 +102,15 @@ def adapted_network(model: DiffusionModel, config: TrainConfig, dtype: jnp.dtype
     return network, previous
 
 
+def preflight(model: DiffusionModel, dataset: Dataset, config: TrainConfig) -> None:
+    """Every check that needs no weights: the data against the model, and the existing adapter's keys and
+    shapes. Works on a model loaded with `weights=False`, before the checkpoint's tensors are read."""
+    check_dataset(dataset, model)
+    if config.existing_lora:
+        tensors, _ = read_lora_file(config.existing_lora)
+        import_adapter(model.network, tensors)
+
+
 def choose_bucket(sizes: list[int], seed: int, step: int) -> int:
     """A bucket per optimizer step with probability proportional to its size, from (seed, step) alone."""
     if len(sizes) == 1:
@@ -158,7 +167,7 @@ def run_training(
     log_every_seconds: float = 2.0,
 ) -> TrainResult:
     progress = progress or (lambda line: print(line, file=sys.stderr))
-    check_dataset(dataset, model)
+    preflight(model, dataset, config)
     dtype = resolve_dtype(config.training_dtype)
     network, previous_steps = adapted_network(model, config, dtype)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jaxlora.models.checkpoint import set_parameter, torch_parameters
-from jaxlora.models.demo import TINY_SD1, random_unet_tensors
+from jaxlora.models.demo import DEMO_UNET, TINY_SD1, random_unet_tensors
 from jaxlora.models.unet import UNet, UNetConfig
 
 
@@ -116,19 +116,7 @@ SDXL = TinyFamily(
 FAMILIES = {family.name: family for family in (SD1, SD2, SDXL)}
 
 
-# Two levels, one ResBlock each: the smallest UNet with every block type, so the backward compiles quickly.
-MINIMAL = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=(1, 1),
-    transformer_depth=(1, 0),
-    transformer_depth_middle=1,
-    transformer_depth_output=(0, 0, 1, 1),
-    context_dim=768,
-    num_heads=8,
-)
+MINIMAL = DEMO_UNET  # two levels, one ResBlock each: quick to compile a backward pass
 
 
 def loaded_unet(config, dtype=jnp.float32):
