@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -17,6 +18,16 @@ RUN_FILE = "run.json"
 
 class ResumeError(ValueError):
     """A checkpoint that does not belong to this run; the message names the setting that differs."""
+
+
+def _numbered(tree) -> dict[str, jax.Array]:
+    """A pytree's leaves keyed by position: the structure itself comes back from the run's own fresh state."""
+    return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+def _unnumbered(template, numbered: dict):
+    leaves, treedef = jax.tree.flatten(template)
+    return jax.tree.unflatten(treedef, [jnp.asarray(numbered[str(i)], leaf.dtype) for i, leaf in enumerate(leaves)])
 
 
 class Checkpoints:
@@ -34,8 +45,8 @@ class Checkpoints:
 
     def save(self, step: int, adapters: nnx.State, opt_state, losses: list[float]) -> None:
         tree = {
-            "adapters": nnx.to_pure_dict(adapters),
-            "opt_state": {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))},
+            "adapters": _numbered(adapters),
+            "opt_state": _numbered(opt_state),
             "losses": np.asarray(losses, np.float32),
         }
         self.manager.save(step, args=ocp.args.StandardSave(tree))
@@ -48,18 +59,13 @@ class Checkpoints:
         if step is None:
             raise ResumeError(f"no checkpoint to resume from in {self.directory}")
         self._check_fingerprint()
-        leaves, treedef = jax.tree.flatten(opt_state)
-        template = {
-            "adapters": nnx.to_pure_dict(adapters),
-            "opt_state": {str(i): leaf for i, leaf in enumerate(leaves)},
-            "losses": np.zeros((0,), np.float32),
-        }
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        abstract["losses"] = None
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        nnx.replace_by_pure_dict(adapters, restored["adapters"])
-        opt_state = jax.tree.unflatten(treedef, [restored["opt_state"][str(i)] for i in range(len(leaves))])
-        return step, adapters, opt_state, [float(x) for x in np.asarray(restored["losses"])]
+        restored = self.manager.restore(step)
+        return (
+            step,
+            _unnumbered(adapters, restored["adapters"]),
+            _unnumbered(opt_state, restored["opt_state"]),
+            [float(x) for x in restored["losses"]],
+        )
 
     def _check_fingerprint(self) -> None:
         path = self.directory / RUN_FILE
