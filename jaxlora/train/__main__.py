@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     node = parser.add_argument_group("training settings (the Train LoRA node's inputs)")
     for spec in fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
-        if spec.type == "bool":
+        if spec.type in ("bool", "bool | None"):
             node.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = {"int": int, "float": float}.get(spec.type, str)

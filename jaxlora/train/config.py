@@ -49,7 +49,7 @@ class TrainConfig:
     existing_lora: str | None = None
     # jaxlora's additions
     remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps (jax.checkpoint_policies)
-    bypass: bool = False  # LoRA in activation form instead of weight patching
+    bypass: bool | None = None  # LoRA in activation form; None: on for LoRA (faster, see BENCHMARKS.md)
     prediction: str = "auto"  # eps / v override for checkpoints whose type cannot be read from the weights
 
     def __post_init__(self) -> None:
@@ -63,8 +63,14 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        if self.bypass is not None and not isinstance(self.bypass, bool):
+            raise ValueError(f"bypass must be true or false, got {self.bypass!r}")
         if self.bypass and self.algorithm not in BYPASS_ALGORITHMS:
             raise ValueError(f"bypass is available for {sorted(BYPASS_ALGORITHMS)}, not {self.algorithm}")
+
+    @property
+    def uses_bypass(self) -> bool:
+        return self.algorithm in BYPASS_ALGORITHMS if self.bypass is None else self.bypass
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -3,7 +3,6 @@ loop with asynchronous loss fetching, checkpoints, and the result. `train_lora` 
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 import time
@@ -29,6 +28,7 @@ from jaxlora.train.checkpoints import Checkpoints
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
 from jaxlora.train.optim import loss_function, make_optimizer
+from jaxlora.train.report import parse_steps_from_name
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
 
 
@@ -70,9 +70,9 @@ def existing_steps(path: Path, metadata: dict[str, str]) -> int:
     for key in ("steps", "ss_steps"):
         if metadata.get(key, "").isdigit():
             return int(metadata[key])
-    match = re.search(r"_(\d+)_steps_", path.name)
-    if match:
-        return int(match.group(1))
+    from_name = parse_steps_from_name(path.name)
+    if from_name is not None:
+        return from_name
     warnings.warn(f"{path.name}: no step count in its metadata or name; counting from 0", stacklevel=2)
     return 0
 
@@ -96,7 +96,7 @@ def adapted_network(model: DiffusionModel, config: TrainConfig, dtype: jnp.dtype
         config.rank,
         config.seed,
         resolve_dtype(config.lora_dtype),
-        bypass=config.bypass,
+        bypass=config.uses_bypass,
     )
     network.remat_policy = config.remat_policy if config.gradient_checkpointing else None
     return network, previous
