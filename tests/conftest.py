@@ -1,3 +1,9 @@
+import os
+
+# Tests compile many small programs and run each briefly: LLVM's optimisation passes would cost more than they
+# save. This changes code generation only, not the numerics (no fast-math).
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
 import pytest
 from safetensors.numpy import load_file
 

@@ -183,12 +183,13 @@ class SpatialTransformer(nnx.Module):
         )
         self.proj_out = project(inner, channels)
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, run=None) -> jax.Array:
+        """`run(block, h, context)` calls each transformer block (the UNet passes its remat wrapper)."""
         batch, height, width, _ = x.shape
         h = self.proj_in(self.norm(x))  # a 1x1 conv and a linear act alike on NHWC
         h = h.reshape(batch, height * width, h.shape[-1])
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context) if run is None else run(block, h, context)
         return x + self.proj_out(h.reshape(batch, height, width, h.shape[-1]))
 
 
@@ -225,7 +226,8 @@ class UNet(nnx.Module):
     """The ldm UNet. Call with NHWC latents, timesteps [B], context [B, T, context_dim], y [B, adm] for SDXL.
 
     `remat_policy` names a `jax.checkpoint_policies` member ("nothing_saveable", "dots_saveable", ...) to
-    rematerialise every ResBlock and SpatialTransformer in the backward pass; None disables remat.
+    rematerialise every ResBlock and every transformer block in the backward pass (per block, so SDXL's
+    ten-deep transformers never hold ten blocks' activations at once); None disables remat.
     """
 
     def __init__(self, config: UNetConfig, *, remat_policy: str | None = None):
@@ -291,7 +293,7 @@ class UNet(nnx.Module):
             if isinstance(layer, ResBlock):
                 h = self._checkpointed(layer, h, emb)
             elif isinstance(layer, SpatialTransformer):
-                h = self._checkpointed(layer, h, context)
+                h = layer(h, context, self._checkpointed)
             elif isinstance(layer, Upsample):
                 h = layer(h, size)
             else:

@@ -145,6 +145,13 @@ def stop_requests():
             pass
 
 
+def progress_line(done: int, total: int, loss: float, rate: float, width: int = 24) -> str:
+    filled = round(width * done / total)
+    eta = (total - done) / rate if rate > 0 else 0.0
+    bar = "#" * filled + "." * (width - filled)
+    return f"step {done}/{total} [{bar}] loss {loss:.4f}  {rate:.2f} steps/s  eta {eta:.0f} s"
+
+
 def peak_memory() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
@@ -246,7 +253,7 @@ def run_training(
                 collect()
                 last_log = time.perf_counter()
                 rate = stats.steps_run / (last_log - began)
-                progress(f"step {done}/{config.steps}  loss {history[-1]:.4f}  {rate:.2f} steps/s")
+                progress(progress_line(done, config.steps, history[-1], rate))
             if stop:
                 stats.interrupted = True
                 break
