@@ -222,8 +222,9 @@ def check_dataset(dataset: Dataset, model: DiffusionModel) -> None:
                 raise DatasetError(
                     f"{bucket.source}: {model.family.description} needs pooled_output ({expected}-d), found {found}"
                 )
-        if not np.isfinite(bucket.latents).all():
-            raise DatasetError(f"{bucket.source}: latents contain NaN or infinite values")
+        for name, values in {"latents": bucket.latents, **bucket.conditioning}.items():
+            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                raise DatasetError(f"{bucket.source}: {name} contains NaN or infinite values")
 
 
 def device_arrays(bucket: Bucket, model: DiffusionModel, dtype: jnp.dtype) -> dict[str, jnp.ndarray]:

@@ -16,6 +16,7 @@ from jaxlora.adapters.metadata import AdapterInfo
 from jaxlora.models.checkpoint import torch_parameters
 from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
 from jaxlora.models.unet import UNetConfig
+from jaxlora.train.checkpoints import Checkpoints
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import DatasetError, device_arrays, make_dataset
 from jaxlora.train.loop import NonFiniteLossError, adapted_network, run_training, train_lora
@@ -110,7 +111,7 @@ def one_level_model(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize(("optimizer", "loss", "algorithm"), combinations())
+@pytest.mark.parametrize(("optimizer", "loss", "algorithm"), list(combinations()))
 def test_training_lowers_the_loss(one_level_model, optimizer, loss, algorithm):
     model = one_level_model
     config = TrainConfig(
@@ -226,10 +227,12 @@ def test_mixed_resolutions_train_as_buckets(model):
     assert np.isfinite(result.loss_map["loss"]).all()
 
 
-def test_diverging_run_stops_with_the_step_number(model):
-    latents, context = small_data()
-    with pytest.raises(NonFiniteLossError, match="at step 1"):
-        train_lora(model, latents * 1e30, context, steps=3, rank=2, **FP32, **QUIET)
+def test_diverging_run_stops_with_the_step_number(model, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as stopped:
+        train_lora(model, *small_data(), steps=40, rank=2, optimizer="SGD", learning_rate=1.0, **FP32,
+                   checkpoint_dir=tmp_path, checkpoint_every=1, log_every_seconds=0, **QUIET)  # fmt: skip
+    step = int(stopped.value.args[0].split("at step ")[1].split(";")[0])
+    assert Checkpoints(tmp_path, {}).latest_step() == step - 1  # the last good step is kept, nothing after it
 
 
 @pytest.mark.parametrize(
