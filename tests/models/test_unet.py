@@ -70,7 +70,8 @@ def test_remat_gives_identical_outputs_and_gradients():
     remat = jax.jit(jax.value_and_grad(lambda p: loss(p, "nothing_saveable")))(params)
     assert float(plain[0]) == pytest.approx(float(remat[0]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1]), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        # recomputation may fuse and round differently: equal to fp32 rounding, relative to the gradient's scale
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(np.asarray(a)).max())
 
 
 def test_sdxl_unet_requires_y_and_sd1_rejects_it():
