@@ -69,9 +69,11 @@ def test_remat_gives_identical_outputs_and_gradients():
     plain = jax.jit(jax.value_and_grad(lambda p: loss(p, None)))(params)
     remat = jax.jit(jax.value_and_grad(lambda p: loss(p, "nothing_saveable")))(params)
     assert float(plain[0]) == pytest.approx(float(remat[0]), rel=1e-6)
+    # Recomputation may fuse and round differently: equal up to fp32 rounding, measured against the largest
+    # gradient (some gradients, e.g. of biases right before a GroupNorm, are zero up to rounding noise).
+    scale = max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(plain[1]))
     for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1]), strict=True):
-        # recomputation may fuse and round differently: equal to fp32 rounding, relative to the gradient's scale
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6 * scale)
 
 
 def test_sdxl_unet_requires_y_and_sd1_rejects_it():
