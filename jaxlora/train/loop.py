@@ -24,7 +24,7 @@ from jaxlora.adapters.lora_files import read_lora_file
 from jaxlora.models.checkpoint import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
 from jaxlora.models.sampling import ModelSampling
-from jaxlora.train.checkpoints import Checkpoints
+from jaxlora.train.checkpoints import Checkpoints, ResumeError
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
 from jaxlora.train.optim import loss_function, make_optimizer
@@ -196,7 +196,12 @@ def run_training(
     start, history = 0, []
     if checkpoint_dir is not None:
         checkpoints = Checkpoints(checkpoint_dir, fingerprint(config, model, dataset))
-        if resume and checkpoints.latest_step() is not None:
+        if checkpoints.latest_step() is not None:
+            if not resume:
+                raise ResumeError(
+                    f"{checkpoints.directory} holds checkpoints of an earlier run (step {checkpoints.latest_step()}): "
+                    "resume it (--resume), or choose another output folder or prefix"
+                )
             start, adapters, opt_state, history = checkpoints.restore(adapters, opt_state)
             progress(f"resumed from step {start} ({checkpoints.directory})")
 

@@ -47,14 +47,16 @@ def test_demo_runs_end_to_end_and_says_it_is_a_demo(tmp_path):
     assert len(json.loads((tmp_path / "loras" / f"{stem}loss.json").read_text())["loss"]) == 3
 
 
-def test_files_and_toml_config_with_flag_overrides(files, tmp_path):
+def test_files_and_toml_config_with_flag_overrides(files, tmp_path, capsys):
     model, dataset = files
     config = tmp_path / "settings.toml"
     config.write_text('steps = 2\nrank = 3\nalgorithm = "LoKr"\ntraining_dtype = "fp32"\ngrad-accumulation-steps = 2\n')
     argv = ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(tmp_path), "--prefix", "me/run",
             "--config", str(config), "--rank", "2", "--format", "kohya", "--no-compile-cache"]  # fmt: skip
     assert main(argv) == 0
-    assert main(argv) == 0  # a second run never overwrites: the counter moves on
+    assert main(argv) == 2  # checkpoints of the first run are there: continuing them must be asked for
+    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0  # nothing left to train; outputs are written anew, never over the first
     first, second = (
         tmp_path / "me" / "run_2_steps_00001_.safetensors",
         tmp_path / "me" / "run_2_steps_00002_.safetensors",
