@@ -53,7 +53,7 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class Case:
-    """One train step to compile: a UNet shape, the data's latent side and batch, and the node's settings."""
+    """One train step to compile: a UNet shape, the latent side (square), and the node's settings."""
 
     model: str
     latent: int
