@@ -18,14 +18,12 @@ from pathlib import Path
 import jax
 
 from jaxlora.adapters.formats import STYLES
-from jaxlora.adapters.lora_files import save_lora
-from jaxlora.adapters.metadata import AdapterInfo
 from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
 from jaxlora.models.diffusion import load_model
 from jaxlora.train.config import CHOICES, TrainConfig
 from jaxlora.train.data import load_dataset, make_dataset
 from jaxlora.train.loop import NonFiniteLossError, preflight, run_training
-from jaxlora.train.report import output_stem, write_loss_history
+from jaxlora.train.report import write_run_outputs
 
 DEFAULT_PREFIX = "loras/jaxlora_trained_lora"
 RUN_FLAGS = {"model", "dataset", "output_dir", "prefix", "format", "checkpoint_every", "resume"}
@@ -142,24 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteLossError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
-        stem = output_stem(output_dir, prefix, result.steps)
-        info = AdapterInfo(
-            family=model.family.name,
-            prediction=result.model_with_lora.sampling.prediction,
-            algorithm=config.algorithm,
-            rank=config.rank,
-            alpha=1.0,
-            lora_dtype=config.lora_dtype,
-            steps=result.steps,
-            training_dtype=config.training_dtype,
-            settings=config.as_dict(),
-        )
-        paths = {
-            "adapter": save_lora(
-                result.model_with_lora, f"{stem}.safetensors", run.get("format", "comfyui"), config.lora_dtype, info
-            )
-        }
-        paths.update(write_loss_history(stem, result.loss_map["loss"], config.grad_accumulation_steps))
+        paths = write_run_outputs(result, config, output_dir, prefix, run.get("format", "comfyui"))
     if result.stats.interrupted:
         print(f"interrupted after step {result.steps}; the checkpoint is saved: rerun with --resume to continue")
     print(f"done in {time.perf_counter() - started:.1f} s" + (" (demo)" if demo else ""))

@@ -15,11 +15,18 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jaxlora.adapters.lora_files import save_lora
+from jaxlora.adapters.metadata import AdapterInfo
 from jaxlora.files import write_new_file
+
+if TYPE_CHECKING:
+    from jaxlora.train.config import TrainConfig
+    from jaxlora.train.loop import TrainResult
 
 # ComfyUI's LossGraphNode geometry: an 800x480 plot area inside 40 px margins.
 WIDTH, HEIGHT, MARGIN = 840, 520, 40
@@ -78,6 +85,29 @@ def write_loss_history(stem: str | Path, losses: Sequence[float], steps_per_opti
     if existing := [str(path) for path in paths.values() if path.exists()]:
         raise FileExistsError(f"{', '.join(existing)} exist; jaxlora never overwrites a file")
     return {name: write_new_file(paths[name], data) for name, (_, data) in contents.items()}
+
+
+def write_run_outputs(
+    result: TrainResult, config: TrainConfig, output_dir: str | Path, prefix: str, style: str = "comfyui"
+) -> dict[str, Path]:
+    """Save a run as ComfyUI's SaveLoRA would name it: `<stem>.safetensors` (the adapter in `style`, with the
+    settings in its metadata) and the loss history beside it. Returns {"adapter", "loss json", "loss csv",
+    "loss plot": path}; the CLI and the notebook share it so their files are the same."""
+    stem = output_stem(output_dir, prefix, result.steps)
+    info = AdapterInfo(
+        family=result.model_with_lora.family.name,
+        prediction=result.model_with_lora.sampling.prediction,
+        algorithm=config.algorithm,
+        rank=config.rank,
+        alpha=1.0,
+        lora_dtype=config.lora_dtype,
+        steps=result.steps,
+        training_dtype=config.training_dtype,
+        settings=config.as_dict(),
+    )
+    paths = {"adapter": save_lora(result.model_with_lora, f"{stem}.safetensors", style, config.lora_dtype, info)}
+    paths.update(write_loss_history(stem, result.loss_map["loss"], config.grad_accumulation_steps))
+    return paths
 
 
 def _loss_json(losses: list[float], per_step: int) -> bytes:
