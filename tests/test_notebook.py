@@ -1,0 +1,84 @@
+"""The Colab notebook: committed without outputs, its form is the node's inputs, and it runs top to bottom
+headless (no Colab: the built-in demo on CPU), so a broken cell fails here."""
+
+import ast
+import json
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import nbformat
+import numpy as np
+from nbclient import NotebookClient
+from safetensors import safe_open
+
+from jaxlora.train.config import CHOICES, TrainConfig
+
+NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "train_lora_colab_tpu.ipynb"
+NAMES = [f.name for f in fields(TrainConfig)]
+NODE_INPUTS = NAMES[: NAMES.index("existing_lora") + 1]  # the Train LoRA node's inputs; jaxlora's additions follow
+PARAM = re.compile(r"^(\w+) = (.+?)  # @param (.+)$", re.MULTILINE)
+
+
+def read_notebook():
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def form_fields(notebook) -> dict[str, tuple[object, object]]:
+    """name -> (value, choices or the {type: ...} annotation) of every `# @param` line."""
+    found = {}
+    for cell in notebook.cells:
+        for name, value, spec in PARAM.findall(cell.source):
+            found[name] = (ast.literal_eval(value), ast.literal_eval(spec) if spec.startswith("[") else spec)
+    return found
+
+
+def with_parameters(notebook, **values):
+    """Set form values the way papermill injects parameters: the `name = value  # @param` line is rewritten."""
+    for name, value in values.items():
+        pattern = re.compile(rf"^{name} = .+?(  # @param .+)$", re.MULTILINE)
+        cells = [cell for cell in notebook.cells if pattern.search(cell.source)]
+        assert len(cells) == 1, f"form field {name} not found once"
+        cells[0].source = pattern.sub(lambda m, n=name, v=value: f"{n} = {v!r}{m.group(1)}", cells[0].source)
+    return notebook
+
+
+def test_notebook_is_committed_without_outputs():
+    notebook = read_notebook()
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code)
+
+
+def test_form_holds_the_node_inputs_with_their_defaults_and_choices():
+    form = form_fields(read_notebook())
+    defaults = TrainConfig()
+    for name in NODE_INPUTS:
+        assert name in form, f"the form has no {name}"
+        value, spec = form[name]
+        default = getattr(defaults, name)
+        assert value == ("" if default is None else default), name  # existing_lora: "" stands for none
+        if name in CHOICES:
+            assert spec == list(CHOICES[name]), name
+    TrainConfig.from_dict({name: form[name][0] for name in NODE_INPUTS if name != "existing_lora"})
+
+
+def test_notebook_runs_headless_with_the_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    notebook = with_parameters(read_notebook(), steps=3, checkpoint_every=2)
+    where = {"metadata": {"path": str(tmp_path)}}  # the kernel's working folder
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources=where).execute()
+
+    printed = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+    assert "not on Colab" in printed and "backend cpu" in printed and "built-in demo" in printed
+    loras = tmp_path / "output" / "ComfyUI" / "models" / "loras"
+    stem = loras / "jaxlora_trained_lora_3_steps_00001_"
+    with safe_open(f"{stem}.safetensors", framework="numpy") as file:
+        keys = list(file.keys())
+        assert json.loads(file.metadata()["training_settings"])["steps"] == 3
+    assert keys and all(key.startswith("diffusion_model.") for key in keys)
+    losses = json.loads(Path(f"{stem}loss.json").read_text())["loss"]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    plots = [out for out in notebook.cells[-2].outputs if "image/png" in out.get("data", {})]
+    assert len(plots) == 1  # the loss plot, inline
+    assert (loras.parent / "jaxlora_checkpoints" / "jaxlora_trained_lora").is_dir()
