@@ -12,6 +12,7 @@ import numpy as np
 from nbclient import NotebookClient
 from safetensors import safe_open
 
+from jaxlora.adapters.formats import STYLES
 from jaxlora.train.config import CHOICES, TrainConfig
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "train_lora_colab_tpu.ipynb"
@@ -61,6 +62,7 @@ def test_form_holds_the_node_inputs_with_their_defaults_and_choices():
         if name in CHOICES:
             assert spec == list(CHOICES[name]), name
     TrainConfig.from_dict({name: form[name][0] for name in NODE_INPUTS if name != "existing_lora"})
+    assert form["key_style"] == ("comfyui", list(STYLES))
 
 
 def test_notebook_runs_headless_with_the_demo(tmp_path, monkeypatch):
