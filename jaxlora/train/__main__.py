@@ -22,9 +22,11 @@ from jaxlora.adapters.lora_files import save_lora
 from jaxlora.adapters.metadata import AdapterInfo
 from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
 from jaxlora.models.diffusion import load_model
+from jaxlora.parallel import distributed
+from jaxlora.parallel.placement import is_writer
 from jaxlora.train.config import CHOICES, TrainConfig
 from jaxlora.train.data import load_dataset, make_dataset
-from jaxlora.train.loop import NonFiniteLossError, preflight, run_training
+from jaxlora.train.loop import NonFiniteLossError, preflight, run_training, with_host_adapters
 from jaxlora.train.report import output_stem, write_loss_history
 
 DEFAULT_PREFIX = "loras/jaxlora_trained_lora"
@@ -53,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
     run.add_argument("--config", type=Path, help="TOML file with these settings (flags override it)")
     run.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compile cache")
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run (jax.distributed; found by itself on TPU slices, Slurm, Open MPI, or "
+        "JAX_COORDINATOR_ADDRESS)",
+    )
     node = parser.add_argument_group("training settings (the Train LoRA node's inputs)")
     for spec in fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
@@ -71,7 +79,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         with open(args.config, "rb") as file:
             settings = {key.replace("-", "_"): value for key, value in tomllib.load(file).items()}
     for key, value in vars(args).items():
-        if value is not None and key not in ("config", "no_compile_cache"):
+        if value is not None and key not in ("config", "no_compile_cache", "distributed"):
             settings[key] = value
     return settings
 
@@ -100,6 +108,7 @@ def summary(result, stats, paths: dict[str, Path]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    distributed.initialize(args.distributed, os.environ)
     if not args.no_compile_cache:
         enable_compilation_cache()
     settings = settings_from(args)
@@ -116,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig.from_dict(settings)
             dataset = make_dataset(*demo_dataset()) if demo else load_dataset(run["dataset"])
             preflight(load_model(run["model"], weights=False), dataset, config)
-            model = load_model(run["model"], dtype=config.training_dtype, prediction=config.prediction)
+            model = load_model(
+                run["model"], dtype=config.training_dtype, prediction=config.prediction, mesh=config.mesh
+            )
         except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -142,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteLossError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        exported = with_host_adapters(result.model_with_lora)
+        if not is_writer():  # on several processes, process 0 writes the outputs
+            return 0
         stem = output_stem(output_dir, prefix, result.steps)
         info = AdapterInfo(
             family=model.family.name,
@@ -155,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             settings=config.as_dict(),
         )
         paths = {
-            "adapter": save_lora(
-                result.model_with_lora, f"{stem}.safetensors", run.get("format", "comfyui"), config.lora_dtype, info
-            )
+            "adapter": save_lora(exported, f"{stem}.safetensors", run.get("format", "comfyui"), config.lora_dtype, info)
         }
         paths.update(write_loss_history(stem, result.loss_map["loss"], config.grad_accumulation_steps))
     if result.stats.interrupted:
