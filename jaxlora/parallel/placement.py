@@ -18,8 +18,10 @@ def from_host(host: np.ndarray, sharding: Sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def place(value, sharding: Sharding) -> jax.Array:
-    """`value` (a host or device array) moved onto `sharding`."""
+def place(value, sharding: Sharding) -> jax.Array | jax.ShapeDtypeStruct:
+    """`value` (a host or device array) moved onto `sharding`; an abstract value gets it as its layout."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
     if isinstance(value, jax.Array) and value.sharding == sharding:
         return value
     if jax.process_count() == 1:

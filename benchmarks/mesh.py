@@ -1,0 +1,91 @@
+"""Sharded training on a device mesh: per-device memory of full-size models, and step-time overhead on this CPU.
+
+Run from the repository root as `python benchmarks/mesh.py --section memory|scaling|all`; prints markdown for
+BENCHMARKS.md. The process simulates 8 CPU devices (`--xla_force_host_platform_device_count=8`).
+
+- memory: the trainer's step for a full-size model (`--model`, any of `train_step.UNETS`), lowered from abstract
+  inputs (`jax.ShapeDtypeStruct`s carrying their shardings: no weights are allocated), compiled, and measured by
+  XLA's memory analysis, which reports what one device holds. One sample per device; the base split 1, 4 and 8
+  ways (`data=8` replicates it, `data=2,fsdp=4` splits it over 4 devices, `fsdp=8` over 8).
+- scaling: the demo UNet trained with a global batch of 8 on one device and on meshes of 8 simulated devices.
+  The simulated devices share this machine's cores, so compute does not speed up: the rows show what sharding
+  costs (collectives, partitioned programs), not what it gains on real chips.
+
+Every case runs in a freshly spawned process, as in train_step.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+from load_and_forward import in_fresh_process  # noqa: E402
+from train_step import UNETS, Case, demo_dataset, markdown_table, run_abstract, run_concrete  # noqa: E402
+
+from jaxlora.models.demo import DEMO_UNET, write_random_checkpoint  # noqa: E402
+from jaxlora.train.config import TrainConfig  # noqa: E402
+from jaxlora.train.data import make_dataset  # noqa: E402
+
+MEMORY_MESHES = ("data=8", "data=2,fsdp=4", "fsdp=8")
+SCALING_MESHES = (None, "data=8", "fsdp=8", "data=2,fsdp=4")
+
+
+def with_mesh(rows: list[tuple[Case, dict]]) -> str:
+    """train_step's table with the mesh as the first column."""
+    table = markdown_table(rows).splitlines()
+    meshes = ["mesh", "---"] + [case.config.mesh or "one device" for case, _ in rows]
+    return "\n".join(f"| {mesh} {line}" for mesh, line in zip(meshes, table, strict=True))
+
+
+def memory_section(model: str, latent: int) -> str:
+    """One sample per device (batch = devices), bf16 base, LoRA rank 16 with fp32 masters, AdamW, remat."""
+    cases = [
+        Case(model, latent, TrainConfig(rank=16, training_dtype="bf16", batch_size=jax.device_count(), mesh=mesh))
+        for mesh in MEMORY_MESHES
+    ]
+    rows = [(case, in_fresh_process(run_abstract, case)) for case in cases]
+    title = (
+        f"{model} step, abstract compile, latent {latent}x{latent}, one sample per device, 77 tokens, bf16, "
+        "LoRA rank 16, AdamW, remat nothing_saveable; sizes per device"
+    )
+    return f"{title}\n\n{with_mesh(rows)}"
+
+
+def scaling_section(steps: int) -> str:
+    """The demo UNet from a random fp32 checkpoint, 8 latents of 16x16, batch 8, LoRA rank 4, AdamW."""
+    bucket = make_dataset(*demo_dataset()).buckets[0]
+    config = TrainConfig(batch_size=8, rank=4, learning_rate=0.002, training_dtype="fp32")
+    cases = [Case("demo", bucket.shape[1], replace(config, mesh=mesh)) for mesh in SCALING_MESHES]
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_random_checkpoint(DEMO_UNET, Path(folder) / "demo.safetensors")
+        rows = [(case, in_fresh_process(run_concrete, case, path, bucket, steps)) for case in cases]
+    keep = ("compile s", "first step s", "s/step", "samples/s")
+    rows = [(case, {k: row[k] for k in keep}) for case, row in rows]
+    title = f"Demo UNet, batch 8 (global), LoRA rank 4, AdamW, fp32, median of {steps} steps, 8 simulated devices"
+    return f"{title}\n\n{with_mesh(rows)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--section", choices=("memory", "scaling", "all"), default="all")
+    parser.add_argument("--model", choices=list(UNETS), default="SDXL", help="memory section: the full-size model")
+    parser.add_argument("--latent", type=int, default=128, help="memory section: latent side (128 = 1024 px)")
+    parser.add_argument("--steps", type=int, default=10, help="scaling section: timed steps per mesh")
+    args = parser.parse_args()
+    platform = jax.devices()[0].platform
+    print(f"jax {jax.__version__}, {jax.device_count()} {platform} devices, {os.cpu_count()} cores\n")
+    if args.section in ("memory", "all"):
+        print(memory_section(args.model, args.latent) + "\n")
+    if args.section in ("scaling", "all"):
+        print(scaling_section(args.steps) + "\n")
+
+
+if __name__ == "__main__":
+    main()
