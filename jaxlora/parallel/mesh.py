@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp")
@@ -160,6 +159,3 @@ def per_device_bytes(tree) -> Mapping[str, int]:
             held[str(shard.device)] = held.get(str(shard.device), 0) + shard.data.nbytes
     return held
 
-
-def total_bytes(tree) -> int:
-    return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
