@@ -50,7 +50,7 @@ from jaxlora.train.config import TrainConfig  # noqa: E402
 from jaxlora.train.data import make_dataset  # noqa: E402
 
 MEMORY_MESHES = ("data=8", "data=2,fsdp=4", "fsdp=8")
-SCALING_MESHES = (None, "data=8", "fsdp=8", "data=2,fsdp=4")
+SCALING_MESHES = ("none", "data=8", "fsdp=8", "data=2,fsdp=4")
 
 
 def with_mesh(rows: list[tuple[Case, dict]]) -> str:
@@ -94,11 +94,11 @@ def weights_section(model: str) -> str:
     return f"{model} frozen base, bf16, {total / 2**30:.3f} GiB whole\n\n" + "\n".join(lines)
 
 
-def scaling_section(steps: int) -> str:
+def scaling_section(steps: int, meshes: list[str]) -> str:
     """The demo UNet from a random fp32 checkpoint, 8 latents of 16x16, batch 8, LoRA rank 4, AdamW."""
     bucket = make_dataset(*demo_dataset()).buckets[0]
     config = TrainConfig(batch_size=8, rank=4, learning_rate=0.002, training_dtype="fp32")
-    cases = [Case("demo", bucket.shape[1], replace(config, mesh=mesh)) for mesh in SCALING_MESHES]
+    cases = [Case("demo", bucket.shape[1], replace(config, mesh=None if m == "none" else m)) for m in meshes]
     with tempfile.TemporaryDirectory() as folder:
         path = write_random_checkpoint(DEMO_UNET, Path(folder) / "demo.safetensors")
         rows = [(case, in_fresh_process(run_concrete, case, path, bucket, steps)) for case in cases]
@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--model", choices=list(UNETS), default="SDXL", help="memory section: the full-size model")
     parser.add_argument("--latent", type=int, default=128, help="memory section: latent side (128 = 1024 px)")
     parser.add_argument("--steps", type=int, default=10, help="scaling section: timed steps per mesh")
+    parser.add_argument("--meshes", nargs="+", default=SCALING_MESHES, help="scaling section ('none': one device)")
     args = parser.parse_args()
     platform = jax.devices()[0].platform
     print(f"jax {jax.__version__}, {jax.device_count()} {platform} devices, {os.cpu_count()} cores\n")
@@ -122,7 +123,7 @@ def main() -> None:
     if args.section in ("memory", "all"):
         print(memory_section(args.model, args.latent) + "\n")
     if args.section in ("scaling", "all"):
-        print(scaling_section(args.steps) + "\n")
+        print(scaling_section(args.steps, args.meshes) + "\n")
 
 
 if __name__ == "__main__":
