@@ -39,6 +39,8 @@ from jaxlora.models.diffusion import DiffusionModel
 from jaxlora.models.families import find_unet_family
 from jaxlora.models.sampling import ModelSampling, scaled_linear_schedule
 from jaxlora.models.unet import SD15, SDXL, UNet, UNetConfig
+from jaxlora.parallel.mesh import MeshLayout, make_mesh
+from jaxlora.parallel.placement import place_tree
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Bucket, device_arrays, make_bucket, make_dataset
 from jaxlora.train.loop import adapted_network
@@ -87,15 +89,23 @@ def abstract_model(unet: UNetConfig, dtype: jnp.dtype) -> DiffusionModel:
 
 
 def prepare(model: DiffusionModel, bucket: Bucket, config: TrainConfig) -> tuple[jax.stages.Wrapped, list]:
-    """The jitted step and its state [adapters, opt_state, base, data], set up exactly as `run_training` does."""
+    """The jitted step and its state [adapters, opt_state, base, data], set up exactly as `run_training` does
+    (on `config.mesh`, each array placed onto its sharding; abstract weights get it as their layout)."""
     dtype = resolve_dtype(config.training_dtype)
     network, _ = adapted_network(model, config, dtype)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     optimizer = make_optimizer(config.optimizer, config.learning_rate)
     loss = loss_function(config.loss_function)
-    settings = StepSettings(config.batch_size, config.grad_accumulation_steps, dtype, loss, optimizer, model.sampling)
+    layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
+    batch = None if layout is None else layout.batch
+    settings = StepSettings(
+        config.batch_size, config.grad_accumulation_steps, dtype, loss, optimizer, model.sampling, batch
+    )
     state = [adapters, optimizer.init(adapters), base, device_arrays(bucket, model, dtype)]
-    return compile_step(graph, settings), state
+    if layout is not None:
+        shardings = [layout.replicated, layout.replicated, layout.base, layout.replicated]
+        state = [place_tree(part, sharding) for part, sharding in zip(state, shardings, strict=True)]
+    return compile_step(graph, settings, layout), state
 
 
 def lower_and_compile(step: jax.stages.Wrapped, state: list, config: TrainConfig) -> tuple[jax.stages.Compiled, dict]:
@@ -160,7 +170,7 @@ def run_abstract(case: Case) -> dict:
     config = case.config
     model = abstract_model(case.unet, resolve_dtype(config.training_dtype))
     step, state = prepare(model, random_bucket(case.unet, case.latent), config)
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     compiled, row = lower_and_compile(step, state, config)
     return row | xla_counts(compiled)
 

@@ -3,6 +3,9 @@ import os
 # Tests compile many small programs and run each briefly: LLVM's optimisation passes would cost more than they
 # save. This changes code generation only, not the numerics (no fast-math).
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# Eight simulated CPU devices for the mesh tests (tests/parallel). Everything else runs on the first device as
+# before: unsharded programs are placed on one device, and the others stay idle.
+os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 
 import pytest
 from safetensors.numpy import load_file

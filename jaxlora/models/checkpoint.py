@@ -5,6 +5,8 @@ ignored), a bare diffusion model (`diffusion_model.*`), or a diffusion model wit
 inferred from key names and shapes alone. The header is checked completely (missing, unexpected, mis-shaped
 keys) before any tensor is read; tensors are then read one at a time from the memory-mapped file, converted
 to Flax layout, cast and placed on the device, so the host never holds more than one tensor beyond the model.
+On a device mesh each tensor goes straight to its shards (split by `jaxlora.parallel.mesh.FSDP_RULES`), so no
+device ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from safetensors import SafetensorError, safe_open
 from jaxlora.models.families import UNetFamily, find_unet_family
 from jaxlora.models.layers import WeightLayer
 from jaxlora.models.unet import UNet, UNetConfig
+from jaxlora.parallel.mesh import fsdp_sharding
+from jaxlora.parallel.placement import from_host
 
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 # Keys by which other layouts are recognised, so the error can say what the file is.
@@ -225,15 +229,25 @@ def guess_v_prediction(index: CheckpointIndex, prefix: str, family: UNetFamily) 
         return float(np.std(f.get_tensor(key).astype(np.float32))) > 0.09
 
 
-def set_parameter(layer: WeightLayer, name: str, torch_array: np.ndarray, dtype: jnp.dtype) -> None:
-    """Convert one torch-layout tensor to the layer's Flax layout and dtype, and place it on the device."""
+def set_parameter(
+    layer: WeightLayer,
+    name: str,
+    torch_array: np.ndarray,
+    dtype: jnp.dtype,
+    sharding: jax.sharding.Sharding | None = None,
+) -> None:
+    """Convert one torch-layout tensor to the layer's Flax layout and dtype, and place it on the device (or send
+    each device of `sharding` its slice)."""
     host_dtype = ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
-    getattr(layer, name).set_value(jax.device_put(layer.from_torch(name, torch_array).astype(host_dtype)))
+    host = layer.from_torch(name, torch_array).astype(host_dtype)
+    getattr(layer, name).set_value(jax.device_put(host) if sharding is None else from_host(host, sharding))
 
 
-def load_unet(index: CheckpointIndex, dtype: jnp.dtype, weights: bool = True) -> tuple[UNet, UNetFamily, str]:
+def load_unet(
+    index: CheckpointIndex, dtype: jnp.dtype, weights: bool = True, mesh: jax.sharding.Mesh | None = None
+) -> tuple[UNet, UNetFamily, str]:
     """Build the UNet abstractly, check every key, then stream the tensors in (unless `weights` is False:
-    the structure alone is what adapter-file conversion needs)."""
+    the structure alone is what adapter-file conversion needs), onto their shards when a `mesh` is given."""
     prefix = find_unet_prefix(index.shapes)
     unprefixed = {k[len(prefix) :]: s for k, s in index.shapes.items() if k.startswith(prefix)}
     config, family = infer_unet_config(unprefixed)
@@ -243,5 +257,7 @@ def load_unet(index: CheckpointIndex, dtype: jnp.dtype, weights: bool = True) ->
         return network, family, prefix
     with safe_open(index.path, framework="numpy") as f:
         for key, layer, name in torch_parameters(network):
-            set_parameter(layer, name, f.get_tensor(prefix + key), dtype)
+            shape = getattr(layer, name).shape
+            sharding = None if mesh is None else fsdp_sharding(mesh, key, shape)
+            set_parameter(layer, name, f.get_tensor(prefix + key), dtype, sharding)
     return network, family, prefix

@@ -20,6 +20,7 @@ from jaxlora.models.checkpoint import (
 from jaxlora.models.families import UNetFamily
 from jaxlora.models.sampling import LatentFormat, ModelSampling, scaled_linear_schedule
 from jaxlora.models.unet import UNet, UNetConfig
+from jaxlora.parallel.mesh import make_mesh
 
 
 @dataclass
@@ -49,7 +50,11 @@ class DiffusionModel:
 
 
 def load_model(
-    path: str | Path, dtype: str | jnp.dtype = "bf16", prediction: str = "auto", weights: bool = True
+    path: str | Path,
+    dtype: str | jnp.dtype = "bf16",
+    prediction: str = "auto",
+    weights: bool = True,
+    mesh: jax.sharding.Mesh | str | None = None,
 ) -> DiffusionModel:
     """Load a UNet checkpoint (.safetensors, as ComfyUI loads it) with its config inferred from the weights.
 
@@ -57,12 +62,16 @@ def load_model(
     "v"; "auto" follows ComfyUI's detection (a `v_pred` key, or the SD2 768-v weight statistics), which a
     v-prediction fine-tune without that key defeats: then pass prediction="v". With `weights=False` only the
     header is read and the network stays abstract (shapes, no values): enough to convert adapter files.
+    `mesh` (a `jax.sharding.Mesh` or a spec like "data=2,fsdp=4") places each weight straight onto its shards
+    as it is read, split over the mesh's `fsdp` axis.
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; use one of {PREDICTIONS}")
     dtype = resolve_dtype(dtype)
     index = read_index(path)
-    network, family, prefix = load_unet(index, dtype, weights)
+    if isinstance(mesh, str):
+        mesh = make_mesh(mesh)
+    network, family, prefix = load_unet(index, dtype, weights, mesh)
     if prediction == "auto":
         prediction = "v" if guess_v_prediction(index, prefix, family) else "eps"
     return DiffusionModel(network, family, ModelSampling(prediction, scaled_linear_schedule()), Path(path))

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import jax
@@ -20,9 +20,11 @@ import jax
 from jaxlora.adapters.formats import STYLES
 from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
 from jaxlora.models.diffusion import load_model
+from jaxlora.parallel import distributed
+from jaxlora.parallel.placement import is_writer
 from jaxlora.train.config import CHOICES, TrainConfig
 from jaxlora.train.data import load_dataset, make_dataset
-from jaxlora.train.loop import NonFiniteLossError, preflight, run_training
+from jaxlora.train.loop import NonFiniteLossError, preflight, run_training, with_host_adapters
 from jaxlora.train.report import write_run_outputs
 
 DEFAULT_PREFIX = "loras/jaxlora_trained_lora"
@@ -51,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
     run.add_argument("--config", type=Path, help="TOML file with these settings (flags override it)")
     run.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compile cache")
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run (jax.distributed; found by itself on TPU slices, Slurm, Open MPI, or "
+        "JAX_COORDINATOR_ADDRESS)",
+    )
     node = parser.add_argument_group("training settings (the Train LoRA node's inputs)")
     for spec in fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
@@ -69,7 +77,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         with open(args.config, "rb") as file:
             settings = {key.replace("-", "_"): value for key, value in tomllib.load(file).items()}
     for key, value in vars(args).items():
-        if value is not None and key not in ("config", "no_compile_cache"):
+        if value is not None and key not in ("config", "no_compile_cache", "distributed"):
             settings[key] = value
     return settings
 
@@ -98,6 +106,7 @@ def summary(result, stats, paths: dict[str, Path]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    distributed.initialize(args.distributed, os.environ)
     if not args.no_compile_cache:
         enable_compilation_cache()
     settings = settings_from(args)
@@ -114,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig.from_dict(settings)
             dataset = make_dataset(*demo_dataset()) if demo else load_dataset(run["dataset"])
             preflight(load_model(run["model"], weights=False), dataset, config)
-            model = load_model(run["model"], dtype=config.training_dtype, prediction=config.prediction)
+            model = load_model(
+                run["model"], dtype=config.training_dtype, prediction=config.prediction, mesh=config.mesh
+            )
         except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -140,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteLossError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        result = replace(result, model_with_lora=with_host_adapters(result.model_with_lora))
+        if not is_writer():  # on several processes, process 0 writes the outputs
+            return 0
         paths = write_run_outputs(result, config, output_dir, prefix, run.get("format", "comfyui"))
     if result.stats.interrupted:
         print(f"interrupted after step {result.steps}; the checkpoint is saved: rerun with --resume to continue")

@@ -1,6 +1,7 @@
 """Resumable training state with orbax-checkpoint: the adapter tree, the optimizer state, the step and the loss
 history. Randomness and data order are functions of (seed, step), so nothing else is needed to continue a run
-exactly where it stopped."""
+exactly where it stopped. Sharded arrays are saved by every process writing its shards, and restored straight onto
+the shardings of the run that resumes (which may use another mesh, or none)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from jaxlora.parallel.placement import is_writer
 
 RUN_FILE = "run.json"
 
@@ -25,9 +27,17 @@ def _numbered(tree) -> dict[str, jax.Array]:
     return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
 
 
+def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:
+    """What to restore a tree's numbered leaves as: their shapes, dtypes and shardings."""
+    return {
+        key: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+        for key, leaf in _numbered(tree).items()
+    }
+
+
 def _unnumbered(template, numbered: dict):
     leaves, treedef = jax.tree.flatten(template)
-    return jax.tree.unflatten(treedef, [jnp.asarray(numbered[str(i)], leaf.dtype) for i, leaf in enumerate(leaves)])
+    return jax.tree.unflatten(treedef, [numbered[str(i)] for i in range(len(leaves))])
 
 
 class Checkpoints:
@@ -38,7 +48,9 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         self.fingerprint = fingerprint
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -51,15 +63,23 @@ class Checkpoints:
         }
         self.manager.save(step, args=ocp.args.StandardSave(tree))
         self.manager.wait_until_finished()
-        (self.directory / RUN_FILE).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True, default=str))
+        if is_writer():
+            (self.directory / RUN_FILE).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True, default=str))
 
     def restore(self, adapters: nnx.State, opt_state) -> tuple[int, nnx.State, object, list[float]]:
-        """The latest checkpoint, shaped like the given (freshly initialised) adapters and optimizer state."""
+        """The latest checkpoint, shaped and laid out like the given (freshly initialised) adapters and optimizer
+        state."""
         step = self.latest_step()
         if step is None:
             raise ResumeError(f"no checkpoint to resume from in {self.directory}")
         self._check_fingerprint()
-        restored = self.manager.restore(step)
+        saved_losses = self.manager.item_metadata(step)["losses"]
+        target = {
+            "adapters": _abstract(adapters),
+            "opt_state": _abstract(opt_state),
+            "losses": np.zeros(saved_losses.shape, np.float32),
+        }
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         return (
             step,
             _unnumbered(adapters, restored["adapters"]),

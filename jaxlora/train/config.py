@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from jaxlora.adapters.attach import ALGORITHMS, BYPASS_ALGORITHMS
+from jaxlora.parallel.mesh import parse_mesh
 from jaxlora.train.optim import LOSSES, OPTIMIZERS
 
 # field -> (lowest, highest), the node's ranges (spec section 1)
@@ -51,6 +52,7 @@ class TrainConfig:
     remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps (jax.checkpoint_policies)
     bypass: bool | None = None  # LoRA in activation form; None: on for LoRA (faster, see BENCHMARKS.md)
     prediction: str = "auto"  # eps / v override for checkpoints whose type cannot be read from the weights
+    mesh: str | None = None  # device mesh, e.g. "data=2,fsdp=4" (-1: the rest); None: one device
 
     def __post_init__(self) -> None:
         for name, (low, high) in RANGES.items():
@@ -65,6 +67,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if self.bypass is not None and not isinstance(self.bypass, bool):
             raise ValueError(f"bypass must be true or false, got {self.bypass!r}")
+        if self.mesh is not None:
+            parse_mesh(self.mesh)
         if self.bypass and self.algorithm not in BYPASS_ALGORITHMS:
             raise ValueError(f"bypass is available for {sorted(BYPASS_ALGORITHMS)}, not {self.algorithm}")
 

@@ -9,7 +9,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jax
@@ -24,6 +24,8 @@ from jaxlora.adapters.lora_files import read_lora_file
 from jaxlora.models.checkpoint import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
 from jaxlora.models.sampling import ModelSampling
+from jaxlora.parallel.mesh import MeshLayout, check_batch, make_mesh
+from jaxlora.parallel.placement import place_tree, to_host
 from jaxlora.train.checkpoints import Checkpoints, ResumeError
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
@@ -102,10 +104,19 @@ def adapted_network(model: DiffusionModel, config: TrainConfig, dtype: jnp.dtype
     return network, previous
 
 
+def with_host_adapters(model: DiffusionModel) -> DiffusionModel:
+    """The model with its adapter tensors gathered to the host once, for export (on any mesh, any process)."""
+    graph, adapters, base = nnx.split(model.network, AdapterParam, ...)
+    return replace(model, network=nnx.merge(graph, to_host(adapters), base))
+
+
 def preflight(model: DiffusionModel, dataset: Dataset, config: TrainConfig) -> None:
     """Every check that needs no weights: the data against the model, and the existing adapter's keys and
-    shapes. Works on a model loaded with `weights=False`, before the checkpoint's tensors are read."""
+    shapes, the batch against the mesh. Works on a model loaded with `weights=False`, before the checkpoint's
+    tensors are read."""
     check_dataset(dataset, model)
+    if config.mesh is not None:
+        check_batch(config.mesh, config.batch_size, [b.size for b in dataset.buckets], jax.device_count())
     if config.existing_lora:
         tensors, _ = read_lora_file(config.existing_lora)
         import_adapter(model.network, tensors)
@@ -153,13 +164,14 @@ def progress_line(done: int, total: int, loss: float, rate: float, width: int = 
 
 
 def peak_memory() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 
 
 def fingerprint(config: TrainConfig, model: DiffusionModel, dataset: Dataset) -> dict:
     settings = config.as_dict()
     settings.pop("steps")  # a run may be resumed to train longer
+    settings.pop("mesh")  # and on other devices: checkpoints are restored onto the new layout
     return {**settings, "family": model.family.name, "dataset": [[b.size, *b.shape] for b in dataset.buckets]}
 
 
@@ -178,8 +190,13 @@ def run_training(
     dtype = resolve_dtype(config.training_dtype)
     network, previous_steps = adapted_network(model, config, dtype)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
+    layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
+    if layout is not None:
+        adapters, base = place_tree(adapters, layout.replicated), place_tree(base, layout.base)
     optimizer = make_optimizer(config.optimizer, config.learning_rate)
     opt_state = optimizer.init(adapters)
+    if layout is not None:
+        opt_state = place_tree(opt_state, layout.replicated)
     sampling = ModelSampling(
         model.sampling.prediction if config.prediction == "auto" else config.prediction, model.sampling.schedule
     )
@@ -190,6 +207,7 @@ def run_training(
         loss_function(config.loss_function),
         optimizer,
         sampling,
+        None if layout is None else layout.batch,
     )
 
     checkpoints = None
@@ -208,11 +226,13 @@ def run_training(
     data = [device_arrays(bucket, model, dtype) for bucket in dataset.buckets]
     micro = config.grad_accumulation_steps
     perm_key = permutation_key(config.seed)
+    if layout is not None:
+        data, perm_key = place_tree((data, perm_key), layout.replicated)
     stats = RunStats()
     compiled = []
     for bucket in data:
         begin = time.perf_counter()
-        lowered = compile_step(graph, settings).lower(
+        lowered = compile_step(graph, settings, layout).lower(
             adapters, opt_state, base, bucket, noise_key_data(config.seed, 0, micro), perm_key, 0
         )
         compiled.append(lowered.compile())
@@ -225,7 +245,7 @@ def run_training(
     def collect() -> None:
         """Fetch the losses computed so far (the only host sync) and stop at the first non-finite one."""
         for step, losses in pending:
-            values = [float(v) for v in np.asarray(losses)]
+            values = [float(v) for v in to_host(losses)]
             if not all(np.isfinite(values)):
                 raise NonFiniteLossError(
                     f"loss became {values} at step {step + 1}; the last checkpoint holds the adapter before it"
@@ -271,7 +291,8 @@ def run_training(
 
     network = nnx.merge(graph, adapters, base)
     adapted = DiffusionModel(network, model.family, sampling, model.source)
-    lora = export_adapter(network, model.family.name, "comfyui", resolve_dtype(config.lora_dtype))
+    exported = with_host_adapters(adapted).network
+    lora = export_adapter(exported, model.family.name, "comfyui", resolve_dtype(config.lora_dtype))
     return TrainResult(adapted, lora, {"loss": history}, done + previous_steps, stats)
 
 
@@ -299,7 +320,7 @@ def train_lora(
     `latents`: raw VAE latents [N, C, H, W] (ComfyUI LATENT `samples`), or a list of such arrays of different
     resolutions. `positive`: the text conditioning, an array [N or 1, T, D] or a dict with `c_crossattn` and,
     for SDXL, `pooled_output` and optional size fields (or a list matching `latents`). `options` are the
-    TrainConfig additions (remat_policy, bypass, prediction) and run_training's (checkpoint_dir,
+    TrainConfig additions (remat_policy, bypass, prediction, mesh) and run_training's (checkpoint_dir,
     checkpoint_every, resume, progress). Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and
     steps (including the existing adapter's).
     """

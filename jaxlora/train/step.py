@@ -2,6 +2,9 @@
 noise it, denoise it, take the x0-space loss and its gradient with respect to the adapter tree only; then
 apply the optimizer. Read this file top to bottom to know what training does.
 
+On a device mesh (`jaxlora.parallel`) the same function runs sharded: each micro-step's batch is split over the
+devices, the frozen base arrives split by its rule table, and XLA inserts the gathers and gradient reductions.
+
 Randomness is stateless, so a resumed run repeats an uninterrupted one exactly: micro-step i draws its noise and
 sigmas from a key made of the 64-bit value seed + 1000 i (ComfyUI's structure), and its batch indices from a
 key folded from (seed, i). Batches are drawn without replacement within a micro-step, independently across them.
@@ -19,6 +22,7 @@ import optax
 from flax import nnx
 
 from jaxlora.models.sampling import ModelSampling
+from jaxlora.parallel.mesh import MeshLayout
 
 PERMUTATION_STREAM = 0x5EED
 
@@ -47,6 +51,14 @@ class StepSettings:
     loss: Callable[[jax.Array, jax.Array], jax.Array]
     optimizer: optax.GradientTransformation
     sampling: ModelSampling
+    batch_sharding: jax.sharding.Sharding | None = None  # on a mesh: the batch dimension split over its devices
+
+
+def _split_batch(array: jax.Array | None, settings: StepSettings) -> jax.Array | None:
+    """Lay the batch dimension out over the mesh (nothing on one device): each device computes its samples."""
+    if array is None or settings.batch_sharding is None:
+        return array
+    return jax.lax.with_sharding_constraint(array, settings.batch_sharding)
 
 
 def _rows(array: jax.Array | None, index: jax.Array) -> jax.Array | None:
@@ -64,11 +76,13 @@ def micro_step_loss(graph, adapters, base, data, key_data, perm_key, micro_step,
     count = data["latents"].shape[0]
     batch = min(settings.batch_size, count)
     index = jax.random.permutation(jax.random.fold_in(perm_key, micro_step), count)[:batch]
-    x0 = data["latents"][index].astype(jnp.float32)
+    x0 = _split_batch(data["latents"][index].astype(jnp.float32), settings)
     noise_key, sigma_key = jax.random.split(jax.random.wrap_key_data(key_data, impl="threefry2x32"))
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32).astype(settings.compute_dtype).astype(jnp.float32)
+    noise = _split_batch(noise, settings)
     # u in (0, 1): ComfyUI's u = 0 (odds 2^-24 per sample) would give sigma = 1e9 and wreck that step.
     percent = jax.random.uniform(sigma_key, (batch,), minval=jnp.finfo(jnp.float32).tiny)
+    percent = _split_batch(percent, settings)
     sigma = sampling.percent_to_sigma(percent)
     noisy = sampling.noise_scaling(sigma, noise, x0)
 
@@ -77,8 +91,8 @@ def micro_step_loss(graph, adapters, base, data, key_data, perm_key, micro_step,
     output = network(
         sampling.calculate_input(sigma, noisy).astype(dtype),
         sampling.timestep(sigma),
-        _rows(data["context"], index),
-        _rows(data.get("y"), index),
+        _split_batch(_rows(data["context"], index), settings),
+        _split_batch(_rows(data.get("y"), index), settings),
     )
     denoised = sampling.calculate_denoised(sigma, output.astype(jnp.float32), noisy)
     return settings.loss(denoised, x0)
@@ -104,11 +118,20 @@ def train_step(graph, adapters, opt_state, base, data, key_data, perm_key, first
     return optax.apply_updates(adapters, updates), opt_state, losses
 
 
-def compile_step(graph, settings: StepSettings):
+def compile_step(graph, settings: StepSettings, layout: MeshLayout | None = None):
     """The jitted step: the adapters and optimizer state are donated (updated in place), the frozen base is a
-    plain argument (never a closure constant, never copied)."""
+    plain argument (never a closure constant, never copied). With a mesh `layout`, the inputs and outputs keep
+    their shardings from step to step: base split over fsdp, everything else replicated."""
 
     def step(adapters, opt_state, base, data, key_data, perm_key, first_micro_step):
         return train_step(graph, adapters, opt_state, base, data, key_data, perm_key, first_micro_step, settings)
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if layout is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    same = layout.replicated
+    return jax.jit(
+        step,
+        in_shardings=(same, same, layout.base, same, same, same, same),
+        out_shardings=(same, same, same),
+        donate_argnums=(0, 1),
+    )
