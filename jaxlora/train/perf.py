@@ -4,6 +4,7 @@ the cores we get, so its peak is measured with a large fp32 matmul, the best cas
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -64,12 +65,16 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5, device: jax.Device |
 
 def device_peak(device: jax.Device | None = None, measure_size: int = 1024) -> tuple[float | None, str]:
     """(peak FLOP/s, where it comes from): the published bf16 peak on a known accelerator, a measured fp32
-    matmul on a CPU (`measure_size` 1024 costs about 2 GFLOP, a fraction of a second), else (None, reason)."""
-    device = device or jax.devices()[0]
+    matmul on a CPU (`measure_size` 1024 costs about 2 GFLOP, a fraction of a second; measured once per process
+    and device), else (None, reason)."""
+    return _device_peak(device or jax.devices()[0], measure_size)
+
+
+@functools.cache
+def _device_peak(device: jax.Device, measure_size: int) -> tuple[float | None, str]:
     peak = published_peak(device)
     if peak is not None:
         return peak, f"{device.device_kind} published bf16 peak"
     if device.platform == "cpu":
         return measure_matmul_peak(measure_size, device=device), f"measured fp32 {measure_size}^3 matmul"
     return None, f"no published peak for {device.device_kind!r}"
-
