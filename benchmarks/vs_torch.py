@@ -206,22 +206,32 @@ def randomize_adapters(network, seed: int) -> None:
 
 
 @dataclass
-class Sides:
-    """Both steps, ready to call: `jax_step(i)` and `torch_step(i)` run optimizer step i."""
+class JaxSide:
+    """The trainer's compiled step over an adapted network; `step(i)` runs optimizer step i, returns its loss."""
 
-    jax_step: callable
-    torch_step: callable
+    network: nnx.Module
+    compiled: jax.stages.Compiled
+    settings: StepSettings
+    data: dict
+    seed: int
     compile_seconds: float
-    flops: float | None
-    torch_flops: int
-    adapted: dict
+    state: dict
+
+    def step(self, i: int) -> jax.Array:
+        self.state["adapters"], self.state["opt"], losses = self.compiled(
+            self.state["adapters"],
+            self.state["opt"],
+            self.state["base"],
+            self.data,
+            noise_key_data(self.seed, i, 1),
+            permutation_key(self.seed),
+            i,
+        )
+        return jax.block_until_ready(losses)[0]
 
 
-def build(args, dtype_name: str, remat: bool, checkpoint: Path, config_dir: Path, unet_config: UNetConfig) -> Sides:
-    total_steps = 2 + args.warmup + args.steps
-    dtype = resolve_dtype(dtype_name)
-    torch_dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
-    config = TrainConfig(
+def train_config(args, dtype_name: str, remat: bool) -> TrainConfig:
+    return TrainConfig(
         batch_size=args.batch,
         rank=args.rank,
         learning_rate=1e-4,
@@ -229,70 +239,82 @@ def build(args, dtype_name: str, remat: bool, checkpoint: Path, config_dir: Path
         lora_dtype="fp32",
         gradient_checkpointing=remat,
     )
+
+
+def jax_side(args, config: TrainConfig, checkpoint: Path, unet_config: UNetConfig) -> JaxSide:
+    """Set up and compile exactly as `run_training` does, from non-zero adapters."""
+    dtype = resolve_dtype(config.training_dtype)
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((args.batch, 4, args.latent, args.latent)).astype(np.float32) / 0.18215
     context = rng.standard_normal((1, TOKENS, unet_config.context_dim)).astype(np.float32)
-
-    model = load_model(checkpoint, dtype=dtype_name)
+    model = load_model(checkpoint, dtype=config.training_dtype)
     network, _ = adapted_network(model, config, dtype)
     randomize_adapters(network, seed=1)
-    torch_unet = UNet2DConditionModel.from_single_file(
-        str(checkpoint), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32
-    )
-    trainable, frozen = patch_torch_unet(torch_unet, network, unet_config)
-    torch_unet.to(torch_dtype)
-    for p in trainable:  # fp32 masters, as jaxlora keeps them
-        p.data = p.data.float()
-    if remat:
-        torch_unet.enable_gradient_checkpointing()
-    torch_unet.train()
-    torch_optimizer = torch.optim.AdamW(
-        trainable, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01
-    )
-
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     optimizer = make_optimizer(config.optimizer, config.learning_rate)
     settings = StepSettings(config.batch_size, 1, dtype, loss_function("MSE"), optimizer, model.sampling)
     data = device_arrays(make_bucket(latents, {"c_crossattn": context}), model, dtype)
-    state = {"adapters": adapters, "opt": optimizer.init(adapters)}
-    perm_key = permutation_key(config.seed)
+    state = {"adapters": adapters, "opt": optimizer.init(adapters), "base": base}
     begin = time.perf_counter()
-    compiled = (
-        compile_step(graph, settings)
-        .lower(adapters, state["opt"], base, data, noise_key_data(config.seed, 0, 1), perm_key, 0)
-        .compile()
+    inputs = (adapters, state["opt"], base, data, noise_key_data(config.seed, 0, 1), permutation_key(config.seed), 0)
+    compiled = compile_step(graph, settings).lower(*inputs).compile()
+    return JaxSide(network, compiled, settings, data, config.seed, time.perf_counter() - begin, state)
+
+
+@dataclass
+class TorchSide:
+    """diffusers' UNet with the jaxlora network's adapter values patched in; `step(i)` runs optimizer step i."""
+
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    dtype: torch.dtype
+    inputs: list[dict]
+    frozen: int
+
+    def step(self, i: int) -> torch.Tensor:
+        return torch_step(self.unet, self.optimizer, self.dtype, self.inputs[i])
+
+    def flops(self) -> int:
+        """torch's own count (FlopCounterMode) of one forward and backward."""
+        probe = self.inputs[0]
+        with FlopCounterMode(display=False) as counter:
+            sigma = probe["sigma"]
+            xc = ((probe["x0"] + sigma * probe["noise"]) / torch.sqrt(sigma**2 + 1)).to(self.dtype)
+            out = self.unet(xc, probe["timestep"], encoder_hidden_states=probe["context"]).sample
+            out.float().square().mean().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def torch_side(jax_run: JaxSide, config: TrainConfig, steps: int, checkpoint: Path, config_dir: Path) -> TorchSide:
+    dtype = torch.float32 if config.training_dtype == "fp32" else torch.bfloat16
+    unet = UNet2DConditionModel.from_single_file(
+        str(checkpoint), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32
     )
-    compile_seconds = time.perf_counter() - begin
+    trainable, frozen = patch_torch_unet(unet, jax_run.network, jax_run.network.config)
+    unet.to(dtype)
+    for p in trainable:  # fp32 masters, as jaxlora keeps them
+        p.data = p.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    # drawn before timing: the torch step gets its inputs ready-made
+    inputs = [torch_inputs(draw(jax_run.data, jax_run.settings, config.seed, i), dtype) for i in range(steps)]
+    return TorchSide(unet, optimizer, dtype, inputs, frozen)
 
-    def jax_step(i: int):
-        state["adapters"], state["opt"], losses = compiled(
-            state["adapters"], state["opt"], base, data, noise_key_data(config.seed, i, 1), perm_key, i
-        )
-        return jax.block_until_ready(losses)[0]
 
-    # drawn before timing: the torch step gets its inputs ready-made (as the noise draw is not what we time)
-    inputs = [torch_inputs(draw(data, settings, config.seed, i), torch_dtype) for i in range(total_steps)]
-
-    def run_torch(i: int):
-        return torch_step(torch_unet, torch_optimizer, torch_dtype, inputs[i])
-
-    probe = torch_inputs(draw(data, settings, config.seed, 0), torch_dtype)
-    with FlopCounterMode(display=False) as counter:
-        sigma = probe["sigma"]
-        xc = ((probe["x0"] + sigma * probe["noise"]) / torch.sqrt(sigma**2 + 1)).to(torch_dtype)
-        out = torch_unet(xc, probe["timestep"], encoder_hidden_states=probe["context"]).sample
-        out.float().square().mean().backward()
-    torch_optimizer.zero_grad(set_to_none=True)
-    lora = sum(isinstance(a.weight, LoRA) for _, _, a in adapted_layers(network))
-    adapted = {
-        "jaxlora LoRA": lora,
-        "jaxlora diff": sum(isinstance(a.weight, Diff) for _, _, a in adapted_layers(network)),
-        "jaxlora diff_b": sum(a.bias is not None for _, _, a in adapted_layers(network)),
-        "torch LoRA": sum(isinstance(m, LoRAPatch) for m in torch_unet.modules()),
-        "torch diff + diff_b": sum(isinstance(m, DiffPatch) for m in torch_unet.modules()),
-        "torch frozen tensors": frozen,
+def adapted_counts(jax_run: JaxSide, torch_run: TorchSide) -> dict:
+    """Adapted tensors per kind on both sides (the check that both train the same set)."""
+    adapters = [a for _, _, a in adapted_layers(jax_run.network)]
+    return {
+        "jaxlora LoRA": sum(isinstance(a.weight, LoRA) for a in adapters),
+        "jaxlora diff + diff_b": sum(isinstance(a.weight, Diff) for a in adapters)
+        + sum(a.bias is not None for a in adapters),
+        "torch LoRA": sum(isinstance(m, LoRAPatch) for m in torch_run.unet.modules()),
+        "torch diff + diff_b": sum(isinstance(m, DiffPatch) for m in torch_run.unet.modules()),
+        "torch frozen tensors": torch_run.frozen,
     }
-    return Sides(jax_step, run_torch, compile_seconds, step_flops(compiled), counter.get_total_flops(), adapted)
 
 
 def timed(fn, *args) -> tuple[object, float]:
@@ -301,13 +323,22 @@ def timed(fn, *args) -> tuple[object, float]:
     return result, time.perf_counter() - begin
 
 
-def run_case(args, dtype_name: str, remat: bool, checkpoint: Path, config_dir: Path, unet_config) -> dict:
+def run_case(args, dtype_name: str, remat: bool, checkpoint: Path, config_dir: Path, unet_config: UNetConfig) -> dict:
     """Build both sides, check their first two losses agree, then time them alternately; the matmul peak is
     measured right after, so it sees the same machine load."""
-    sides = build(args, dtype_name, remat, checkpoint, config_dir, unet_config)
+    config = train_config(args, dtype_name, remat)
+    jax_run = jax_side(args, config, checkpoint, unet_config)
+    torch_run = torch_side(jax_run, config, 2 + args.warmup + args.steps, checkpoint, config_dir)
+    counts = adapted_counts(jax_run, torch_run)
+    if (
+        counts["jaxlora LoRA"] != counts["torch LoRA"]
+        or counts["jaxlora diff + diff_b"] != counts["torch diff + diff_b"]
+    ):
+        raise AssertionError(f"the two sides adapt different layers: {counts}")
+    torch_flops = torch_run.flops()
     losses = {"jax": [], "torch": []}
     seconds = {"jax": [], "torch": []}
-    steps = {"jax": sides.jax_step, "torch": sides.torch_step}
+    steps = {"jax": jax_run.step, "torch": torch_run.step}
     for i in range(2 + args.warmup + args.steps):
         order = ("jax", "torch") if i % 2 == 0 else ("torch", "jax")
         for side in order:
@@ -320,13 +351,13 @@ def run_case(args, dtype_name: str, remat: bool, checkpoint: Path, config_dir: P
         "dtype": dtype_name,
         "remat": remat,
         "losses": losses,
-        "compile_s": sides.compile_seconds,
+        "compile_s": jax_run.compile_seconds,
         "first_step_s": {side: seconds[side][0] for side in seconds},
         "step_s": {side: statistics.median(seconds[side][timed_from:]) for side in seconds},
         "all_step_s": seconds,
-        "flops": sides.flops,
-        "torch_flops": sides.torch_flops,
-        "adapted": sides.adapted,
+        "flops": step_flops(jax_run.compiled),
+        "torch_flops": torch_flops,
+        "adapted": counts,
         "peak": measure_matmul_peak(args.peak_size, repeats=5),
     }
 

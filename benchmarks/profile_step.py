@@ -1,0 +1,118 @@
+"""Where jaxlora's training step spends its time: a jax.profiler trace of the compiled step of
+`benchmarks/vs_torch.py` (same model, same settings), with every XLA thunk's time summed by HLO instruction
+and grouped by the kind of work (convolution, dot, fused elementwise, copy/transpose, ...).
+
+Run from the repository root as `python benchmarks/profile_step.py [--dtype fp32] [--remat off]`; prints
+markdown: the time per kind and the top instructions with their share of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import jax
+from jax.profiler import ProfileData
+from vs_torch import TOKENS, diffusers_config, jax_side, sd15_shaped, train_config
+
+from jaxlora.models.demo import write_random_checkpoint
+from jaxlora.train.perf import step_flops
+
+# an HLO instruction line: "%name = type[shape]{layout} opcode(...), ..., calls=%comp" (the root has "ROOT ")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)\s+([\w\-]+)\(")
+
+
+def instruction_kinds(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> its kind: the opcode, or for a fusion the heaviest opcode it calls."""
+    computations, current, kinds = {}, None, {}
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and "{" in line:
+            current = line.split()[0 if not line.startswith("ENTRY") else 1].lstrip("%")
+            computations[current] = []
+        match = INSTRUCTION.match(line)
+        if match and current is not None:
+            name, _, opcode = match.groups()
+            computations[current].append(opcode)
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            kinds[name] = (opcode, called.group(1) if called else None)
+    order = ("convolution", "dot", "reduce-window", "scatter", "gather", "reduce", "transpose", "copy")
+
+    def kind(name: str) -> str:
+        opcode, called = kinds[name]
+        if opcode != "fusion" or called not in computations:
+            return opcode
+        inner = computations[called]
+        heaviest = next((op for op in order if op in inner), "elementwise")
+        return f"fusion({heaviest})"
+
+    return {name: kind(name) for name in kinds}
+
+
+def thunk_times(trace_dir: str) -> collections.Counter:
+    """Seconds per event name on the XLA:CPU executor threads, summed over the trace."""
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    times = collections.Counter()
+    for plane in ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for event in line.events:
+                if not event.name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor")):
+                    times[event.name] += event.duration_ns / 1e9
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--remat", default="off", choices=["off", "on"])
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--hlo", type=Path, help="also write the optimized HLO here")
+    args = parser.parse_args()
+    unet_config = sd15_shaped(args.width)
+    config = train_config(args, args.dtype, args.remat == "on")
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = write_random_checkpoint(unet_config, Path(folder) / "model.safetensors")
+        (Path(folder) / "config.json").write_text(json.dumps(diffusers_config(unet_config)))
+        run = jax_side(args, config, checkpoint, unet_config)
+        for i in range(2):
+            run.step(i)
+        trace = str(Path(folder) / "trace")
+        jax.profiler.start_trace(trace)
+        for i in range(2, 2 + args.steps):
+            run.step(i)
+        jax.profiler.stop_trace()
+        times = thunk_times(trace)
+    hlo = run.compiled.as_text()
+    if args.hlo:
+        args.hlo.write_text(hlo)
+    kinds = instruction_kinds(hlo)
+    total = sum(times.values())
+    by_kind = collections.Counter()
+    for name, seconds in times.items():
+        by_kind[kinds.get(name, "other")] += seconds
+    print(
+        f"jaxlora step, SD1.5 structure at width {args.width}, batch {args.batch}, {args.latent}x{args.latent} latents, "
+        f"{TOKENS} tokens, rank {args.rank}, {args.dtype}, remat {args.remat}: {step_flops(run.compiled) / 1e9:.2f} "
+        f"GFLOP/step; {total / args.steps:.3f} s/step of thunk time (summed over threads), {args.steps} steps\n"
+    )
+    print("| kind | s/step | share |\n|---|---|---|")
+    for kind, seconds in by_kind.most_common():
+        print(f"| {kind} | {seconds / args.steps:.4f} | {seconds / total:.1%} |")
+    print(f"\n| top instructions | kind | s/step | share |\n|---|---|---|---|")
+    for name, seconds in times.most_common(args.top):
+        print(f"| {name} | {kinds.get(name, 'other')} | {seconds / args.steps:.4f} | {seconds / total:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
