@@ -102,14 +102,15 @@ def main() -> None:
     for name, seconds in times.items():
         by_kind[kinds.get(name, "other")] += seconds
     print(
-        f"jaxlora step, SD1.5 structure at width {args.width}, batch {args.batch}, {args.latent}x{args.latent} latents, "
+        f"jaxlora step, SD1.5 structure at width {args.width}, batch {args.batch}, {args.latent}x{args.latent} "
+        f"latents, "
         f"{TOKENS} tokens, rank {args.rank}, {args.dtype}, remat {args.remat}: {step_flops(run.compiled) / 1e9:.2f} "
         f"GFLOP/step; {total / args.steps:.3f} s/step of thunk time (summed over threads), {args.steps} steps\n"
     )
     print("| kind | s/step | share |\n|---|---|---|")
     for kind, seconds in by_kind.most_common():
         print(f"| {kind} | {seconds / args.steps:.4f} | {seconds / total:.1%} |")
-    print(f"\n| top instructions | kind | s/step | share |\n|---|---|---|---|")
+    print("\n| top instructions | kind | s/step | share |\n|---|---|---|---|")
     for name, seconds in times.most_common(args.top):
         print(f"| {name} | {kinds.get(name, 'other')} | {seconds / args.steps:.4f} | {seconds / total:.1%} |")
 
