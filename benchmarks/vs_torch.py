@@ -174,7 +174,7 @@ def torch_inputs(d: Draw, dtype: torch.dtype) -> dict:
         "noise": nchw(d.noise),
         "sigma": torch.tensor(d.sigma).reshape(-1, 1, 1, 1),
         "timestep": torch.tensor(d.timestep),
-        "context": torch.tensor(d.context).to(dtype),
+        "context": torch.tensor(d.context.astype(np.float32)).to(dtype),
     }
 
 
@@ -429,6 +429,7 @@ def main() -> None:
         for dtype_name in args.dtypes:
             for remat in args.remat:
                 results.append(run_case(args, dtype_name, remat == "on", checkpoint, config_dir, unet_config))
+                print(markdown(results[-1:], args), flush=True)  # each case as it ends, the table at the end
     print(
         f"SD1.5-structured UNet at width {args.width} (SD1.5: 320), random weights, batch {args.batch}, "
         f"{args.latent}x{args.latent} latents ({8 * args.latent} px), {TOKENS} tokens, LoRA rank {args.rank} on every "
