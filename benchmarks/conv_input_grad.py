@@ -62,11 +62,12 @@ def main() -> None:
     np.testing.assert_allclose(*losses.values(), rtol=1e-4)  # the same training, step by step
     peak = measure_matmul_peak(2048)
     print(
-        f"jax {jax.__version__}; SD1.5 structure at width {args.width}, batch {args.batch}, {args.latent}x{args.latent} "
-        f"latents, rank {args.rank}, {args.dtype}, remat {args.remat}; median of {args.steps} alternated steps; "
+        f"jax {jax.__version__}; SD1.5 structure at width {args.width}, batch {args.batch}, "
+        f"{args.latent}x{args.latent} latents, rank {args.rank}, {args.dtype}, remat {args.remat}; median of {args.steps} alternated steps; "
         f"matmul peak {peak / 1e9:.1f} GFLOP/s\n"
     )
-    print("| input gradient | s/step | GFLOP/step (XLA) | GFLOP/s | of matmul peak | compile s |\n|---|---|---|---|---|---|")
+    print("| input gradient | s/step | GFLOP/step (XLA) | GFLOP/s | of matmul peak | compile s |")
+    print("|---|---|---|---|---|---|")
     for name, run in runs.items():
         median = statistics.median(seconds[name][2:])
         flops = step_flops(run.compiled)
