@@ -63,7 +63,8 @@ def main() -> None:
     peak = measure_matmul_peak(2048)
     print(
         f"jax {jax.__version__}; SD1.5 structure at width {args.width}, batch {args.batch}, "
-        f"{args.latent}x{args.latent} latents, rank {args.rank}, {args.dtype}, remat {args.remat}; median of {args.steps} alternated steps; "
+        f"{args.latent}x{args.latent} latents, rank {args.rank}, {args.dtype}, remat {args.remat}; "
+        f"median of {args.steps} alternated steps; "
         f"matmul peak {peak / 1e9:.1f} GFLOP/s\n"
     )
     print("| input gradient | s/step | GFLOP/step (XLA) | GFLOP/s | of matmul peak | compile s |")
