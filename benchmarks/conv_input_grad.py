@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from vs_torch import jax_side, sd15_shaped, train_config
+from vs_torch import jax_side, one_case_arguments, sd15_shaped, train_config
 
 from jaxlora.models import layers
 from jaxlora.models.demo import write_random_checkpoint
@@ -37,12 +37,7 @@ def autodiff_conv_gradient():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--latent", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--remat", default="off", choices=["off", "on"])
+    one_case_arguments(parser)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     unet_config = sd15_shaped(args.width)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 from jax.profiler import ProfileData
-from vs_torch import TOKENS, diffusers_config, jax_side, sd15_shaped, train_config
+from vs_torch import TOKENS, diffusers_config, jax_side, one_case_arguments, sd15_shaped, train_config
 
 from jaxlora.models.demo import write_random_checkpoint
 from jaxlora.train.perf import step_flops
@@ -72,12 +72,7 @@ def thunk_times(trace_dir: str) -> collections.Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--latent", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--remat", default="off", choices=["off", "on"])
+    one_case_arguments(parser)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--hlo", type=Path, help="also write the optimized HLO here")

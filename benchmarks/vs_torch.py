@@ -401,6 +401,16 @@ def markdown(results: list[dict], args) -> str:
     return "\n".join(lines) + f"\n\nAdapted tensors: {counts}."
 
 
+def one_case_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and settings of one case (the jax-only benchmarks time one case of this script)."""
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--remat", default="off", choices=["off", "on"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=64, help="model_channels (SD1.5: 320)")
