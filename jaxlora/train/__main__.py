@@ -96,8 +96,14 @@ def summary(result, stats, paths: dict[str, Path]) -> str:
         ("steps", f"{result.steps} ({stats.steps_run} run now)"),
         ("compile", f"{stats.compile_seconds:.1f} s"),
         ("per step", f"{stats.seconds_per_step:.3f} s"),
+        ("steps/s", f"{1 / stats.seconds_per_step:.2f}"),
         ("samples/s", f"{stats.samples_per_second:.2f}"),
     ]
+    mfu = stats.mfu(stats.train_seconds)
+    if mfu is not None:
+        achieved = stats.flops / stats.train_seconds
+        peak = f"{stats.peak_flops / 1e12:.3g} TFLOP/s, {stats.peak_source}"
+        rows.append(("MFU", f"{mfu:.1%} ({achieved / 1e12:.3g} of {peak})"))
     if stats.peak_memory_bytes:
         rows.append(("peak memory", f"{stats.peak_memory_bytes / 2**30:.2f} GiB"))
     rows += [(name, str(path)) for name, path in paths.items()]

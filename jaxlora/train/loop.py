@@ -30,6 +30,7 @@ from jaxlora.train.checkpoints import Checkpoints, ResumeError
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
 from jaxlora.train.optim import loss_function, make_optimizer
+from jaxlora.train.perf import device_peak, step_flops
 from jaxlora.train.report import parse_steps_from_name
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
 
@@ -46,6 +47,9 @@ class RunStats:
     samples: int = 0
     peak_memory_bytes: int | None = None
     interrupted: bool = False
+    flops: float = 0.0  # XLA's count, summed over the steps run (0 when the backend reports none)
+    peak_flops: float | None = None  # the device's peak FLOP/s (see `perf.device_peak`)
+    peak_source: str = ""
 
     @property
     def seconds_per_step(self) -> float:
@@ -54,6 +58,12 @@ class RunStats:
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.train_seconds if self.train_seconds else 0.0
+
+    def mfu(self, seconds: float) -> float | None:
+        """Model FLOP utilisation over `seconds` of training: achieved FLOP/s over the device's peak."""
+        if not (self.flops and self.peak_flops and seconds > 0):
+            return None
+        return self.flops / seconds / self.peak_flops
 
 
 @dataclass
@@ -156,11 +166,17 @@ def stop_requests():
             pass
 
 
-def progress_line(done: int, total: int, loss: float, rate: float, width: int = 24) -> str:
+def progress_line(
+    done: int, total: int, loss: float, rate: float, samples_rate: float, mfu: float | None, width: int = 24
+) -> str:
     filled = round(width * done / total)
     eta = (total - done) / rate if rate > 0 else 0.0
     bar = "#" * filled + "." * (width - filled)
-    return f"step {done}/{total} [{bar}] loss {loss:.4f}  {rate:.2f} steps/s  eta {eta:.0f} s"
+    utilisation = "" if mfu is None else f"  MFU {mfu:.1%}"
+    return (
+        f"step {done}/{total} [{bar}] loss {loss:.4f}  {rate:.2f} steps/s  {samples_rate:.2f} samples/s"
+        f"{utilisation}  eta {eta:.0f} s"
+    )
 
 
 def peak_memory() -> int | None:
@@ -238,6 +254,8 @@ def run_training(
         compiled.append(lowered.compile())
         stats.compile_seconds += time.perf_counter() - begin
     progress(f"compiled {len(compiled)} step shape(s) in {stats.compile_seconds:.1f} s")
+    flops = [step_flops(c) or 0.0 for c in compiled]
+    stats.peak_flops, stats.peak_source = device_peak()
 
     sizes = [bucket.size for bucket in dataset.buckets]
     pending: list[tuple[int, jax.Array]] = []
@@ -270,6 +288,7 @@ def run_training(
             pending.append((step, losses))
             stats.steps_run += 1
             stats.samples += micro * min(config.batch_size, sizes[bucket])
+            stats.flops += flops[bucket]
             done = step + 1
             if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
                 collect()
@@ -277,8 +296,9 @@ def run_training(
             if time.perf_counter() - last_log >= log_every_seconds or done == config.steps or stop:
                 collect()
                 last_log = time.perf_counter()
-                rate = stats.steps_run / (last_log - began)
-                progress(progress_line(done, config.steps, history[-1], rate))
+                elapsed = last_log - began
+                rate, samples_rate = stats.steps_run / elapsed, stats.samples / elapsed
+                progress(progress_line(done, config.steps, history[-1], rate, samples_rate, stats.mfu(elapsed)))
             if stop:
                 stats.interrupted = True
                 break

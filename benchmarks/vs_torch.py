@@ -1,0 +1,455 @@
+"""One LoRA training step, PyTorch against jaxlora: same model, weights, adapters, batch and machine, one run.
+
+Run from the repository root as `python benchmarks/vs_torch.py`; prints markdown for BENCHMARKS.md.
+
+The model has SD1.5's block structure (4 levels, 2 ResBlocks each, 8 heads, 1x1-conv projections, 768-d
+context) at a reduced width (`--width`, SD1.5's is 320), random weights. Both sides train the same trainables,
+ComfyUI's set: a LoRA on every conv and linear weight, a full diff on every norm scale and on every bias.
+
+- PyTorch: diffusers' `UNet2DConditionModel` converted from the same checkpoint file by diffusers itself; each
+  trainable enters as ComfyUI's trainer does it, weight patching in the forward (W' = W + scale up @ down,
+  through `torch.nn.utils.parametrize`), and `torch.optim.AdamW` steps them.
+- jaxlora: the trainer's own step (`adapted_network`, `compile_step`, donated adapters and optimizer state), as
+  `run_training` builds it with the node's defaults (LoRA in bypass form).
+
+Before timing, both sides start from the same non-zero adapter values and take the same two steps on the same
+x0, noise and sigma: their losses must agree (fp32). The timed steps then alternate between the two sides
+(order flipped every repeat); warm-up steps and compilation are excluded and reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+from flax import nnx
+from torch.nn.utils import parametrize
+from torch.utils.flop_counter import FlopCounterMode
+
+from jaxlora import load_model
+from jaxlora.adapters.attach import adapted_layers
+from jaxlora.adapters.base import AdapterParam, Diff
+from jaxlora.adapters.lora import LoRA
+from jaxlora.models.checkpoint import resolve_dtype
+from jaxlora.models.demo import write_random_checkpoint
+from jaxlora.models.diffusers_names import unet_to_diffusers
+from jaxlora.models.unet import SD15, UNetConfig
+from jaxlora.train.config import TrainConfig
+from jaxlora.train.data import device_arrays, make_bucket
+from jaxlora.train.loop import adapted_network
+from jaxlora.train.optim import loss_function, make_optimizer
+from jaxlora.train.perf import measure_matmul_peak, step_flops
+from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
+
+TOKENS = 77
+CHECK_RTOL = 1e-4  # fp32 losses of the two sides, relative
+
+
+def sd15_shaped(width: int) -> UNetConfig:
+    return replace(SD15, model_channels=width)
+
+
+def diffusers_config(config: UNetConfig) -> dict:
+    """diffusers' config of an SD1.x-structured UNet (every level but the last has attention)."""
+    levels = len(config.channel_mult)
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "act_fn": "silu",
+        "attention_head_dim": config.num_heads,  # diffusers' name for SD1.x's head count
+        "block_out_channels": [config.model_channels * m for m in config.channel_mult],
+        "center_input_sample": False,
+        "cross_attention_dim": config.context_dim,
+        "down_block_types": ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1),
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "layers_per_block": config.num_res_blocks[0],
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "sample_size": 64,
+    }
+
+
+# ---- the PyTorch side: ComfyUI-style weight patching --------------------------------------------------------
+
+
+class LoRAPatch(torch.nn.Module):
+    """W' = W + scale * (up @ down) reshaped to W, formed in the forward as ComfyUI's weight wrappers do."""
+
+    def __init__(self, up: np.ndarray, down: np.ndarray, scale: float):
+        super().__init__()
+        self.up = torch.nn.Parameter(torch.from_numpy(np.array(up)))
+        self.down = torch.nn.Parameter(torch.from_numpy(np.array(down)))
+        self.scale = scale
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.scale * (self.up @ self.down)).reshape(weight.shape).to(weight.dtype)
+
+
+class DiffPatch(torch.nn.Module):
+    """W' = W + diff: the trainer's `diff` (norm scales) and `diff_b` (biases)."""
+
+    def __init__(self, diff: np.ndarray):
+        super().__init__()
+        self.diff = torch.nn.Parameter(torch.from_numpy(np.array(diff)))
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor + self.diff.to(tensor.dtype)
+
+
+def patch_torch_unet(unet: torch.nn.Module, network, config: UNetConfig) -> tuple[list[torch.nn.Parameter], int]:
+    """Give every diffusers layer the adapter values of the jaxlora layer it corresponds to; returns the
+    trainables. Every parameter of the diffusers UNet must be patched exactly once."""
+    layers = list(adapted_layers(network))
+    names = unet_to_diffusers(config, [path for path, _, _ in layers])
+    modules = dict(unet.named_modules())
+    for path, _, adapter in layers:
+        module = modules[names[path]]
+        weight = adapter.weight
+        patch = (
+            LoRAPatch(weight.up[...], weight.down[...], weight.scale)
+            if isinstance(weight, LoRA)
+            else DiffPatch(weight.diff[...])
+        )
+        parametrize.register_parametrization(module, "weight", patch, unsafe=True)
+        if adapter.bias is not None:
+            parametrize.register_parametrization(module, "bias", DiffPatch(adapter.bias.diff[...]), unsafe=True)
+    trainable, frozen = [], 0
+    for name, parameter in unet.named_parameters():
+        if name.endswith(".original"):
+            parameter.requires_grad_(False)
+            frozen += 1
+        else:
+            trainable.append(parameter)
+    unpatched = [n for n, _ in unet.named_parameters() if ".parametrizations." not in n]
+    if unpatched:
+        raise AssertionError(f"diffusers parameters without a jaxlora counterpart: {unpatched[:5]}")
+    return trainable, frozen
+
+
+@dataclass
+class Draw:
+    """The inputs of one micro-step, drawn as `micro_step_loss` draws them (same keys, same functions)."""
+
+    x0: np.ndarray  # NHWC, the model's latent scale
+    noise: np.ndarray
+    sigma: np.ndarray
+    timestep: np.ndarray
+    context: np.ndarray
+
+
+def draw(data, settings: StepSettings, seed: int, micro_step: int) -> Draw:
+    count = data["latents"].shape[0]
+    batch = min(settings.batch_size, count)
+    index = jax.random.permutation(jax.random.fold_in(permutation_key(seed), micro_step), count)[:batch]
+    x0 = data["latents"][index].astype(jnp.float32)
+    key_data = noise_key_data(seed, micro_step, 1)[0]
+    noise_key, sigma_key = jax.random.split(jax.random.wrap_key_data(key_data, impl="threefry2x32"))
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32).astype(settings.compute_dtype).astype(jnp.float32)
+    percent = jax.random.uniform(sigma_key, (batch,), minval=jnp.finfo(jnp.float32).tiny)
+    sigma = settings.sampling.percent_to_sigma(percent)
+    context = jnp.broadcast_to(data["context"], (batch, *data["context"].shape[1:]))
+    return Draw(*(np.asarray(a) for a in (x0, noise, sigma, settings.sampling.timestep(sigma), context)))
+
+
+def torch_inputs(d: Draw, dtype: torch.dtype) -> dict:
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    return {
+        "x0": nchw(d.x0),
+        "noise": nchw(d.noise),
+        "sigma": torch.tensor(d.sigma).reshape(-1, 1, 1, 1),
+        "timestep": torch.tensor(d.timestep),
+        "context": torch.tensor(d.context.astype(np.float32)).to(dtype),
+    }
+
+
+def torch_step(unet, optimizer, dtype: torch.dtype, inputs: dict) -> float:
+    """ComfyUI's training step for an eps model: x0-space MSE, backward, AdamW step (float32 loss)."""
+    sigma, x0 = inputs["sigma"], inputs["x0"]
+    noisy = x0 + sigma * inputs["noise"]
+    xc = (noisy / torch.sqrt(sigma**2 + 1.0)).to(dtype)
+    out = unet(xc, inputs["timestep"], encoder_hidden_states=inputs["context"]).sample.float()
+    loss = torch.nn.functional.mse_loss(noisy - sigma * out, x0)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+# ---- the jaxlora side ---------------------------------------------------------------------------------------
+
+
+def randomize_adapters(network, seed: int) -> None:
+    """Non-zero adapter values (a fresh LoRA's down is zero, which would hide a wrong down path)."""
+    rng = np.random.default_rng(seed)
+    for _, _, adapter in adapted_layers(network):
+        for module in (adapter.weight, adapter.bias):
+            if isinstance(module, LoRA):
+                module.down[...] = jnp.asarray(0.05 * rng.standard_normal(module.down.shape), jnp.float32)
+            elif isinstance(module, Diff):
+                module.diff[...] = jnp.asarray(0.02 * rng.standard_normal(module.diff.shape), jnp.float32)
+
+
+@dataclass
+class JaxSide:
+    """The trainer's compiled step over an adapted network; `step(i)` runs optimizer step i, returns its loss."""
+
+    network: nnx.Module
+    compiled: jax.stages.Compiled
+    settings: StepSettings
+    data: dict
+    seed: int
+    compile_seconds: float
+    state: dict
+
+    def step(self, i: int) -> jax.Array:
+        self.state["adapters"], self.state["opt"], losses = self.compiled(
+            self.state["adapters"],
+            self.state["opt"],
+            self.state["base"],
+            self.data,
+            noise_key_data(self.seed, i, 1),
+            permutation_key(self.seed),
+            i,
+        )
+        return jax.block_until_ready(losses)[0]
+
+
+def train_config(args, dtype_name: str, remat: bool) -> TrainConfig:
+    return TrainConfig(
+        batch_size=args.batch,
+        rank=args.rank,
+        learning_rate=1e-4,
+        training_dtype=dtype_name,
+        lora_dtype="fp32",
+        gradient_checkpointing=remat,
+    )
+
+
+def jax_side(args, config: TrainConfig, checkpoint: Path, unet_config: UNetConfig) -> JaxSide:
+    """Set up and compile exactly as `run_training` does, from non-zero adapters."""
+    dtype = resolve_dtype(config.training_dtype)
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((args.batch, 4, args.latent, args.latent)).astype(np.float32) / 0.18215
+    context = rng.standard_normal((1, TOKENS, unet_config.context_dim)).astype(np.float32)
+    model = load_model(checkpoint, dtype=config.training_dtype)
+    network, _ = adapted_network(model, config, dtype)
+    randomize_adapters(network, seed=1)
+    graph, adapters, base = nnx.split(network, AdapterParam, ...)
+    optimizer = make_optimizer(config.optimizer, config.learning_rate)
+    settings = StepSettings(config.batch_size, 1, dtype, loss_function("MSE"), optimizer, model.sampling)
+    data = device_arrays(make_bucket(latents, {"c_crossattn": context}), model, dtype)
+    state = {"adapters": adapters, "opt": optimizer.init(adapters), "base": base}
+    begin = time.perf_counter()
+    inputs = (adapters, state["opt"], base, data, noise_key_data(config.seed, 0, 1), permutation_key(config.seed), 0)
+    compiled = compile_step(graph, settings).lower(*inputs).compile()
+    return JaxSide(network, compiled, settings, data, config.seed, time.perf_counter() - begin, state)
+
+
+@dataclass
+class TorchSide:
+    """diffusers' UNet with the jaxlora network's adapter values patched in; `step(i)` runs optimizer step i."""
+
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    dtype: torch.dtype
+    inputs: list[dict]
+    frozen: int
+
+    def step(self, i: int) -> torch.Tensor:
+        return torch_step(self.unet, self.optimizer, self.dtype, self.inputs[i])
+
+    def flops(self) -> int:
+        """torch's own count (FlopCounterMode) of one forward and backward."""
+        probe = self.inputs[0]
+        with FlopCounterMode(display=False) as counter:
+            sigma = probe["sigma"]
+            xc = ((probe["x0"] + sigma * probe["noise"]) / torch.sqrt(sigma**2 + 1)).to(self.dtype)
+            out = self.unet(xc, probe["timestep"], encoder_hidden_states=probe["context"]).sample
+            out.float().square().mean().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def torch_side(jax_run: JaxSide, config: TrainConfig, steps: int, checkpoint: Path, config_dir: Path) -> TorchSide:
+    dtype = torch.float32 if config.training_dtype == "fp32" else torch.bfloat16
+    unet = UNet2DConditionModel.from_single_file(
+        str(checkpoint), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32
+    )
+    trainable, frozen = patch_torch_unet(unet, jax_run.network, jax_run.network.config)
+    unet.to(dtype)
+    for p in trainable:  # fp32 masters, as jaxlora keeps them
+        p.data = p.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    # drawn before timing: the torch step gets its inputs ready-made
+    inputs = [torch_inputs(draw(jax_run.data, jax_run.settings, config.seed, i), dtype) for i in range(steps)]
+    return TorchSide(unet, optimizer, dtype, inputs, frozen)
+
+
+def adapted_counts(jax_run: JaxSide, torch_run: TorchSide) -> dict:
+    """Adapted tensors per kind on both sides (the check that both train the same set)."""
+    adapters = [a for _, _, a in adapted_layers(jax_run.network)]
+    return {
+        "jaxlora LoRA": sum(isinstance(a.weight, LoRA) for a in adapters),
+        "jaxlora diff + diff_b": sum(isinstance(a.weight, Diff) for a in adapters)
+        + sum(a.bias is not None for a in adapters),
+        "torch LoRA": sum(isinstance(m, LoRAPatch) for m in torch_run.unet.modules()),
+        "torch diff + diff_b": sum(isinstance(m, DiffPatch) for m in torch_run.unet.modules()),
+        "torch frozen tensors": torch_run.frozen,
+    }
+
+
+def timed(fn, *args) -> tuple[object, float]:
+    begin = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - begin
+
+
+def run_case(args, dtype_name: str, remat: bool, checkpoint: Path, config_dir: Path, unet_config: UNetConfig) -> dict:
+    """Build both sides, check their first two losses agree, then time them alternately; the matmul peak is
+    measured right after, so it sees the same machine load."""
+    config = train_config(args, dtype_name, remat)
+    jax_run = jax_side(args, config, checkpoint, unet_config)
+    torch_run = torch_side(jax_run, config, 2 + args.warmup + args.steps, checkpoint, config_dir)
+    counts = adapted_counts(jax_run, torch_run)
+    if (
+        counts["jaxlora LoRA"] != counts["torch LoRA"]
+        or counts["jaxlora diff + diff_b"] != counts["torch diff + diff_b"]
+    ):
+        raise AssertionError(f"the two sides adapt different layers: {counts}")
+    torch_flops = torch_run.flops()
+    losses = {"jax": [], "torch": []}
+    seconds = {"jax": [], "torch": []}
+    steps = {"jax": jax_run.step, "torch": torch_run.step}
+    for i in range(2 + args.warmup + args.steps):
+        order = ("jax", "torch") if i % 2 == 0 else ("torch", "jax")
+        for side in order:
+            loss, s = timed(steps[side], i)
+            seconds[side].append(s)
+            if i < 2:
+                losses[side].append(float(loss))
+    timed_from = 2 + args.warmup
+    return {
+        "dtype": dtype_name,
+        "remat": remat,
+        "losses": losses,
+        "compile_s": jax_run.compile_seconds,
+        "first_step_s": {side: seconds[side][0] for side in seconds},
+        "step_s": {side: statistics.median(seconds[side][timed_from:]) for side in seconds},
+        "all_step_s": seconds,
+        "flops": step_flops(jax_run.compiled),
+        "torch_flops": torch_flops,
+        "adapted": counts,
+        "peak": measure_matmul_peak(args.peak_size, repeats=5),
+    }
+
+
+def loss_check(result: dict) -> str:
+    jax_losses, torch_losses = np.array(result["losses"]["jax"]), np.array(result["losses"]["torch"])
+    error = float(np.max(np.abs(jax_losses - torch_losses) / np.abs(torch_losses)))
+    if result["dtype"] == "fp32" and not error <= CHECK_RTOL:
+        raise AssertionError(f"fp32 losses differ: jaxlora {jax_losses}, torch {torch_losses}")
+    return f"{error:.1e}"
+
+
+def markdown(results: list[dict], args) -> str:
+    head = (
+        "| dtype | remat | torch s/step | jaxlora s/step | torch / jaxlora | jaxlora compile s | first step s "
+        "(torch, jaxlora) | GFLOP/step (XLA) | GFLOP/step (torch counter) | jaxlora GFLOP/s | matmul peak GFLOP/s "
+        "| jaxlora MFU | torch at XLA's count, of peak | loss rel. diff |"
+    )
+    lines = [head, "|---" * 14 + "|"]
+    for r in results:
+        jax_s, torch_s = r["step_s"]["jax"], r["step_s"]["torch"]
+        flops = r["flops"] or float("nan")
+        cells = [
+            r["dtype"],
+            "on" if r["remat"] else "off",
+            f"{torch_s:.3f}",
+            f"{jax_s:.3f}",
+            f"**{torch_s / jax_s:.2f}x**",
+            f"{r['compile_s']:.1f}",
+            f"{r['first_step_s']['torch']:.2f}, {r['first_step_s']['jax']:.2f}",
+            f"{flops / 1e9:.2f}",
+            f"{r['torch_flops'] / 1e9:.2f}",
+            f"{flops / jax_s / 1e9:.1f}",
+            f"{r['peak'] / 1e9:.1f}",
+            f"{flops / jax_s / r['peak']:.1%}",
+            f"{flops / torch_s / r['peak']:.1%}",
+            loss_check(r),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{k} {v}" for k, v in results[0]["adapted"].items())
+    return "\n".join(lines) + f"\n\nAdapted tensors: {counts}."
+
+
+def one_case_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and settings of one case (the jax-only benchmarks time one case of this script)."""
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--remat", default="off", choices=["off", "on"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=64, help="model_channels (SD1.5: 320)")
+    parser.add_argument("--latent", type=int, default=16, help="latent side (x8 pixels)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the two checked ones")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--remat", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the square fp32 matmul for the peak")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    unet_config = sd15_shaped(args.width)
+    print(
+        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), devices "
+        f"{jax.devices()}, {os.cpu_count()} CPU cores\n"
+    )
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = write_random_checkpoint(unet_config, Path(folder) / "model.safetensors")
+        config_dir = Path(folder) / "diffusers"
+        config_dir.mkdir()
+        (config_dir / "config.json").write_text(json.dumps(diffusers_config(unet_config)))
+        for dtype_name in args.dtypes:
+            for remat in args.remat:
+                results.append(run_case(args, dtype_name, remat == "on", checkpoint, config_dir, unet_config))
+                print(markdown(results[-1:], args), flush=True)  # each case as it ends, the table at the end
+    print(
+        f"SD1.5-structured UNet at width {args.width} (SD1.5: 320), random weights, batch {args.batch}, "
+        f"{args.latent}x{args.latent} latents ({8 * args.latent} px), {TOKENS} tokens, LoRA rank {args.rank} on every "
+        f"conv and linear + diff/diff_b, AdamW; median of {args.steps} alternated steps after {2 + args.warmup} "
+        "untimed ones\n"
+    )
+    print(markdown(results, args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
