@@ -49,10 +49,8 @@ class StepSettings:
     sampling: ModelSampling
 
 
-def _rows(array: jax.Array | None, index: jax.Array) -> jax.Array | None:
+def _rows(array: jax.Array, index: jax.Array) -> jax.Array:
     """Per-sample rows of a conditioning array, or its single row repeated."""
-    if array is None:
-        return None
     if array.shape[0] == 1:
         return jnp.broadcast_to(array, (index.shape[0], *array.shape[1:]))
     return array[index]
@@ -73,12 +71,10 @@ def micro_step_loss(graph, adapters, base, data, key_data, perm_key, micro_step,
     noisy = sampling.noise_scaling(sigma, noise, x0)
 
     network = nnx.merge(graph, adapters, base)
-    dtype = settings.compute_dtype
+    # Everything in `data` but the latents is a keyword input of the network (context, y, guidance).
+    inputs = {name: _rows(value, index) for name, value in data.items() if name != "latents"}
     output = network(
-        sampling.calculate_input(sigma, noisy).astype(dtype),
-        sampling.timestep(sigma),
-        _rows(data["context"], index),
-        _rows(data.get("y"), index),
+        sampling.calculate_input(sigma, noisy).astype(settings.compute_dtype), sampling.timestep(sigma), **inputs
     )
     denoised = sampling.calculate_denoised(sigma, output.astype(jnp.float32), noisy)
     return settings.loss(denoised, x0)
