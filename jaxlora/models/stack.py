@@ -109,6 +109,19 @@ class LayerSite:
         array = getattr(self.layer, name)[...]
         return array if self.index is None else array[self.index]
 
+    def weight_as(self, dtype) -> jax.Array:
+        """The block's weight in `dtype`, patched by its adapter (what the forward computes with)."""
+        if self.index is None:
+            return self.layer.weight_as(dtype)
+        adapter, weight = self.adapter, self.value("weight").astype(dtype)
+        return weight if adapter is None else adapter.patch_weight(weight)
+
+    def bias_as(self, dtype) -> jax.Array | None:
+        if self.index is None or self.layer.bias is None:
+            return self.layer.bias_as(dtype)
+        adapter, bias = self.adapter, self.value("bias").astype(dtype)
+        return bias if adapter is None else adapter.patch_bias(bias)
+
     def permutation(self, name: str) -> tuple[int, ...]:
         return self.layer.permutation(name)
 
