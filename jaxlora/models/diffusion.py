@@ -62,17 +62,29 @@ class DiffusionModel:
         """Width of the pooled text embedding the model needs (`pooled_output`), None if it takes none."""
         return self.config.pooled_dim
 
+    @property
+    def network_input_names(self) -> tuple[str, ...]:
+        """The keyword inputs the network takes besides the latent and timestep."""
+        if isinstance(self.family, FluxFamily):
+            return ("context", "y", "guidance") if self.family.guidance else ("context", "y")
+        return ("context",) if self.pooled_dim is None else ("context", "y")
+
     def network_inputs(
-        self, conditioning: Mapping[str, np.ndarray], latent_hw: tuple[int, int], dtype: jnp.dtype
+        self,
+        conditioning: Mapping[str, np.ndarray],
+        latent_hw: tuple[int, int],
+        dtype: jnp.dtype,
+        guidance: float | None = None,
     ) -> dict[str, jax.Array]:
         """The network's keyword inputs from a bucket's conditioning fields, each [N or 1, ...]: the context,
         SDXL's `y` (pooled output and size embeddings; sizes in pixels, default the latent size x 8), Flux's
-        `y` (pooled CLIP-L) and, for dev, `guidance` (default 3.5)."""
+        `y` (pooled CLIP-L) and, for dev, `guidance` (the data's, else `guidance`, else 3.5)."""
         inputs = {"context": jnp.asarray(conditioning["c_crossattn"], dtype)}
         if isinstance(self.family, FluxFamily):
             inputs["y"] = jnp.asarray(conditioning["pooled_output"], dtype)
             if self.family.guidance:
-                inputs["guidance"] = jnp.asarray(conditioning.get("guidance", [DEFAULT_GUIDANCE]), jnp.float32)
+                default = [DEFAULT_GUIDANCE if guidance is None else guidance]
+                inputs["guidance"] = jnp.asarray(conditioning.get("guidance", default), jnp.float32)
         elif self.pooled_dim is not None:
             inputs["y"] = _sdxl_y(conditioning, latent_hw).astype(dtype)
         return inputs

@@ -51,6 +51,7 @@ class TrainConfig:
     remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps (jax.checkpoint_policies)
     bypass: bool | None = None  # LoRA in activation form; None: on for LoRA (faster, see BENCHMARKS.md)
     prediction: str = "auto"  # eps / v override for checkpoints whose type cannot be read from the weights
+    guidance: float | None = None  # Flux dev: guidance for samples whose data carries none (None: 3.5)
 
     def __post_init__(self) -> None:
         for name, (low, high) in RANGES.items():
@@ -63,6 +64,10 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        if self.guidance is not None and (
+            isinstance(self.guidance, bool) or not isinstance(self.guidance, int | float) or self.guidance < 0
+        ):
+            raise ValueError(f"guidance must be a number of at least 0, got {self.guidance!r}")
         if self.bypass is not None and not isinstance(self.bypass, bool):
             raise ValueError(f"bypass must be true or false, got {self.bypass!r}")
         if self.bypass and self.algorithm not in BYPASS_ALGORITHMS:

@@ -225,11 +225,14 @@ def check_dataset(dataset: Dataset, model: DiffusionModel) -> None:
                 raise DatasetError(f"{bucket.source}: {name} contains NaN or infinite values")
 
 
-def device_arrays(bucket: Bucket, model: DiffusionModel, dtype: jnp.dtype) -> dict[str, jnp.ndarray]:
+def device_arrays(
+    bucket: Bucket, model: DiffusionModel, dtype: jnp.dtype, guidance: float | None = None
+) -> dict[str, jnp.ndarray]:
     """What the train step reads: latents cast to the training dtype first (as ComfyUI does), then scaled by the
-    latent format, NHWC; and the network's keyword inputs (context, `y`, guidance) built by the model."""
+    latent format, NHWC; and the network's keyword inputs (context, `y`, guidance) built by the model.
+    `guidance` replaces the default 3.5 for samples whose data carries none."""
     latents = jnp.asarray(bucket.latents).astype(dtype)
     return {
         "latents": jnp.transpose(model.latent_format.process_in(latents), (0, 2, 3, 1)),
-        **model.network_inputs(bucket.conditioning, bucket.shape[1:], dtype),
+        **model.network_inputs(bucket.conditioning, bucket.shape[1:], dtype, guidance),
     }

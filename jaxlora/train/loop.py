@@ -106,6 +106,12 @@ def preflight(model: DiffusionModel, dataset: Dataset, config: TrainConfig) -> N
     """Every check that needs no weights: the data against the model, and the existing adapter's keys and
     shapes. Works on a model loaded with `weights=False`, before the checkpoint's tensors are read."""
     check_dataset(dataset, model)
+    if config.guidance is not None and "guidance" not in model.network_input_names:
+        raise ValueError(
+            f"--guidance applies to models with a guidance input (Flux dev), not {model.family.description}"
+        )
+    if config.prediction != "auto" and model.sampling.prediction == "const":
+        raise ValueError(f"{model.family.description} predicts a flow; prediction {config.prediction!r} does not apply")
     if config.existing_lora:
         tensors, _ = read_lora_file(config.existing_lora)
         import_adapter(model.network, tensors)
@@ -205,7 +211,7 @@ def run_training(
             start, adapters, opt_state, history = checkpoints.restore(adapters, opt_state)
             progress(f"resumed from step {start} ({checkpoints.directory})")
 
-    data = [device_arrays(bucket, model, dtype) for bucket in dataset.buckets]
+    data = [device_arrays(bucket, model, dtype, config.guidance) for bucket in dataset.buckets]
     micro = config.grad_accumulation_steps
     perm_key = permutation_key(config.seed)
     stats = RunStats()

@@ -49,9 +49,7 @@ def assert_same_weights(patched, expected):
 def test_stacked_adapters_export_per_block_keys_that_comfyui_applies_as_trained(flux_file, algorithm, style):
     model, base = adapted(flux_file, algorithm)
     tensors = export_adapter(model.network, model.family.name, style, jnp.float32)
-    block = (
-        "diffusion_model.double_blocks.1.img_attn.qkv" if style == "comfyui" else "lora_unet_single_blocks_1_linear1"
-    )
+    block = {"comfyui": "diffusion_model.double_blocks.1.img_attn.qkv", "kohya": "lora_unet_single_blocks_1_linear1"}
     assert any(key.startswith(block[style] + ".") for key in tensors)
     assert not any("query_norm" in key or "key_norm" in key for key in tensors)  # QK-norm scales are not trained
     patched, not_loaded = comfyui_patched(base, tensors)
