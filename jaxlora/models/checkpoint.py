@@ -232,15 +232,16 @@ def check_keys(network: nnx.Module, shapes: Mapping[str, tuple[int, ...]], prefi
     """Raise naming every missing, unexpected or mis-shaped key, comparing in torch layout."""
     expected = {prefix + key: site.torch_shape(name) for key, site, name in torch_parameters(network)}
     present = {key for key in shapes if key.startswith(prefix)}
+    kind = type(network).__name__
     missing = expected.keys() - present
     if missing:
-        raise KeyMismatchError(f"checkpoint lacks {len(missing)} model keys: {_describe_keys(missing)}")
+        raise KeyMismatchError(f"checkpoint lacks {len(missing)} {kind} keys: {_describe_keys(missing)}")
     unexpected = present - expected.keys()
     if unexpected:
-        raise KeyMismatchError(f"checkpoint has {len(unexpected)} unexpected model keys: {_describe_keys(unexpected)}")
+        raise KeyMismatchError(f"checkpoint has {len(unexpected)} unexpected {kind} keys: {_describe_keys(unexpected)}")
     wrong = [f"{key}: file {shapes[key]}, model {shape}" for key, shape in expected.items() if shapes[key] != shape]
     if wrong:
-        raise ShapeMismatchError(f"{len(wrong)} model tensors have the wrong shape: " + "; ".join(wrong[:8]))
+        raise ShapeMismatchError(f"{len(wrong)} {kind} tensors have the wrong shape: " + "; ".join(wrong[:8]))
 
 
 def resolve_dtype(dtype) -> jnp.dtype:

@@ -147,7 +147,7 @@ def test_diffusers_layout_is_recognised_and_refused(tmp_path):
 def test_file_without_a_unet_is_refused_with_its_keys(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"something.weight": np.zeros(2)}, str(path))
-    with pytest.raises(UnknownLayoutError, match=r"no ldm UNet found.*something\.weight"):
+    with pytest.raises(UnknownLayoutError, match=r"no diffusion model found.*something\.weight"):
         load_model(path)
 
 
