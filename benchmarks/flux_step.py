@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 from load_and_forward import timed
-from train_step import lower_and_compile, prepare, xla_counts
+from train_step import lower_and_compile, markdown_table, prepare, xla_counts
 
 from jaxlora.models.checkpoint import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
@@ -71,19 +71,10 @@ def run_case(case: Case) -> dict:
     return {"adapters s": prepare_s + building_s} | row | xla_counts(compiled)
 
 
-def markdown_table(rows: list[tuple[Case, dict]]) -> str:
-    columns = list(rows[0][1])
-    lines = ["| pixels | remat | blocks | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
-    for case, row in rows:
-        cells = case.label + [f"{value:.3g}" if value < 100 else f"{value:.0f}" for value in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def run_all(cases: list[Case], title: str) -> str:
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         rows = [pool.apply(run_case, (case,)) for case in cases]
-    return f"{title}\n\n{markdown_table(list(zip(cases, rows, strict=True)))}"
+    return f"{title}\n\n{markdown_table(list(zip(cases, rows, strict=True)), ('pixels', 'remat', 'blocks'))}"
 
 
 def main() -> None:
