@@ -3,9 +3,10 @@
 Accepted files: a full checkpoint (`model.diffusion_model.*` beside VAE and text-encoder weights, which are
 ignored), a bare diffusion model (`diffusion_model.*`), or a diffusion model with no prefix; an ldm UNet
 (SD1.x, SD2.x, SDXL) or a Flux transformer (dev, schnell). The config is inferred from key names and shapes
-alone. The header is checked completely (missing, unexpected, mis-shaped
-keys) before any tensor is read; tensors are then read one at a time from the memory-mapped file, converted
-to Flax layout, cast and placed on the device, so the host never holds more than one tensor beyond the model.
+alone. The header is checked completely (missing, unexpected, mis-shaped keys) before any tensor is read;
+tensors are then read one at a time from the memory-mapped file, converted to Flax layout, cast and placed on
+the device. The host holds at most one tensor beyond the model, or for a layer of stacked blocks (Flux) that
+layer's per-block tensors until they are stacked and transferred.
 """
 
 from __future__ import annotations
