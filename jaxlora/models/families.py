@@ -6,12 +6,15 @@ Head counts are not stored in the weights: SD1.x uses 8 heads in every block, SD
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from jaxlora.models.sampling import (
     FLUX_LATENT,
+    FLUX_SHIFT,
     SD15_LATENT,
     SDXL_LATENT,
+    FlowSchedule,
     LatentFormat,
     ModelSampling,
     discrete_flow_schedule,
@@ -47,19 +50,26 @@ def find_unet_family(context_dim: int, adm_in_channels: int | None) -> UNetFamil
 
 @dataclass(frozen=True)
 class FluxFamily:
-    """Flux.1 dev (guidance-distilled: a guidance embedding, ModelSamplingFlux) or schnell (no guidance input,
-    discrete flow with shift 1). Both predict a flow velocity (CONST)."""
+    """Flux.1 dev (guidance-distilled: a guidance embedding, ModelSamplingFlux with mu 1.15) or schnell (no
+    guidance input, discrete flow with shift 1). Both predict a flow velocity (CONST)."""
 
     name: str
     description: str
     guidance: bool
-    sampling: ModelSampling
+    schedule: Callable[[float], FlowSchedule]
+    shift: float
     latent_format: LatentFormat = FLUX_LATENT
 
+    def sampling_with_shift(self, shift: float | None = None) -> ModelSampling:
+        """The family's model sampling, with another shift if given (e.g. `flux_resolution_shift(w, h)`)."""
+        return ModelSampling("const", self.schedule(self.shift if shift is None else shift))
 
-FLUX_DEV_FAMILY = FluxFamily("flux-dev", "Flux.1 dev", True, ModelSampling("const", flux_schedule()))
-FLUX_SCHNELL_FAMILY = FluxFamily(
-    "flux-schnell", "Flux.1 schnell", False, ModelSampling("const", discrete_flow_schedule())
-)
+    @property
+    def sampling(self) -> ModelSampling:
+        return self.sampling_with_shift()
+
+
+FLUX_DEV_FAMILY = FluxFamily("flux-dev", "Flux.1 dev", True, flux_schedule, FLUX_SHIFT)
+FLUX_SCHNELL_FAMILY = FluxFamily("flux-schnell", "Flux.1 schnell", False, discrete_flow_schedule, 1.0)
 # guidance embedding present -> family
 FLUX_FAMILIES = {True: FLUX_DEV_FAMILY, False: FLUX_SCHNELL_FAMILY}

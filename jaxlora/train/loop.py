@@ -107,9 +107,9 @@ def preflight(model: DiffusionModel, dataset: Dataset, config: TrainConfig) -> N
     shapes. Works on a model loaded with `weights=False`, before the checkpoint's tensors are read."""
     check_dataset(dataset, model)
     if config.guidance is not None and "guidance" not in model.network_input_names:
-        raise ValueError(
-            f"--guidance applies to models with a guidance input (Flux dev), not {model.family.description}"
-        )
+        raise ValueError(f"guidance applies to models with a guidance input (Flux dev), not {model.family.description}")
+    if config.flow_shift is not None and model.sampling.prediction != "const":
+        raise ValueError(f"flow_shift applies to flow models (Flux), not {model.family.description}")
     if config.prediction != "auto" and model.sampling.prediction == "const":
         raise ValueError(f"{model.family.description} predicts a flow; prediction {config.prediction!r} does not apply")
     if config.existing_lora:
@@ -186,9 +186,11 @@ def run_training(
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     optimizer = make_optimizer(config.optimizer, config.learning_rate)
     opt_state = optimizer.init(adapters)
-    sampling = ModelSampling(
-        model.sampling.prediction if config.prediction == "auto" else config.prediction, model.sampling.schedule
-    )
+    if config.flow_shift is not None:
+        sampling = model.family.sampling_with_shift(config.flow_shift)
+    else:
+        prediction = model.sampling.prediction if config.prediction == "auto" else config.prediction
+        sampling = ModelSampling(prediction, model.sampling.schedule)
     settings = StepSettings(
         config.batch_size,
         config.grad_accumulation_steps,

@@ -70,3 +70,10 @@ def test_flux_latent_format():
     x = np.array([0.0, 1.0, -2.0], np.float32)
     np.testing.assert_allclose(FLUX_LATENT.process_in(x), (x - 0.1159) * 0.3611, rtol=1e-6)
     np.testing.assert_allclose(FLUX_LATENT.process_out(FLUX_LATENT.process_in(x)), x, rtol=1e-6, atol=1e-6)
+
+
+def test_family_sampling_with_another_shift():
+    shifted = FLUX_DEV_FAMILY.sampling_with_shift(0.5)
+    np.testing.assert_allclose(shifted.percent_to_sigma(0.3), flux_time_shift(0.5, 0.7), rtol=1e-6)
+    schnell = FLUX_SCHNELL_FAMILY.sampling_with_shift(3.0)
+    np.testing.assert_allclose(schnell.percent_to_sigma(0.5), 3 * 0.5 / (1 + 2 * 0.5), rtol=1e-6)
