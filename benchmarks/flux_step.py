@@ -71,10 +71,15 @@ def run_case(case: Case) -> dict:
     return {"adapters s": prepare_s + building_s} | row | xla_counts(compiled)
 
 
-def run_all(cases: list[Case], title: str) -> str:
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        rows = [pool.apply(run_case, (case,)) for case in cases]
-    return f"{title}\n\n{markdown_table(list(zip(cases, rows, strict=True)), ('pixels', 'remat', 'blocks'))}"
+def run_all(cases: list[Case], title: str) -> None:
+    """Print the table row by row as each case finishes (a full-size unrolled compile can take very long)."""
+    print(f"{title}\n")
+    labels = ("pixels", "remat", "blocks")
+    for index, case in enumerate(cases):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            table = markdown_table([(case, pool.apply(run_case, (case,)))], labels)
+        print("\n".join(table.splitlines()[2 * bool(index) :]), flush=True)
+    print()
 
 
 def main() -> None:
@@ -86,9 +91,9 @@ def main() -> None:
     title = f"Flux.1-dev, abstract compile: bf16 base, LoRA rank 16 (fp32 masters), AdamW, batch 1, {TOKENS} tokens"
     if "memory" in sections:
         cases = [Case(latent, remat) for latent in (64, 128) for remat in (True, False)]
-        print(run_all(cases, title) + "\n")
+        run_all(cases, title)
     if "compile" in sections:
-        print(run_all([Case(64, True, scan) for scan in (True, False)], title + ", scanned vs unrolled") + "\n")
+        run_all([Case(64, True, scan) for scan in (True, False)], title + ", scanned vs unrolled")
 
 
 if __name__ == "__main__":
