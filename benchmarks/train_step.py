@@ -175,9 +175,12 @@ def run_abstract(case: Case) -> dict:
     return row | xla_counts(compiled)
 
 
-def markdown_table(rows: list[tuple[Case, dict]]) -> str:
-    columns = list(rows[0][1])
-    lines = ["| model | latent | dtype | remat | " + " | ".join(columns) + " |", "|---" * (len(columns) + 4) + "|"]
+def markdown_table(
+    rows: list[tuple[Case, dict]], labels: tuple[str, ...] = ("model", "latent", "dtype", "remat")
+) -> str:
+    """One row per case: its `label` cells under `labels`, then the measured values."""
+    columns = [*labels, *rows[0][1]]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for case, row in rows:
         cells = case.label + [f"{value:.3g}" if value < 100 else f"{value:.0f}" for value in row.values()]
         lines.append("| " + " | ".join(cells) + " |")

@@ -18,7 +18,8 @@ from flax import nnx
 
 from jaxlora.models.demo import TINY_SD1, write_random_checkpoint
 from jaxlora.models.diffusion import DiffusionModel, load_model
-from jaxlora.models.sampling import sdxl_vector
+from jaxlora.models.flux import FluxConfig
+from jaxlora.models.unet import UNetConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,21 +32,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def architecture_rows(config: UNetConfig | FluxConfig) -> list[tuple[str, str]]:
+    if isinstance(config, FluxConfig):
+        return [
+            ("blocks", f"{config.depth} double, {config.depth_single_blocks} single"),
+            ("width", f"{config.hidden_size}, {config.num_heads} heads of {config.head_dim}, mlp {config.mlp_hidden}"),
+            ("context", f"{config.context_dim}-d, y {config.vec_in_dim}-d, guidance {config.guidance_embed}"),
+        ]
+    return [
+        ("channels", f"{config.model_channels} x {config.channel_mult}, res blocks {config.num_res_blocks}"),
+        ("transformers", f"in {config.transformer_depth}, mid {config.transformer_depth_middle}"),
+        ("context", f"{config.context_dim}-d" + (f", y {config.adm_in_channels}-d" if config.adm_in_channels else "")),
+    ]
+
+
 def describe(model: DiffusionModel, load_seconds: float) -> str:
-    config = model.config
     nbytes = model.param_count * jnp.dtype(model.dtype).itemsize
     rows = [
         ("file", str(model.source)),
         ("family", f"{model.family.name} ({model.family.description})"),
         ("prediction", model.sampling.prediction),
         ("parameters", f"{model.param_count:,} ({jnp.dtype(model.dtype).name}, {nbytes / 2**30:.2f} GiB)"),
-        ("channels", f"{config.model_channels} x {config.channel_mult}, res blocks {config.num_res_blocks}"),
-        ("transformers", f"in {config.transformer_depth}, mid {config.transformer_depth_middle}"),
-        (
-            "context",
-            f"{config.context_dim}-d" + (f", y {config.adm_in_channels}-d" if config.adm_in_channels else ""),
-        ),
-        ("latent format", f"x {model.latent_format.scale_factor}"),
+        *architecture_rows(model.config),
+        ("latent format", f"x {model.latent_format.scale_factor}, shift {model.latent_format.shift}"),
         ("load time", f"{load_seconds:.2f} s"),
     ]
     return "\n".join(f"  {name:<14}{value}" for name, value in rows)
@@ -55,18 +64,19 @@ def test_forward(model: DiffusionModel, size: int) -> str:
     """One jitted forward on random inputs; the weights are a jit argument, never a closure constant."""
     rng = np.random.default_rng(0)
     dtype = model.dtype
-    x = jnp.asarray(rng.standard_normal((1, size, size, model.config.in_channels)), dtype)
-    context = jnp.asarray(rng.standard_normal((1, 77, model.config.context_dim)), dtype)
-    y = None
-    if model.config.adm_in_channels:
-        y = sdxl_vector(jnp.zeros((1, 1280)), 8 * size, 8 * size).astype(dtype)
+    x = jnp.asarray(rng.standard_normal((1, size, size, model.latent_channels)), dtype)
+    conditioning = {"c_crossattn": rng.standard_normal((1, 77, model.context_dim))}
+    if model.pooled_dim is not None:
+        conditioning["pooled_output"] = np.zeros((1, model.pooled_dim))
+    inputs = model.network_inputs(conditioning, (size, size), dtype)
+    timestep = model.sampling.timestep(model.sampling.percent_to_sigma(jnp.array([0.5])))
     graph, params = nnx.split(model.network)
-    forward = jax.jit(lambda params, x, t, c, y: nnx.merge(graph, params)(x, t, c, y))
+    forward = jax.jit(lambda params, x, t, inputs: nnx.merge(graph, params)(x, t, **inputs))
     start = time.perf_counter()
-    compiled = forward.lower(params, x, jnp.array([500.0]), context, y).compile()
+    compiled = forward.lower(params, x, timestep, inputs).compile()
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    out = np.asarray(compiled(params, x, jnp.array([500.0]), context, y), np.float32)
+    out = np.asarray(compiled(params, x, timestep, inputs), np.float32)
     run_seconds = time.perf_counter() - start
     status = "finite" if np.isfinite(out).all() else "NOT FINITE"
     return (
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         path = args.checkpoint
         if path is None:
             print("No checkpoint given: running the built-in demo (a tiny SD1.x UNet, random weights).")
-            print("Pass a .safetensors checkpoint (SD1.x, SD2.x or SDXL) to check a real model.\n")
+            print("Pass a .safetensors checkpoint (SD1.x, SD2.x, SDXL or Flux.1) to check a real model.\n")
             path = write_random_checkpoint(TINY_SD1, Path(scratch) / "jaxlora_demo_unet.safetensors")
         start = time.perf_counter()
         model = load_model(path, dtype=args.dtype, prediction=args.prediction)

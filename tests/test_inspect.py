@@ -22,3 +22,13 @@ def test_checkpoint_is_described(tiny_checkpoint, capsys):
     assert "sdxl (Stable Diffusion XL)" in out
     assert "y 2816-d" in out
     assert "prediction    v" in out
+
+
+def test_flux_checkpoint_is_described(tmp_path, capsys):
+    from jaxlora.models.demo import TINY_FLUX_DEV, write_random_checkpoint
+
+    main([str(write_random_checkpoint(TINY_FLUX_DEV, tmp_path / "flux.safetensors")), "--no-forward"])
+    out = capsys.readouterr().out
+    assert "flux-dev (Flux.1 dev)" in out
+    assert "2 double, 2 single" in out and "2 heads of 128" in out
+    assert "prediction    const" in out

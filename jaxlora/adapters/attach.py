@@ -2,6 +2,10 @@
 
 ComfyUI's trainer adapts every layer with weights (spec section 3): weights of two or more dimensions get the
 chosen algorithm, one-dimensional weights (norm scales) a full `diff`, biases a `diff_b`.
+
+Layers are walked as `LayerSite`s, one per checkpoint path: a stacked layer (blocks run by scan) is one site per
+block, and its adapter is the blocks' adapters stacked, each initialised from (seed, the block's path) as if
+the network were unrolled. Key tables (`formats`) see only per-block paths, targets and adapters.
 """
 
 from __future__ import annotations
@@ -17,24 +21,47 @@ from jaxlora.adapters.loha import LoHa
 from jaxlora.adapters.lokr import LoKr
 from jaxlora.adapters.lora import LoRA
 from jaxlora.adapters.oft import OFT
-from jaxlora.models.layers import WeightLayer
+from jaxlora.models.stack import LayerSite, layer_sites, stack_modules
 
 ALGORITHMS = {"LoRA": LoRA, "LoHa": LoHa, "LoKr": LoKr, "OFT": OFT}
 # Algorithms with an activation form y = x W + h(x) (the others patch the weight).
 BYPASS_ALGORITHMS = {"LoRA"}
 
 
-def weight_layers(network: nnx.Module) -> Iterator[tuple[str, WeightLayer]]:
-    """(module path, layer) for every layer with weights, in module order."""
-    for path, node in nnx.iter_graph(network):
-        if isinstance(node, WeightLayer):
-            yield ".".join(str(part) for part in path), node
+def weight_layers(network: nnx.Module) -> Iterator[tuple[str, LayerSite]]:
+    """(checkpoint module path, site) for every layer an adapter can patch, in module order; a site reads like
+    the layer (`Target.of(site)`, `site.bias`), per block for stacked layers."""
+    for site in layer_sites(network):
+        if site.layer.adaptable:
+            yield site.path, site
 
 
-def adapted_layers(network: nnx.Module) -> Iterator[tuple[str, WeightLayer, LayerAdapter]]:
-    for path, layer in weight_layers(network):
-        if layer.adapter is not None:
-            yield path, layer, layer.adapter
+def adapted_layers(network: nnx.Module) -> Iterator[tuple[str, LayerSite, LayerAdapter]]:
+    """(path, site, the block's adapter) for every adapted layer."""
+    for path, site in weight_layers(network):
+        if site.layer.adapter is not None:
+            yield path, site, site.adapter
+
+
+def set_adapters(sites: list[LayerSite], adapters: list[LayerAdapter]) -> None:
+    """Attach one adapter per site of one layer: as it is to a plain layer, stacked in block order to a
+    stacked one (every block needs one; they must agree in structure, see `stack_modules`)."""
+    layer = sites[0].layer
+    if sites[0].index is None:
+        layer.adapter = adapters[0]
+        return
+    try:
+        layer.adapter = stack_modules(adapters)
+    except ValueError as error:
+        raise ValueError(f"{sites[0].path} ... {sites[-1].path}: the blocks' adapters {error}") from error
+
+
+def sites_by_layer(network: nnx.Module) -> list[list[tuple[str, LayerSite]]]:
+    """The adaptable sites grouped by layer (one group per plain layer, one per stacked layer), in order."""
+    groups: dict[int, list[tuple[str, LayerSite]]] = {}
+    for path, site in weight_layers(network):
+        groups.setdefault(id(site.layer), []).append((path, site))
+    return list(groups.values())
 
 
 def check_algorithm(algorithm: str, bypass: bool = False) -> None:
@@ -45,7 +72,7 @@ def check_algorithm(algorithm: str, bypass: bool = False) -> None:
 
 
 def new_layer_adapter(
-    path: str, layer: WeightLayer, algorithm: str, rank: int, seed: int, lora_dtype, bypass: bool
+    path: str, layer: LayerSite, algorithm: str, rank: int, seed: int, lora_dtype, bypass: bool
 ) -> LayerAdapter:
     """Fresh adapters for one layer, initialised from (seed, path) only."""
     rng = layer_rng(seed, path)
@@ -68,20 +95,26 @@ def attach_adapters(
 ) -> int:
     """Attach fresh adapters to every layer (or those whose module path `include` accepts); returns the count.
 
-    Layers that already carry an adapter (e.g. one imported from a file) keep it.
+    Layers that already carry an adapter (e.g. one imported from a file) keep it. The count is of per-block
+    layers; the blocks of a stacked layer are adapted all or none, so `include` must agree on them.
     """
     check_algorithm(algorithm, bypass)
     if not 1 <= rank:
         raise ValueError(f"rank must be at least 1, got {rank}")
     lora_dtype = jnp.dtype(lora_dtype)
     count = 0
-    for path, layer in weight_layers(network):
-        if layer.adapter is None and (include is None or include(path)):
-            layer.adapter = new_layer_adapter(path, layer, algorithm, rank, seed, lora_dtype, bypass)
-            count += 1
+    for group in sites_by_layer(network):
+        chosen = [include is None or include(path) for path, _ in group]
+        if group[0][1].layer.adapter is not None or not any(chosen):
+            continue
+        if not all(chosen):
+            raise ValueError(f"`include` selects some blocks of {group[0][0]} ... {group[-1][0]}: all or none")
+        adapters = [new_layer_adapter(path, site, algorithm, rank, seed, lora_dtype, bypass) for path, site in group]
+        set_adapters([site for _, site in group], adapters)
+        count += len(group)
     return count
 
 
 def detach_adapters(network: nnx.Module) -> None:
-    for _, layer in weight_layers(network):
-        layer.adapter = None
+    for _, site in weight_layers(network):
+        site.layer.adapter = None

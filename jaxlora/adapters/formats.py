@@ -9,7 +9,11 @@ Export styles:
   written in this style and are reported.
 
 Import accepts every base name and suffix ComfyUI's loader resolves for the UNet (spec 8.2, 8.3), plus the
-modern diffusers names of attention layers; anything else is reported by name.
+modern diffusers names of attention layers; for Flux the BFL names (`diffusion_model.<path>`, `lora_unet_<path>`);
+anything else is reported by name.
+
+Everything here works on per-layer views from `attach.weight_layers` (checkpoint path, site, adapter), so a
+network whose blocks are stacked for scan exports and imports per-block keys like an unrolled one.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
-from jaxlora.adapters.attach import adapted_layers, weight_layers
+from jaxlora.adapters.attach import adapted_layers, set_adapters, sites_by_layer, weight_layers
 from jaxlora.adapters.base import Diff, LayerAdapter, Target
 from jaxlora.adapters.loha import LoHa
 from jaxlora.adapters.lokr import LoKr
@@ -84,7 +90,10 @@ def _describe(items: Iterable[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def diffusers_names(network: UNet) -> dict[str, str]:
+def diffusers_names(network: nnx.Module) -> dict[str, str]:
+    """Checkpoint path -> diffusers module name, for the layers that have one (UNets; none yet for Flux)."""
+    if not isinstance(network, UNet):
+        return {}
     return unet_to_diffusers(network.config, [path for path, _ in weight_layers(network)])
 
 
@@ -94,13 +103,15 @@ def processor_name(diffusers_name: str) -> str:
     return re.sub(r"\.to_out\.0$", ".to_out", diffusers_name.replace(".to_", ".processor.to_"))
 
 
-def import_base_names(network: UNet) -> dict[str, str]:
-    """Every base name an adapter file may use for a layer -> the layer's ldm module path."""
+def import_base_names(network: nnx.Module) -> dict[str, str]:
+    """Every base name an adapter file may use for a layer -> the layer's checkpoint module path."""
     names = {}
     diffusers = diffusers_names(network)
     for path, _ in weight_layers(network):
         names[f"diffusion_model.{path}"] = path
         names["lora_unet_" + path.replace(".", "_")] = path
+        if path not in diffusers:
+            continue
         q = diffusers[path]
         for alias in (
             "lora_unet_" + q.replace(".", "_"),
@@ -150,7 +161,7 @@ def _style_tensors(weight, target: Target, style: str) -> dict[str, np.ndarray]:
 
 
 def export_adapter(
-    network: UNet, family: str, style: str = "comfyui", lora_dtype=jnp.bfloat16
+    network: nnx.Module, family: str, style: str = "comfyui", lora_dtype=jnp.bfloat16
 ) -> dict[str, np.ndarray]:
     """The attached adapters as file tensors: torch layout, the style's key names, stored in `lora_dtype`."""
     if style not in STYLES:
@@ -160,7 +171,8 @@ def export_adapter(
     for path, layer, adapter in adapted_layers(network):
         base = export_base_name(path, style, family, diffusers)
         if style == "peft" and (
-            _is_attention_projection(diffusers[path])
+            path not in diffusers
+            or _is_attention_projection(diffusers[path])
             or not isinstance(adapter.weight, LoRA | Diff | None)
             or adapter.dora_scale is not None
         ):
@@ -337,9 +349,9 @@ def _layer_adapter(f: _Factors, layer, lora_dtype) -> LayerAdapter:
 
 
 def import_adapter(
-    network: UNet, tensors: Mapping[str, np.ndarray], lora_dtype=jnp.bfloat16
+    network: nnx.Module, tensors: Mapping[str, np.ndarray], lora_dtype=jnp.bfloat16
 ) -> dict[str, LayerAdapter]:
-    """Layer adapters {ldm path: LayerAdapter} from file tensors in any accepted style, or an error naming every
+    """Layer adapters {checkpoint path: LayerAdapter} from file tensors in any accepted style, or an error naming every
     key that matches no layer."""
     groups, unmatched = group_keys(tensors.keys(), import_base_names(network))
     if unmatched:
@@ -351,7 +363,47 @@ def import_adapter(
     }
 
 
-def attach_imported(network: UNet, adapters: Mapping[str, LayerAdapter]) -> None:
-    for path, layer in weight_layers(network):
-        if path in adapters:
-            layer.adapter = adapters[path]
+def _with_alpha(adapter: LayerAdapter, alpha: float) -> LayerAdapter:
+    """The same LoRA delta expressed with another alpha (up rescaled), so blocks can share one static alpha."""
+    lora = adapter.weight
+    up = np.asarray(lora.up[...]) * (lora.alpha / alpha)
+    weight = LoRA(lora.target, up, np.asarray(lora.down[...]), alpha, lora.lora_dtype)
+    dora = None if adapter.dora_scale is None else np.asarray(adapter.dora_scale[...])
+    return LayerAdapter(weight, adapter.bias, adapter.bypass, dora)
+
+
+def _zero_adapter(adapter: LayerAdapter) -> LayerAdapter:
+    """An adapter of the same structure that changes nothing: every tensor zero (R = I for OFT)."""
+    graphdef, state = nnx.split(adapter)
+    return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, state))
+
+
+def _stack_blocks(paths: list[str], adapters: Mapping[str, LayerAdapter]) -> list[LayerAdapter]:
+    """One adapter per block of a stacked layer: LoRA alphas made common, blocks the file lacks as no-ops."""
+    present = [adapters[path] for path in paths if path in adapters]
+    first = present[0]
+    if isinstance(first.weight, LoRA):
+        alpha = first.weight.alpha
+        adapters = {
+            path: _with_alpha(a, alpha) if isinstance(a.weight, LoRA) and a.weight.alpha != alpha else a
+            for path, a in adapters.items()
+        }
+    missing = [path for path in paths if path not in adapters]
+    if missing and first.dora_scale is not None:
+        raise AdapterFileError(f"DoRA adapters must cover every block; the file lacks {_describe(missing)}")
+    filler = _zero_adapter(first) if missing else None
+    return [adapters.get(path, filler) for path in paths]
+
+
+def attach_imported(network: nnx.Module, adapters: Mapping[str, LayerAdapter]) -> None:
+    """Attach per-path adapters; a stacked layer gets its blocks' adapters stacked (blocks absent from the file
+    get a no-op adapter of the same kind, which stays zero in training for LoRA, LoHa and LoKr)."""
+    for group in sites_by_layer(network):
+        paths = [path for path, _ in group]
+        if not any(path in adapters for path in paths):
+            continue
+        blocks = _stack_blocks(paths, adapters) if group[0][1].index is not None else [adapters[paths[0]]]
+        try:
+            set_adapters([site for _, site in group], blocks)
+        except ValueError as error:
+            raise AdapterFileError(f"{error} (different ranks, algorithms or factor shapes)") from error

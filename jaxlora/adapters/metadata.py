@@ -17,7 +17,11 @@ FAMILY_NAMES = {
     "sd1": ("sd_v1", "stable-diffusion-v1/lora"),
     "sd2": ("sd_v2", "stable-diffusion-v2-512/lora"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    "flux-dev": ("flux1", "flux-1-dev/lora"),
+    "flux-schnell": ("flux1", "flux-1-schnell/lora"),
 }
+# prediction -> modelspec prediction_type
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v", "const": "flow"}
 # algorithm -> (ss_network_module, LyCORIS algo name for ss_network_args)
 KOHYA_NETWORKS = {
     "LoRA": ("networks.lora", None),
@@ -72,7 +76,7 @@ def adapter_metadata(info: AdapterInfo, style: str) -> dict[str, str]:
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture,
         "modelspec.implementation": "jaxlora",
-        "modelspec.prediction_type": "v" if info.prediction == "v" else "epsilon",
+        "modelspec.prediction_type": PREDICTION_TYPES[info.prediction],
     }
     if style == "kohya":
         module, algo = KOHYA_NETWORKS[info.algorithm]

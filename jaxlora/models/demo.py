@@ -1,4 +1,4 @@
-"""Seeded random checkpoints in the real ldm layout: the built-in demo model and the test fixtures.
+"""Seeded random checkpoints in the real ldm and BFL layouts: the built-in demo model and the test fixtures.
 
 The file is written from the network's own parameter list in torch layout, exactly as a real checkpoint
 stores it, and then goes through the ordinary loader.
@@ -7,12 +7,15 @@ stores it, and then goes through the ordinary loader.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxlora.models.checkpoint import torch_parameters
+from jaxlora.models.flux import Flux, FluxConfig
 from jaxlora.models.unet import UNet, UNetConfig
 
 # A UNet with SD1.x's structure (8 heads, conv projections, 768-d context) at a size that runs in seconds.
@@ -46,6 +49,12 @@ DEMO_UNET = UNetConfig(
 )
 
 
+# Flux with every block kind at a size that compiles in seconds. The head width is fixed by the RoPE axes
+# (16 + 56 + 56 = 128), so two heads make a 256-wide model; text and pooled widths are the real T5/CLIP-L ones.
+TINY_FLUX_DEV = FluxConfig(hidden_size=256, num_heads=2, mlp_hidden=1024, depth=2, depth_single_blocks=2)
+TINY_FLUX_SCHNELL = replace(TINY_FLUX_DEV, guidance_embed=False)
+
+
 def demo_dataset(count: int = 8, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic raw latents [count, 4, size, size] (smooth patterns at VAE-latent scale) and one caption
     embedding [1, 8, 768] shared by all: a small fixed problem the demo adapter can visibly learn."""
@@ -58,17 +67,21 @@ def demo_dataset(count: int = 8, size: int = 16, seed: int = 0) -> tuple[np.ndar
     return latents.astype(np.float32), rng.standard_normal((1, 8, 768)).astype(np.float32)
 
 
-def random_unet_tensors(config: UNetConfig, seed: int = 0) -> dict[str, np.ndarray]:
+def build_network(config: UNetConfig | FluxConfig) -> nnx.Module:
+    """The (abstract) network a config describes."""
+    return Flux(config) if isinstance(config, FluxConfig) else UNet(config)
+
+
+def random_tensors(config: UNetConfig | FluxConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """float32 tensors in torch layout, keyed as in a bare diffusion model.
 
     Weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2): every layer contributes,
     unlike a real initialisation whose zeroed output convs would hide layout errors.
     """
     rng = np.random.default_rng(seed)
-    network = UNet(config)
     tensors = {}
-    for key, layer, name in torch_parameters(network):
-        shape = layer.torch_shape(name, getattr(layer, name).shape)
+    for key, site, name in torch_parameters(build_network(config)):
+        shape = site.torch_shape(name)
         if name == "bias":
             value = 0.1 * rng.standard_normal(shape)
         elif len(shape) == 1:
@@ -80,9 +93,9 @@ def random_unet_tensors(config: UNetConfig, seed: int = 0) -> dict[str, np.ndarr
 
 
 def write_random_checkpoint(
-    config: UNetConfig, path: str | Path, seed: int = 0, prefix: str = "model.diffusion_model."
+    config: UNetConfig | FluxConfig, path: str | Path, seed: int = 0, prefix: str = "model.diffusion_model."
 ) -> Path:
-    """Write a random UNet as a .safetensors checkpoint with the given key prefix."""
-    tensors = {prefix + key: value for key, value in random_unet_tensors(config, seed).items()}
+    """Write a random UNet or Flux as a .safetensors checkpoint with the given key prefix."""
+    tensors = {prefix + key: value for key, value in random_tensors(config, seed).items()}
     save_file(tensors, str(path))
     return Path(path)

@@ -1,4 +1,4 @@
-"""What tells the UNet families apart, as data: detection keys, head rule, latent format, parameterisation.
+"""What tells the model families apart, as data: detection keys, head rule, latent format, parameterisation.
 
 Head counts are not stored in the weights: SD1.x uses 8 heads in every block, SD2.x and SDXL a head width of
 64 (ComfyUI's `unet_extra_config`). The context width and the presence of `label_emb` identify the family.
@@ -6,9 +6,20 @@ Head counts are not stored in the weights: SD1.x uses 8 heads in every block, SD
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from jaxlora.models.sampling import SD15_LATENT, SDXL_LATENT, LatentFormat
+from jaxlora.models.sampling import (
+    FLUX_LATENT,
+    FLUX_SHIFT,
+    SD15_LATENT,
+    SDXL_LATENT,
+    FlowSchedule,
+    LatentFormat,
+    ModelSampling,
+    discrete_flow_schedule,
+    flux_schedule,
+)
 
 
 @dataclass(frozen=True)
@@ -35,3 +46,30 @@ def find_unet_family(context_dim: int, adm_in_channels: int | None) -> UNetFamil
         if family.context_dim == context_dim and family.adm_in_channels == adm_in_channels:
             return family
     return None
+
+
+@dataclass(frozen=True)
+class FluxFamily:
+    """Flux.1 dev (guidance-distilled: a guidance embedding, ModelSamplingFlux with mu 1.15) or schnell (no
+    guidance input, discrete flow with shift 1). Both predict a flow velocity (CONST)."""
+
+    name: str
+    description: str
+    guidance: bool
+    schedule: Callable[[float], FlowSchedule]
+    shift: float
+    latent_format: LatentFormat = FLUX_LATENT
+
+    def sampling_with_shift(self, shift: float | None = None) -> ModelSampling:
+        """The family's model sampling, with another shift if given (e.g. `flux_resolution_shift(w, h)`)."""
+        return ModelSampling("const", self.schedule(self.shift if shift is None else shift))
+
+    @property
+    def sampling(self) -> ModelSampling:
+        return self.sampling_with_shift()
+
+
+FLUX_DEV_FAMILY = FluxFamily("flux-dev", "Flux.1 dev", True, flux_schedule, FLUX_SHIFT)
+FLUX_SCHNELL_FAMILY = FluxFamily("flux-schnell", "Flux.1 schnell", False, discrete_flow_schedule, 1.0)
+# guidance embedding present -> family
+FLUX_FAMILIES = {True: FLUX_DEV_FAMILY, False: FLUX_SCHNELL_FAMILY}

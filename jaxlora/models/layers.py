@@ -39,6 +39,10 @@ class WeightLayer(nnx.Module):
     """
 
     torch_to_flax: ClassVar[tuple[int, ...]] = (0,)
+    # The file's name of the weight parameter, and whether ComfyUI's trainer adapts the layer (its QK-norm
+    # scales are raw parameters, not trained).
+    weight_key: ClassVar[str] = "weight"
+    adaptable: ClassVar[bool] = True
     weight: nnx.Param
     bias: nnx.Param | None
     adapter: WeightPatch | None
@@ -204,6 +208,11 @@ class GroupNorm(WeightLayer):
         return y * self.weight_as(x.dtype) + self.bias_as(x.dtype)
 
 
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis without an affine part (statistics in float32), in x's dtype."""
+    return _normalize(x, (x.ndim - 1,), eps).astype(x.dtype)
+
+
 class LayerNorm(WeightLayer):
     """torch.nn.LayerNorm over the last axis with an affine scale and shift."""
 
@@ -214,8 +223,26 @@ class LayerNorm(WeightLayer):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = _normalize(x, (x.ndim - 1,), self.eps).astype(x.dtype)
-        return y * self.weight_as(x.dtype) + self.bias_as(x.dtype)
+        return layer_norm(x, self.eps) * self.weight_as(x.dtype) + self.bias_as(x.dtype)
+
+
+class RMSNorm(WeightLayer):
+    """RMS normalisation over the last axis with a learned `scale` (Flux's QK-norm; file key `<path>.scale`).
+    Statistics in float32; not adapted, as in ComfyUI's trainer."""
+
+    weight_key = "scale"
+    adaptable = False
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.weight = _placeholder(dim)
+        self.bias = None
+        self.adapter = nnx.data(None)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * self.weight_as(x.dtype)
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:

@@ -1,13 +1,12 @@
-"""The diffusion parameterisation: noise schedules, EPS/V model sampling, latent formats, SDXL size ids.
+"""The diffusion parameterisation: noise schedules, EPS/V/flow model sampling, latent formats, SDXL size ids.
 
 Everything lives in sigma space, as in ComfyUI's ``comfy/model_sampling.py`` and k-diffusion: a sample is
 ``x_t = x0 + sigma * noise``; the network sees ``calculate_input(sigma, x_t)`` and ``timestep(sigma)`` and
 returns a raw output, which ``calculate_denoised`` turns into an x0 prediction. The networks know nothing of
 this. Everything is jax.numpy-traceable; sigma may be a scalar or a per-sample [B] array.
 
-A flow-matching (CONST, Flux/SD3) parameterisation is one more ``Parameterisation`` row in
-``PARAMETERISATIONS`` plus a schedule with the same ``sigma`` / ``timestep`` / ``percent_to_sigma`` methods as
-``DiscreteSchedule``.
+Flow matching (CONST: Flux, SD3) is the ``"const"`` row of ``PARAMETERISATIONS`` on a ``FlowSchedule``, which has
+the same ``sigma`` / ``timestep`` / ``percent_to_sigma`` methods as ``DiscreteSchedule``.
 """
 
 from __future__ import annotations
@@ -102,6 +101,55 @@ def scaled_linear_schedule(
     )
 
 
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Continuous flow-matching noise levels in [0, 1]: sigma(t) = a t / (1 + (a - 1) t) (`time_snr_shift`).
+
+    ComfyUI's ModelSamplingFlux is a = e^mu with timestep = sigma; ModelSamplingDiscreteFlow is a = shift with
+    t = timestep / multiplier (Flux schnell: shift 1, multiplier 1, so sigma = timestep).
+    """
+
+    alpha: float
+    multiplier: float = 1.0
+
+    def _shift(self, t: jax.Array) -> jax.Array:
+        return self.alpha * t / (1.0 + (self.alpha - 1.0) * t)
+
+    def sigma(self, t: ArrayLike) -> jax.Array:
+        return self._shift(jnp.asarray(t, jnp.float32) / self.multiplier)
+
+    def timestep(self, sigma: ArrayLike) -> jax.Array:
+        return jnp.asarray(sigma, jnp.float32) * self.multiplier
+
+    def percent_to_sigma(self, percent: ArrayLike) -> jax.Array:
+        """0 is pure noise (sigma 1), 1 is clean (0); in between the shifted 1 - percent."""
+        percent = jnp.asarray(percent, jnp.float32)
+        sigma = self._shift(1.0 - percent)
+        return jnp.where(percent <= 0.0, 1.0, jnp.where(percent >= 1.0, 0.0, sigma))
+
+
+FLUX_SHIFT = 1.15  # ModelSamplingFlux's default mu
+
+
+def flux_schedule(shift: float = FLUX_SHIFT) -> FlowSchedule:
+    """ModelSamplingFlux: flux_time_shift(mu, 1, t) = e^mu / (e^mu + 1/t - 1), i.e. time_snr_shift(e^mu, t)."""
+    return FlowSchedule(alpha=math.exp(shift))
+
+
+def discrete_flow_schedule(shift: float = 1.0, multiplier: float = 1.0) -> FlowSchedule:
+    """ModelSamplingDiscreteFlow (Flux schnell: shift 1, multiplier 1; SD3: shift 3, multiplier 1000)."""
+    return FlowSchedule(alpha=shift, multiplier=multiplier)
+
+
+def flux_resolution_shift(
+    width: int, height: int, max_shift: float = 1.15, base_shift: float = 0.5, x1: int = 256, x2: int = 4096
+) -> float:
+    """The mu of ComfyUI's ModelSamplingFlux node for an image of width x height pixels: linear in the number
+    of 2x2 latent patches (w h / 256), base_shift at x1 patches, max_shift at x2."""
+    slope = (max_shift - base_shift) / (x2 - x1)
+    return (width * height / (8 * 8 * 2 * 2)) * slope + base_shift - slope * x1
+
+
 def _unit_variance_input(sigma: jax.Array, x: jax.Array) -> jax.Array:
     # x_t = x0 + sigma * noise has variance sigma^2 + 1 for unit-variance latents (sigma_data = 1).
     return x / jnp.sqrt(sigma**2 + 1.0)
@@ -119,6 +167,14 @@ def _add_noise(sigma: jax.Array, noise: jax.Array, x0: jax.Array) -> jax.Array:
     return x0 + sigma * noise
 
 
+def _identity_input(sigma: jax.Array, x: jax.Array) -> jax.Array:
+    return x
+
+
+def _interpolate_noise(sigma: jax.Array, noise: jax.Array, x0: jax.Array) -> jax.Array:
+    return sigma * noise + (1.0 - sigma) * x0
+
+
 @dataclass(frozen=True)
 class Parameterisation:
     """What a network's input and output mean in sigma space; one row per ComfyUI model-sampling type.
@@ -133,7 +189,8 @@ class Parameterisation:
 
 EPS = Parameterisation(_unit_variance_input, _eps_denoised, _add_noise)
 V_PREDICTION = Parameterisation(_unit_variance_input, _v_denoised, _add_noise)
-PARAMETERISATIONS: dict[str, Parameterisation] = {"eps": EPS, "v": V_PREDICTION}
+CONST = Parameterisation(_identity_input, _eps_denoised, _interpolate_noise)
+PARAMETERISATIONS: dict[str, Parameterisation] = {"eps": EPS, "v": V_PREDICTION, "const": CONST}
 
 
 def _per_sample(sigma: ArrayLike, x: jax.Array) -> jax.Array:
@@ -146,13 +203,13 @@ def _per_sample(sigma: ArrayLike, x: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class ModelSampling:
-    """A prediction type ("eps" or "v") on a noise schedule: everything between a network and x0.
+    """A prediction type ("eps", "v" or "const") on a noise schedule: everything between a network and x0.
 
     ``x`` is any latent with the batch first (NCHW or NHWC alike); sigma is a scalar or one value per sample.
     """
 
     prediction: str
-    schedule: DiscreteSchedule
+    schedule: DiscreteSchedule | FlowSchedule
 
     def __post_init__(self) -> None:
         if self.prediction not in PARAMETERISATIONS:
@@ -201,6 +258,7 @@ class LatentFormat:
 
 SD15_LATENT = LatentFormat(scale_factor=0.18215)  # SD1.x and SD2.x
 SDXL_LATENT = LatentFormat(scale_factor=0.13025)
+FLUX_LATENT = LatentFormat(scale_factor=0.3611, shift=0.1159)
 
 SDXL_SIZE_EMBED_DIM = 256
 

@@ -67,6 +67,11 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
 
+    @property
+    def pooled_dim(self) -> int | None:
+        """SDXL's pooled CLIP-G width: `y` minus the six 256-d size embeddings; None without `y`."""
+        return None if self.adm_in_channels is None else self.adm_in_channels - 6 * 256
+
     def heads(self, channels: int) -> int:
         return self.num_heads if self.num_heads is not None else channels // self.num_head_channels
 

@@ -44,7 +44,7 @@ def enable_compilation_cache(directory: str | None = None) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxlora.train", description=__doc__.splitlines()[0])
     run = parser.add_argument_group("run")
-    run.add_argument("--model", help=".safetensors checkpoint (SD1.x, SD2.x, SDXL)")
+    run.add_argument("--model", help=".safetensors checkpoint (SD1.x, SD2.x, SDXL, Flux.1 dev or schnell)")
     run.add_argument("--dataset", help="dataset .safetensors file, folder of them, or ComfyUI dataset folder")
     run.add_argument("--output-dir", default="output", help="where the adapter, loss history and plot go")
     run.add_argument("--prefix", default=DEFAULT_PREFIX, help="file name prefix, may include subfolders")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         if spec.type in ("bool", "bool | None"):
             node.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = {"int": int, "float": float}.get(spec.type, str)
+            kind = {"int": int, "float": float, "float | None": float}.get(spec.type, str)
             node.add_argument(flag, type=kind, default=None, choices=CHOICES.get(spec.name), metavar=spec.name.upper())
     return parser
 

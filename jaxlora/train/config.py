@@ -53,6 +53,8 @@ class TrainConfig:
     bypass: bool | None = None  # LoRA in activation form; None: on for LoRA (faster, see BENCHMARKS.md)
     prediction: str = "auto"  # eps / v override for checkpoints whose type cannot be read from the weights
     mesh: str | None = None  # device mesh, e.g. "data=2,fsdp=4" (-1: the rest); None: one device
+    guidance: float | None = None  # Flux dev: guidance for samples whose data carries none (None: 3.5)
+    flow_shift: float | None = None  # Flux: sampling shift (dev mu, default 1.15; schnell shift, default 1)
 
     def __post_init__(self) -> None:
         for name, (low, high) in RANGES.items():
@@ -65,6 +67,10 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        for name in ("guidance", "flow_shift"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+                raise ValueError(f"{name} must be a number of at least 0, got {value!r}")
         if self.bypass is not None and not isinstance(self.bypass, bool):
             raise ValueError(f"bypass must be true or false, got {self.bypass!r}")
         if self.mesh is not None:

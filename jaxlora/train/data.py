@@ -2,9 +2,10 @@
 
 On disk a dataset is a `.safetensors` file, or a folder of them, holding `latents` [N, C, H, W] (ComfyUI LATENT
 `samples`: raw VAE latents, NCHW) and the conditioning: `c_crossattn` [N or 1, T, D]; for SDXL `pooled_output`
-[N or 1, 1280] and optionally `width`, `height`, `crop_w`, `crop_h`, `target_width`, `target_height`; other
-per-sample numbers (e.g. `guidance`) ride along. A folder written by ComfyUI's SaveTrainingDataset node
-(`shard_XXXX.pkl`) is read too. Files of different latent shapes become separate buckets.
+[N or 1, 1280] and optionally `width`, `height`, `crop_w`, `crop_h`, `target_width`, `target_height`; for Flux
+`pooled_output` [N or 1, 768] (CLIP-L) and, for dev, optionally `guidance` [N or 1] (default 3.5). A folder
+written by ComfyUI's SaveTrainingDataset node (`shard_XXXX.pkl`) is read too. Files of different latent shapes
+become separate buckets.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from safetensors.numpy import save
 
 from jaxlora.files import write_new_file
 from jaxlora.models.diffusion import DiffusionModel
-from jaxlora.models.sampling import sdxl_vector
 
-SIZE_FIELDS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
 SEQUENCE_FIELDS = {"c_crossattn": 3, "pooled_output": 2}  # name -> rank with the sample axis
 
 
@@ -199,54 +198,41 @@ def save_dataset(path: str | Path, latents: np.ndarray, c_crossattn: np.ndarray,
 
 def check_dataset(dataset: Dataset, model: DiffusionModel) -> None:
     """Refuse, with the file and field named, data this model cannot train on."""
-    config = model.config
     if dataset.size == 0:
         raise DatasetError("the dataset holds no samples")
     for bucket in dataset.buckets:
         channels = bucket.latents.shape[1]
-        if channels != config.in_channels:
+        if channels != model.latent_channels:
             raise DatasetError(
-                f"{bucket.source}: latents have {channels} channels, the model takes {config.in_channels}"
+                f"{bucket.source}: latents have {channels} channels, the model takes {model.latent_channels}"
             )
         width = bucket.conditioning["c_crossattn"].shape[-1]
-        if width != config.context_dim:
+        if width != model.context_dim:
             raise DatasetError(
-                f"{bucket.source}: c_crossattn is {width}-d, the model's cross-attention takes {config.context_dim}-d "
+                f"{bucket.source}: c_crossattn is {width}-d, the model's text input takes {model.context_dim}-d "
                 f"({model.family.description} text encoder output)"
             )
-        if config.adm_in_channels is not None:
+        if model.pooled_dim is not None:
             pooled = bucket.conditioning.get("pooled_output")
-            expected = config.adm_in_channels - 256 * len(SIZE_FIELDS)
-            if pooled is None or pooled.shape[-1] != expected:
+            if pooled is None or pooled.shape[-1] != model.pooled_dim:
                 found = "none" if pooled is None else f"{pooled.shape[-1]}-d"
                 raise DatasetError(
-                    f"{bucket.source}: {model.family.description} needs pooled_output ({expected}-d), found {found}"
+                    f"{bucket.source}: {model.family.description} needs pooled_output ({model.pooled_dim}-d), "
+                    f"found {found}"
                 )
         for name, values in {"latents": bucket.latents, **bucket.conditioning}.items():
             if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                 raise DatasetError(f"{bucket.source}: {name} contains NaN or infinite values")
 
 
-def device_arrays(bucket: Bucket, model: DiffusionModel, dtype: jnp.dtype) -> dict[str, jnp.ndarray]:
+def device_arrays(
+    bucket: Bucket, model: DiffusionModel, dtype: jnp.dtype, guidance: float | None = None
+) -> dict[str, jnp.ndarray]:
     """What the train step reads: latents cast to the training dtype first (as ComfyUI does), then scaled by the
-    latent format, NHWC; the context; SDXL's `y` built once from pooled output and sizes (in pixels, defaulting
-    to the bucket's latent size x 8)."""
+    latent format, NHWC; and the network's keyword inputs (context, `y`, guidance) built by the model.
+    `guidance` replaces the default 3.5 for samples whose data carries none."""
     latents = jnp.asarray(bucket.latents).astype(dtype)
-    arrays = {
+    return {
         "latents": jnp.transpose(model.latent_format.process_in(latents), (0, 2, 3, 1)),
-        "context": jnp.asarray(bucket.conditioning["c_crossattn"], dtype),
+        **model.network_inputs(bucket.conditioning, bucket.shape[1:], dtype, guidance),
     }
-    if model.config.adm_in_channels is not None:
-        height, width = 8 * bucket.shape[1], 8 * bucket.shape[2]
-        defaults = {"height": height, "width": width, "crop_h": 0, "crop_w": 0}
-        sizes = {name: bucket.conditioning.get(name, defaults.get(name)) for name in SIZE_FIELDS}
-        sizes["target_height"] = bucket.conditioning.get("target_height", sizes["height"])
-        sizes["target_width"] = bucket.conditioning.get("target_width", sizes["width"])
-        pooled = jnp.asarray(bucket.conditioning["pooled_output"], jnp.float32)
-        rows = max([pooled.shape[0]] + [np.size(v) for v in sizes.values()])
-        pooled = jnp.broadcast_to(pooled, (rows, pooled.shape[-1]))
-        vector = sdxl_vector(
-            pooled, *(jnp.broadcast_to(jnp.asarray(sizes[n], jnp.float32).reshape(-1), (rows,)) for n in SIZE_FIELDS)
-        )
-        arrays["y"] = vector.astype(dtype)
-    return arrays

@@ -127,6 +127,12 @@ def preflight(model: DiffusionModel, dataset: Dataset, config: TrainConfig) -> N
     check_dataset(dataset, model)
     if config.mesh is not None:
         check_batch(config.mesh, config.batch_size, [b.size for b in dataset.buckets], jax.device_count())
+    if config.guidance is not None and "guidance" not in model.network_input_names:
+        raise ValueError(f"guidance applies to models with a guidance input (Flux dev), not {model.family.description}")
+    if config.flow_shift is not None and model.sampling.prediction != "const":
+        raise ValueError(f"flow_shift applies to flow models (Flux), not {model.family.description}")
+    if config.prediction != "auto" and model.sampling.prediction == "const":
+        raise ValueError(f"{model.family.description} predicts a flow; prediction {config.prediction!r} does not apply")
     if config.existing_lora:
         tensors, _ = read_lora_file(config.existing_lora)
         import_adapter(model.network, tensors)
@@ -213,9 +219,11 @@ def run_training(
     opt_state = optimizer.init(adapters)
     if layout is not None:
         opt_state = place_tree(opt_state, layout.replicated)
-    sampling = ModelSampling(
-        model.sampling.prediction if config.prediction == "auto" else config.prediction, model.sampling.schedule
-    )
+    if config.flow_shift is not None:
+        sampling = model.family.sampling_with_shift(config.flow_shift)
+    else:
+        prediction = model.sampling.prediction if config.prediction == "auto" else config.prediction
+        sampling = ModelSampling(prediction, model.sampling.schedule)
     settings = StepSettings(
         config.batch_size,
         config.grad_accumulation_steps,
@@ -239,7 +247,7 @@ def run_training(
             start, adapters, opt_state, history = checkpoints.restore(adapters, opt_state)
             progress(f"resumed from step {start} ({checkpoints.directory})")
 
-    data = [device_arrays(bucket, model, dtype) for bucket in dataset.buckets]
+    data = [device_arrays(bucket, model, dtype, config.guidance) for bucket in dataset.buckets]
     micro = config.grad_accumulation_steps
     perm_key = permutation_key(config.seed)
     if layout is not None:

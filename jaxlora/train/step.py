@@ -54,17 +54,15 @@ class StepSettings:
     batch_sharding: jax.sharding.Sharding | None = None  # on a mesh: the batch dimension split over its devices
 
 
-def _split_batch(array: jax.Array | None, settings: StepSettings) -> jax.Array | None:
+def _split_batch(array: jax.Array, settings: StepSettings) -> jax.Array:
     """Lay the batch dimension out over the mesh (nothing on one device): each device computes its samples."""
-    if array is None or settings.batch_sharding is None:
+    if settings.batch_sharding is None:
         return array
     return jax.lax.with_sharding_constraint(array, settings.batch_sharding)
 
 
-def _rows(array: jax.Array | None, index: jax.Array) -> jax.Array | None:
+def _rows(array: jax.Array, index: jax.Array) -> jax.Array:
     """Per-sample rows of a conditioning array, or its single row repeated."""
-    if array is None:
-        return None
     if array.shape[0] == 1:
         return jnp.broadcast_to(array, (index.shape[0], *array.shape[1:]))
     return array[index]
@@ -87,12 +85,12 @@ def micro_step_loss(graph, adapters, base, data, key_data, perm_key, micro_step,
     noisy = sampling.noise_scaling(sigma, noise, x0)
 
     network = nnx.merge(graph, adapters, base)
-    dtype = settings.compute_dtype
+    # Everything in `data` but the latents is a keyword input of the network (context, y, guidance).
+    inputs = {name: _rows(value, index) for name, value in data.items() if name != "latents"}
     output = network(
-        sampling.calculate_input(sigma, noisy).astype(dtype),
+        sampling.calculate_input(sigma, noisy).astype(settings.compute_dtype),
         sampling.timestep(sigma),
-        _split_batch(_rows(data["context"], index), settings),
-        _split_batch(_rows(data.get("y"), index), settings),
+        **{name: _split_batch(value, settings) for name, value in inputs.items()},
     )
     denoised = sampling.calculate_denoised(sigma, output.astype(jnp.float32), noisy)
     return settings.loss(denoised, x0)

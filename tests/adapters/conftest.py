@@ -16,6 +16,6 @@ def randomize_adapters(network, seed: int = 0, scale: float = 0.05) -> None:
 def effective_state_dict(network) -> dict[str, np.ndarray]:
     """The weights the adapted network computes with, in torch layout under `diffusion_model.`."""
     return {
-        f"diffusion_model.{key}": layer.to_torch(name, np.asarray(getattr(layer, f"{name}_as")(np.float32)))
-        for key, layer, name in torch_parameters(network)
+        f"diffusion_model.{key}": site.to_torch(name, np.asarray(getattr(site, f"{name}_as")(np.float32)))
+        for key, site, name in torch_parameters(network)
     }

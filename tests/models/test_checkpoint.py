@@ -13,7 +13,7 @@ from jaxlora.models.checkpoint import (
     UnknownLayoutError,
     torch_parameters,
 )
-from jaxlora.models.demo import random_unet_tensors
+from jaxlora.models.demo import random_tensors
 from jaxlora.models.unet import UNetConfig
 from tests.models.tiny_unets import FAMILIES
 
@@ -22,7 +22,7 @@ PREFIX = "model.diffusion_model."
 
 @pytest.fixture(scope="module")
 def sd1_tensors():
-    return random_unet_tensors(FAMILIES["sd1"].config, seed=2)
+    return random_tensors(FAMILIES["sd1"].config, seed=2)
 
 
 def write(tmp_path, tensors, prefix=PREFIX, name="model.safetensors"):
@@ -69,7 +69,7 @@ def test_family_config_and_parameter_count_are_inferred(tiny_checkpoint):
         model = load_model(tiny_checkpoint(name), dtype="fp32")
         assert model.family.name == name
         assert model.config == family.config
-        assert model.param_count == sum(v.size for v in random_unet_tensors(family.config).values())
+        assert model.param_count == sum(v.size for v in random_tensors(family.config).values())
     assert load_model(tiny_checkpoint("sdxl"), dtype="fp32").latent_format.scale_factor == 0.13025
 
 
@@ -102,7 +102,7 @@ SD2_FOUR_LEVELS = UNetConfig(
 
 @pytest.mark.parametrize(("spread", "expected"), [(0.02, "eps"), (0.2, "v")])
 def test_sd2_v_prediction_is_detected_from_weight_statistics_like_comfyui(tmp_path, spread, expected):
-    tensors = random_unet_tensors(SD2_FOUR_LEVELS)
+    tensors = random_tensors(SD2_FOUR_LEVELS)
     key = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
     tensors[key] = (spread * np.random.default_rng(0).standard_normal(tensors[key].shape)).astype(np.float32)
     model = load_model(write(tmp_path, tensors))
@@ -147,7 +147,7 @@ def test_diffusers_layout_is_recognised_and_refused(tmp_path):
 def test_file_without_a_unet_is_refused_with_its_keys(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"something.weight": np.zeros(2)}, str(path))
-    with pytest.raises(UnknownLayoutError, match=r"no ldm UNet found.*something\.weight"):
+    with pytest.raises(UnknownLayoutError, match=r"no diffusion model found.*something\.weight"):
         load_model(path)
 
 

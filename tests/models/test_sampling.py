@@ -158,7 +158,7 @@ def test_model_sampling_delegates_timestep_and_percent_to_the_schedule_under_jit
 
 
 def test_unknown_prediction_type_is_rejected_by_name():
-    with pytest.raises(ValueError, match=r"'x0'.*\['eps', 'v'\]"):
+    with pytest.raises(ValueError, match=r"'x0'.*\['const', 'eps', 'v'\]"):
         ModelSampling("x0", SCHEDULE)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jaxlora.models.checkpoint import set_parameter, torch_parameters
-from jaxlora.models.demo import DEMO_UNET, TINY_SD1, random_unet_tensors
+from jaxlora.models.demo import DEMO_UNET, TINY_SD1, random_tensors
 from jaxlora.models.unet import UNet, UNetConfig
 
 
@@ -121,7 +121,7 @@ MINIMAL = DEMO_UNET  # two levels, one ResBlock each: quick to compile a backwar
 
 def loaded_unet(config, dtype=jnp.float32):
     network = UNet(config)
-    tensors = random_unet_tensors(network.config, seed=3)
+    tensors = random_tensors(network.config, seed=3)
     for key, layer, name in torch_parameters(network):
         set_parameter(layer, name, tensors[key], dtype)
     return network

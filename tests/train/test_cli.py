@@ -97,7 +97,7 @@ def test_dataset_for_another_model_is_refused(files, tmp_path, capsys):
         main(["--model", str(model), "--dataset", str(dataset), "--output-dir", str(tmp_path), "--no-compile-cache"])
         == 2
     )
-    assert "c_crossattn is 2048-d, the model's cross-attention takes 768-d" in capsys.readouterr().err
+    assert "c_crossattn is 2048-d, the model's text input takes 768-d" in capsys.readouterr().err
 
 
 def test_model_without_dataset_is_a_usage_error(files, capsys):

@@ -69,10 +69,11 @@ def _mean_loss_over_draws(graph, adapters, base, data, settings, keys):
     return jnp.mean(losses)
 
 
-def fixed_draw_loss(model, network, draws=8):
-    """Mean x0-space MSE of the whole dataset over fixed noise/sigma draws: a yardstick that, unlike the
-    training loss, does not jump with each step's random sigma. Compiled once per network structure."""
-    dataset = make_dataset(*small_data())
+def fixed_draw_loss(model, network, draws=8, dataset=None):
+    """Mean x0-space MSE of the whole dataset (default `small_data`) over fixed noise/sigma draws: a yardstick
+    that, unlike the training loss, does not jump with each step's random sigma. Compiled once per network
+    structure."""
+    dataset = dataset or make_dataset(*small_data())
     data = device_arrays(dataset.buckets[0], model, jnp.float32)
     settings = StepSettings(dataset.size, 1, jnp.float32, LOSSES["MSE"], EVAL_OPTIMIZER, model.sampling)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)

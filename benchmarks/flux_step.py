@@ -1,0 +1,100 @@
+"""The full-size Flux.1-dev train step compiled from abstract inputs: XLA's memory and FLOP counts, and the
+compile time of the scanned block stacks against unrolled blocks.
+
+Run from the repository root as `python benchmarks/flux_step.py --section memory|compile|all`; prints markdown
+for BENCHMARKS.md. The step is the trainer's own (`prepare` and `lower_and_compile` of train_step.py): LoRA
+rank 16 with fp32 masters, AdamW, bf16 frozen base given as `jax.ShapeDtypeStruct`s, batch 1, 512 T5 tokens.
+Nothing is allocated; each case compiles in a freshly spawned process.
+
+- memory: 512x512 and 1024x1024 pixels (latents 64x64 and 128x128, 16 channels), remat per block on and off.
+- compile: 512x512, remat on, blocks scanned vs unrolled (19 double and 38 single blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import nnx
+from load_and_forward import timed
+from train_step import lower_and_compile, markdown_table, prepare, xla_counts
+
+from jaxlora.models.checkpoint import resolve_dtype
+from jaxlora.models.diffusion import DiffusionModel
+from jaxlora.models.families import FLUX_DEV_FAMILY
+from jaxlora.models.flux import FLUX_DEV, Flux
+from jaxlora.train.config import TrainConfig
+from jaxlora.train.data import make_bucket
+
+SECTIONS = ("memory", "compile")
+TOKENS = 512
+
+
+@dataclass(frozen=True)
+class Case:
+    latent: int
+    remat: bool
+    scan: bool = True
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig(rank=16, training_dtype="bf16", gradient_checkpointing=self.remat)
+
+    @property
+    def label(self) -> list[str]:
+        pixels = 8 * self.latent
+        return [f"{pixels}x{pixels}", "on" if self.remat else "off", "scan" if self.scan else "unrolled"]
+
+
+def abstract_flux(dtype, scan: bool) -> DiffusionModel:
+    """Flux.1-dev whose frozen weights are `ShapeDtypeStruct`s of `dtype`: it compiles and holds no memory."""
+    graph, state = nnx.split(Flux(FLUX_DEV, scan=scan))
+    state = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, dtype), state)
+    return DiffusionModel(nnx.merge(graph, state), FLUX_DEV_FAMILY, FLUX_DEV_FAMILY.sampling)
+
+
+def run_case(case: Case) -> dict:
+    config = case.config
+    model, building_s = timed(lambda: abstract_flux(resolve_dtype(config.training_dtype), case.scan))
+    conditioning = {
+        "c_crossattn": np.zeros((1, TOKENS, FLUX_DEV.context_dim), np.float32),
+        "pooled_output": np.zeros((1, FLUX_DEV.vec_in_dim), np.float32),
+    }
+    bucket = make_bucket(np.zeros((1, FLUX_DEV.in_channels, case.latent, case.latent), np.float32), conditioning)
+    (step, state), prepare_s = timed(lambda: prepare(model, bucket, config))
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    compiled, row = lower_and_compile(step, state, config)
+    return {"adapters s": prepare_s + building_s} | row | xla_counts(compiled)
+
+
+def run_all(cases: list[Case], title: str) -> None:
+    """Print the table row by row as each case finishes (a full-size unrolled compile can take very long)."""
+    print(f"{title}\n")
+    labels = ("pixels", "remat", "blocks")
+    for index, case in enumerate(cases):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            table = markdown_table([(case, pool.apply(run_case, (case,)))], labels)
+        print("\n".join(table.splitlines()[2 * bool(index) :]), flush=True)
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--section", choices=(*SECTIONS, "all"), default="all")
+    args = parser.parse_args()
+    print(f"jax {jax.__version__}, devices {jax.devices()}, {os.cpu_count()} CPU cores\n")
+    sections = SECTIONS if args.section == "all" else (args.section,)
+    title = f"Flux.1-dev, abstract compile: bf16 base, LoRA rank 16 (fp32 masters), AdamW, batch 1, {TOKENS} tokens"
+    if "memory" in sections:
+        cases = [Case(latent, remat) for latent in (64, 128) for remat in (True, False)]
+        run_all(cases, title)
+    if "compile" in sections:
+        run_all([Case(64, True, scan) for scan in (True, False)], title + ", scanned vs unrolled")
+
+
+if __name__ == "__main__":
+    main()

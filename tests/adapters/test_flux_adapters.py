@@ -1,0 +1,105 @@
+"""Adapters on Flux's stacked blocks: per-block initialisation, per-block export keys that ComfyUI's load math
+consumes and applies exactly as trained (fp32: rtol 1e-5, atol 1e-6), and re-import into the stacked layout."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from jaxlora.adapters.attach import attach_adapters, weight_layers
+from jaxlora.adapters.base import Target, layer_rng
+from jaxlora.adapters.formats import AdapterFileError, attach_imported, export_adapter, import_adapter
+from jaxlora.adapters.lora import LoRA
+from jaxlora.models.demo import TINY_FLUX_DEV, random_tensors
+from jaxlora.models.diffusion import load_model
+from tests.adapters import comfy_loader
+from tests.adapters.conftest import effective_state_dict, randomize_adapters
+
+
+@pytest.fixture(scope="module")
+def flux_file(tmp_path_factory):
+    tensors = random_tensors(TINY_FLUX_DEV, seed=5)
+    path = tmp_path_factory.mktemp("flux") / "flux.safetensors"
+    save_file({f"diffusion_model.{k}": v for k, v in tensors.items()}, str(path))
+    return path, {f"diffusion_model.{k}": v for k, v in tensors.items()}
+
+
+def adapted(flux_file, algorithm, seed=0):
+    path, base = flux_file
+    model = load_model(path, dtype="fp32")
+    attach_adapters(model.network, algorithm, rank=4, seed=seed, lora_dtype=jnp.float32)
+    randomize_adapters(model.network, seed=seed)
+    return model, base
+
+
+def comfyui_patched(base, tensors):
+    return comfy_loader.apply_file(base, tensors, comfy_loader.model_key_map(base, {}))
+
+
+def assert_same_weights(patched, expected):
+    assert patched.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(patched[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("style", ["comfyui", "kohya"])
+@pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr", "OFT"])
+def test_stacked_adapters_export_per_block_keys_that_comfyui_applies_as_trained(flux_file, algorithm, style):
+    model, base = adapted(flux_file, algorithm)
+    tensors = export_adapter(model.network, model.family.name, style, jnp.float32)
+    block = {"comfyui": "diffusion_model.double_blocks.1.img_attn.qkv", "kohya": "lora_unet_single_blocks_1_linear1"}
+    assert any(key.startswith(block[style] + ".") for key in tensors)
+    assert not any("query_norm" in key or "key_norm" in key for key in tensors)  # QK-norm scales are not trained
+    patched, not_loaded = comfyui_patched(base, tensors)
+    assert not_loaded == []
+    assert_same_weights(patched, effective_state_dict(model.network))
+
+
+def test_each_block_is_initialised_from_its_own_path(flux_file):
+    path, _ = flux_file
+    model = load_model(path, dtype="fp32", weights=False)
+    attach_adapters(model.network, "LoRA", rank=4, seed=7)
+    sites = dict(weight_layers(model.network))
+    ups = []
+    for block in (0, 1):
+        name = f"double_blocks.{block}.txt_attn.qkv"
+        fresh = LoRA.create(Target.of(sites[name]), 4, layer_rng(7, name), jnp.bfloat16)
+        up = np.asarray(sites[name].adapter.weight.up[...])
+        np.testing.assert_array_equal(up, np.asarray(fresh.up[...]))
+        ups.append(up)
+    assert not np.array_equal(*ups)
+
+
+@pytest.mark.parametrize("algorithm", ["LoRA", "LoKr"])
+def test_exported_file_restacks_on_import(flux_file, algorithm):
+    model, base = adapted(flux_file, algorithm)
+    tensors = export_adapter(model.network, model.family.name, "comfyui", jnp.float32)
+    fresh = load_model(flux_file[0], dtype="fp32")
+    attach_imported(fresh.network, import_adapter(fresh.network, tensors, jnp.float32))
+    assert_same_weights(effective_state_dict(fresh.network), effective_state_dict(model.network))
+
+
+def test_import_of_some_blocks_with_their_own_alphas(flux_file):
+    """A file with block 0 only (block 1 is left unchanged), and alphas that differ between layers' blocks."""
+    model, base = adapted(flux_file, "LoRA")
+    tensors = export_adapter(model.network, model.family.name, "comfyui", jnp.float32)
+    tensors = {k: v for k, v in tensors.items() if ".double_blocks.1." not in k}
+    tensors["diffusion_model.single_blocks.1.linear1.alpha"] = np.asarray(3.0, np.float32)
+    fresh = load_model(flux_file[0], dtype="fp32")
+    attach_imported(fresh.network, import_adapter(fresh.network, tensors, jnp.float32))
+    patched, not_loaded = comfyui_patched(base, tensors)
+    assert not_loaded == []
+    assert_same_weights(effective_state_dict(fresh.network), patched)
+
+
+def test_blocks_of_different_rank_are_refused_by_name(flux_file):
+    model, _ = adapted(flux_file, "LoRA")
+    tensors = export_adapter(model.network, model.family.name, "comfyui", jnp.float32)
+    key = "diffusion_model.double_blocks.1.img_mlp.0"
+    tensors[f"{key}.lora_up.weight"] = tensors[f"{key}.lora_up.weight"][:, :2]
+    tensors[f"{key}.lora_down.weight"] = tensors[f"{key}.lora_down.weight"][:2]
+    fresh = load_model(flux_file[0], dtype="fp32", weights=False)
+    with pytest.raises(AdapterFileError, match=r"double_blocks\.0\.img_mlp\.0"):
+        attach_imported(fresh.network, import_adapter(fresh.network, tensors, jnp.float32))
