@@ -153,6 +153,14 @@ def export_names(path: str, hidden_size: int, style: str) -> dict[str, FluxTarge
     return {f"transformer.{name}": target for name, target in names.items()}
 
 
+def bias_export_name(path: str, hidden_size: int, style: str) -> str:
+    """The base name for a bias diff (`diff_b`) of `path` in `style`. ComfyUI never applies a bias diff under a
+    name that stands for a row slice or the swapped modulation, so those go under the BFL name."""
+    names = export_names(path, hidden_size, style)
+    whole = [name for name, target in names.items() if target == FluxTarget(path)]
+    return whole[0] if whole else f"diffusion_model.{path}"
+
+
 def swap_halves(rows: np.ndarray) -> np.ndarray:
     """(a, b) -> (b, a) along the rows: ComfyUI's scale/shift swap for `norm_out.linear`, its own inverse."""
     first, second = np.split(rows, 2, axis=0)
@@ -175,8 +183,7 @@ def rows_to_whole(key: str, target: FluxTarget, rows: np.ndarray, out_features: 
     start, stop = _row_range(target, out_features)
     if rows.shape[0] != stop - start or stop > out_features:
         raise FluxAdapterShapeError(
-            f"{key}: {rows.shape[0]} rows do not fit rows [{start}, {stop}) of {target.path} "
-            f"({out_features} rows)"
+            f"{key}: {rows.shape[0]} rows do not fit rows [{start}, {stop}) of {target.path} ({out_features} rows)"
         )
     whole = np.zeros((out_features, *rows.shape[1:]), rows.dtype)
     whole[start:stop] = swap_halves(rows) if target.swap_halves else rows
