@@ -94,9 +94,9 @@ def _rows(piece: str | None, hidden_size: int) -> tuple[int, int] | None:
     return None if piece is None else tuple(hidden_size * i for i in PIECES[piece])
 
 
-def diffusers_names(path: str, hidden_size: int, import_only: bool = False) -> dict[str, FluxTarget]:
+def diffusers_names(path: str, hidden_size: int, include_import_only: bool = False) -> dict[str, FluxTarget]:
     """The diffusers module names that stand for (slices of) the BFL layer `path`, in row order; with
-    `import_only`, also the names ComfyUI reads but no tool should write."""
+    `include_import_only`, also the names ComfyUI reads but jaxlora never writes."""
     match = _BLOCK_PATH.match(path)
     if match:
         block, index, local = match.groups()
@@ -104,7 +104,7 @@ def diffusers_names(path: str, hidden_size: int, import_only: bool = False) -> d
         prefix = f"{prefix}.{index}."
     else:
         prefix, table, extra, local = "", TOP_LEVEL, {}, path
-    tables = (table, extra) if import_only else (table,)
+    tables = (table, extra) if include_import_only else (table,)
     return {
         prefix + name: FluxTarget(path, _rows(piece, hidden_size), prefix + name in SWAPPED)
         for t in tables
@@ -128,13 +128,11 @@ def import_aliases(paths: Iterable[str], hidden_size: int) -> dict[str, FluxTarg
         named = {f"diffusion_model.{path}": whole, kohya_name(path): whole}
         if _BLOCK_PATH.match(path) and path.endswith(".linear1"):
             named[f"diffusion_model.{path}_qkv"] = FluxTarget(path, _rows("qkv", hidden_size))
-        for name, target in diffusers_names(path, hidden_size, import_only=True).items():
+        for name, target in diffusers_names(path, hidden_size, include_import_only=True).items():
             flat = name.replace(".", "_")
             for alias in (f"transformer.{name}", f"lycoris_{flat}", f"lora_transformer_{flat}", name):
                 named[alias] = target
-        for alias, target in named.items():
-            if aliases.setdefault(alias, target) != target:
-                raise ValueError(f"{alias} would name both {aliases[alias]} and {target}")
+        aliases.update(named)
     return aliases
 
 
