@@ -10,11 +10,9 @@ from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
 from jaxlora.models.flux_names import (
-    STYLES,
     FluxAdapterShapeError,
     FluxTarget,
     LoraPiece,
-    bias_export_name,
     diffusers_names,
     export_names,
     fuse_lora,
@@ -22,62 +20,14 @@ from jaxlora.models.flux_names import (
     split_lora,
 )
 from tests.adapters import comfy_loader
-
-H = 32
-
-
-def flux_layers(hidden=H, double=2, single=2, guidance=True, channels=16, context=24, pooled=12, time_dim=8):
-    """A Flux model's linear layers in BFL layout: {path: torch weight shape [out, in]} (mlp ratio 4)."""
-    layers = {
-        "img_in": (hidden, channels),
-        "txt_in": (hidden, context),
-        "time_in.in_layer": (hidden, time_dim),
-        "time_in.out_layer": (hidden, hidden),
-        "vector_in.in_layer": (hidden, pooled),
-        "vector_in.out_layer": (hidden, hidden),
-    }
-    if guidance:
-        layers.update({"guidance_in.in_layer": (hidden, time_dim), "guidance_in.out_layer": (hidden, hidden)})
-    for i in range(double):
-        for stream in ("img", "txt"):
-            b = f"double_blocks.{i}.{stream}"
-            layers.update({f"{b}_mod.lin": (6 * hidden, hidden), f"{b}_attn.qkv": (3 * hidden, hidden)})
-            layers.update({f"{b}_attn.proj": (hidden, hidden), f"{b}_mlp.0": (4 * hidden, hidden)})
-            layers[f"{b}_mlp.2"] = (hidden, 4 * hidden)
-    for i in range(single):
-        b = f"single_blocks.{i}"
-        layers.update({f"{b}.linear1": (7 * hidden, hidden), f"{b}.linear2": (hidden, 5 * hidden)})
-        layers[f"{b}.modulation.lin"] = (3 * hidden, hidden)
-    layers.update({"final_layer.linear": (channels, hidden), "final_layer.adaLN_modulation.1": (2 * hidden, hidden)})
-    return layers
-
-
-def state_dict(layers, head_dim=8, seed=0):
-    """Random weights and biases under `diffusion_model.`, plus the QK-norm scales ComfyUI's model also holds."""
-    rng = np.random.default_rng(seed)
-    sd = {}
-    for path, shape in layers.items():
-        sd[f"diffusion_model.{path}.weight"] = rng.standard_normal(shape).astype(np.float32)
-        sd[f"diffusion_model.{path}.bias"] = rng.standard_normal(shape[0]).astype(np.float32)
-    norms = [p.replace(".qkv", ".norm") for p in layers if p.endswith("_attn.qkv")]
-    norms += [p.replace(".linear1", ".norm") for p in layers if p.endswith(".linear1")]
-    for norm in norms:
-        for which in ("query_norm", "key_norm"):
-            sd[f"diffusion_model.{norm}.{which}.scale"] = np.ones(head_dim, np.float32)
-    return sd
-
-
-def random_loras(layers, rank=3, seed=1):
-    """{path: (up [out, r], down [r, in], alpha)} with alpha != rank, so that the scale shows."""
-    rng = np.random.default_rng(seed)
-    return {
-        path: (
-            0.1 * rng.standard_normal((out, rank)).astype(np.float32),
-            0.1 * rng.standard_normal((rank, fan_in)).astype(np.float32),
-            float(rank + 1 + i % 3),
-        )
-        for i, (path, (out, fan_in)) in enumerate(layers.items())
-    }
+from tests.models.flux_layer_shapes import (
+    H,
+    assert_same_weights,
+    expected_weights,
+    flux_layers,
+    random_loras,
+    state_dict,
+)
 
 
 def oracle_target(target, sd):
@@ -91,23 +41,6 @@ def oracle_target(target, sd):
     if not key.endswith(".weight") or key not in sd:
         return None
     return key[len("diffusion_model.") : -len(".weight")], rows, swapped
-
-
-def assert_same_weights(patched, expected):
-    assert patched.keys() == expected.keys()
-    for key in expected:
-        np.testing.assert_allclose(patched[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
-
-
-def expected_weights(sd, loras, bias_diffs):
-    expected = dict(sd)
-    for path, (up, down, alpha) in loras.items():
-        expected[f"diffusion_model.{path}.weight"] = sd[f"diffusion_model.{path}.weight"] + alpha / down.shape[0] * (
-            up @ down
-        )
-    for path, diff in bias_diffs.items():
-        expected[f"diffusion_model.{path}.bias"] = sd[f"diffusion_model.{path}.bias"] + diff
-    return expected
 
 
 @pytest.mark.parametrize(
@@ -145,31 +78,6 @@ def test_aliases_are_exactly_the_names_comfyui_maps_to_weights(guidance):
     ours = {alias: (t.path, t.rows, t.swap_halves) for alias, t in import_aliases(layers, H).items()}
     assert ours == oracle
     assert any("guidance" in alias for alias in ours) == guidance
-
-
-@pytest.mark.parametrize("style", STYLES)
-def test_export_in_each_style_patches_the_fused_adapter_in_comfyui(style):
-    layers = flux_layers()
-    sd = state_dict(layers)
-    loras = random_loras(layers)
-    rng = np.random.default_rng(2)
-    bias_diffs = {path: 0.1 * rng.standard_normal(shape[0]).astype(np.float32) for path, shape in layers.items()}
-    tensors = {}
-    for path, (up, down, alpha) in loras.items():
-        names = export_names(path, H, style)
-        for name, (up_i, down_i, alpha_i) in split_lora(up, down, alpha, names).items():
-            if style == "peft":  # PEFT files carry no alpha: the scale goes into lora_B
-                tensors[f"{name}.lora_B.weight"] = up_i * np.float32(alpha_i / down_i.shape[0])
-                tensors[f"{name}.lora_A.weight"] = down_i
-            else:
-                tensors.update({f"{name}.lora_up.weight": up_i, f"{name}.lora_down.weight": down_i})
-                tensors[f"{name}.alpha"] = np.float32(alpha_i)
-        tensors[f"{bias_export_name(path, H, style)}.diff_b"] = bias_diffs[path]
-    if style == "peft":
-        assert "transformer.single_transformer_blocks.1.proj_mlp.lora_A.weight" in tensors
-    patched, not_loaded = comfy_loader.apply_file(sd, tensors, comfy_loader.flux_key_map(sd))
-    assert not_loaded == []
-    assert_same_weights(patched, expected_weights(sd, loras, bias_diffs))
 
 
 def test_kohya_and_peft_names():
