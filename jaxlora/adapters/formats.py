@@ -6,11 +6,12 @@ Export styles:
   (as sd-scripts does), SDXL its ldm names; conv LoRA factors are 4-D.
 - `peft`: `unet.<diffusers path>.lora_A/lora_B.weight`, LoRA only, scale folded into lora_B. ComfyUI does not
   map modern diffusers names of SD/SDXL attention projections (to_q/k/v/out), so those layers cannot be
-  written in this style and are reported.
+  written in this style and are reported. Flux writes `transformer.<diffusers path>`, splitting fused BFL
+  weights (qkv, linear1) into diffusers' row pieces (`flux_files.flux_export_tensors`).
 
 Import accepts every base name and suffix ComfyUI's loader resolves for the UNet (spec 8.2, 8.3), plus the
-modern diffusers names of attention layers; for Flux the BFL names (`diffusion_model.<path>`, `lora_unet_<path>`);
-anything else is reported by name.
+modern diffusers names of attention layers; for Flux every name ComfyUI maps (spec 8.4), row-slice pieces fused
+into one LoRA per BFL weight first (`flux_files.fuse_flux_groups`); anything else is reported by name.
 
 Everything here works on per-layer views from `attach.weight_layers` (checkpoint path, site, adapter), so a
 network whose blocks are stacked for scan exports and imports per-block keys like an unrolled one.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import jax
@@ -31,11 +32,14 @@ from flax import nnx
 
 from jaxlora.adapters.attach import adapted_layers, set_adapters, sites_by_layer, weight_layers
 from jaxlora.adapters.base import Diff, LayerAdapter, Target
+from jaxlora.adapters.flux_files import flux_export_tensors, fuse_flux_groups
 from jaxlora.adapters.loha import LoHa
 from jaxlora.adapters.lokr import LoKr
 from jaxlora.adapters.lora import LoRA
 from jaxlora.adapters.oft import OFT
 from jaxlora.models.diffusers_names import unet_to_diffusers
+from jaxlora.models.flux import Flux
+from jaxlora.models.flux_names import FluxAdapterShapeError, import_aliases
 from jaxlora.models.unet import UNet
 
 STYLES = ("comfyui", "kohya", "peft")
@@ -91,7 +95,8 @@ def _describe(items: Iterable[str], limit: int = 8) -> str:
 
 
 def diffusers_names(network: nnx.Module) -> dict[str, str]:
-    """Checkpoint path -> diffusers module name, for the layers that have one (UNets; none yet for Flux)."""
+    """Checkpoint path -> diffusers module name, for UNet layers that have one. Flux's diffusers names may stand
+    for row slices of one weight, so they live in `flux_names` tables instead (none here)."""
     if not isinstance(network, UNet):
         return {}
     return unet_to_diffusers(network.config, [path for path, _ in weight_layers(network)])
@@ -160,22 +165,46 @@ def _style_tensors(weight, target: Target, style: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+class _NoFileName(ValueError):
+    """A layer whose adapter has no name in the requested style."""
+
+
+def _layer_namer(network: nnx.Module, style: str, family: str) -> Callable[[str, dict], dict[str, np.ndarray]]:
+    """(path, {suffix: tensor}) -> {file key: tensor} for the network's naming scheme; raises `_NoFileName` for a
+    layer the style cannot name, so all such layers are reported together."""
+    if isinstance(network, Flux):
+        hidden_size = network.config.hidden_size  # = img_in's out features: diffusers' row-slice unit
+
+        def flux_names(path: str, parts: dict) -> dict[str, np.ndarray]:
+            try:
+                return flux_export_tensors(path, hidden_size, style, parts)
+            except FluxAdapterShapeError:
+                raise
+            except ValueError as error:  # no diffusers name, or a non-LoRA on row-slice names
+                raise _NoFileName(str(error)) from error
+
+        return flux_names
+    diffusers = diffusers_names(network)
+
+    def unet_names(path: str, parts: dict) -> dict[str, np.ndarray]:
+        if style == "peft" and (path not in diffusers or _is_attention_projection(diffusers[path])):
+            raise _NoFileName(path)
+        base = export_base_name(path, style, family, diffusers)
+        return {f"{base}.{suffix}": value for suffix, value in parts.items()}
+
+    return unet_names
+
+
 def export_adapter(
     network: nnx.Module, family: str, style: str = "comfyui", lora_dtype=jnp.bfloat16
 ) -> dict[str, np.ndarray]:
     """The attached adapters as file tensors: torch layout, the style's key names, stored in `lora_dtype`."""
     if style not in STYLES:
         raise ValueError(f"unknown adapter style {style!r}; use one of {STYLES}")
-    diffusers = diffusers_names(network)
+    names = _layer_namer(network, style, family)
     tensors, unmappable = {}, []
     for path, layer, adapter in adapted_layers(network):
-        base = export_base_name(path, style, family, diffusers)
-        if style == "peft" and (
-            path not in diffusers
-            or _is_attention_projection(diffusers[path])
-            or not isinstance(adapter.weight, LoRA | Diff | None)
-            or adapter.dora_scale is not None
-        ):
+        if style == "peft" and (not isinstance(adapter.weight, LoRA | Diff | None) or adapter.dora_scale is not None):
             unmappable.append(path)
             continue
         parts = {}
@@ -185,12 +214,17 @@ def export_adapter(
             parts["dora_scale"] = adapter.dora_scale[...]
         if adapter.bias is not None:
             parts["diff_b"] = adapter.bias.export()["diff"]
-        for suffix, value in parts.items():
-            tensors[f"{base}.{suffix}"] = np.asarray(value, np.float32).astype(_host_dtype(lora_dtype))
+        try:
+            named = names(path, {suffix: np.asarray(value, np.float32) for suffix, value in parts.items()})
+        except _NoFileName:
+            unmappable.append(path)
+            continue
+        tensors.update({key: value.astype(_host_dtype(lora_dtype)) for key, value in named.items()})
     if unmappable:
         raise AdapterFileError(
-            f"{len(unmappable)} adapted layers have no '{style}' name ComfyUI loads (attention projections or "
-            f"non-LoRA algorithms): {_describe(unmappable)}; use style 'comfyui' or 'kohya'"
+            f"{len(unmappable)} adapted layers have no '{style}' name ComfyUI loads (attention projections, "
+            f"non-LoRA algorithms, or non-LoRA on Flux's fused weights): {_describe(unmappable)}; use style "
+            f"'comfyui' or 'kohya'"
         )
     return tensors
 
@@ -348,11 +382,28 @@ def _layer_adapter(f: _Factors, layer, lora_dtype) -> LayerAdapter:
     return LayerAdapter(weight, bias, dora_scale=dora_scale)
 
 
+def _flux_canonical(network: Flux, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A Flux file under any name ComfyUI maps -> the same adapter under `diffusion_model.<BFL path>` names, so
+    diffusers row-slice pieces (q/k/v/proj_mlp) become one LoRA on the fused weight before the usual import."""
+    layers = dict(weight_layers(network))
+    aliases = import_aliases(layers, network.config.hidden_size)
+    groups, unmatched = group_keys(tensors.keys(), {alias: alias for alias in aliases})
+    if unmatched:
+        raise AdapterFileError(f"{len(unmatched)} keys match no layer of this model: {_describe(unmatched)}")
+    out_features = {path: Target.of(layer).out_features for path, layer in layers.items()}
+    try:
+        return fuse_flux_groups(groups, tensors, aliases, out_features)
+    except ValueError as error:
+        raise AdapterFileError(str(error)) from error
+
+
 def import_adapter(
     network: nnx.Module, tensors: Mapping[str, np.ndarray], lora_dtype=jnp.bfloat16
 ) -> dict[str, LayerAdapter]:
     """Layer adapters {checkpoint path: LayerAdapter} from file tensors in any accepted style, or an error naming every
     key that matches no layer."""
+    if isinstance(network, Flux):
+        tensors = _flux_canonical(network, tensors)
     groups, unmatched = group_keys(tensors.keys(), import_base_names(network))
     if unmatched:
         raise AdapterFileError(f"{len(unmatched)} keys match no layer of this model: {_describe(unmatched)}")

@@ -1,7 +1,10 @@
 """Adapters on Flux's stacked blocks: per-block initialisation, per-block export keys that ComfyUI's load math
-consumes and applies exactly as trained (fp32: rtol 1e-5, atol 1e-6), and re-import into the stacked layout."""
+consumes and applies exactly as trained (fp32: rtol 1e-5, atol 1e-6), and re-import into the stacked layout,
+including diffusers/PEFT names whose row-slice pieces fuse into one LoRA per BFL weight."""
 
 from __future__ import annotations
+
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +38,7 @@ def adapted(flux_file, algorithm, seed=0):
 
 
 def comfyui_patched(base, tensors):
-    return comfy_loader.apply_file(base, tensors, comfy_loader.model_key_map(base, {}))
+    return comfy_loader.apply_file(base, tensors, comfy_loader.flux_key_map(base))
 
 
 def assert_same_weights(patched, expected):
@@ -103,3 +106,54 @@ def test_blocks_of_different_rank_are_refused_by_name(flux_file):
     fresh = load_model(flux_file[0], dtype="fp32", weights=False)
     with pytest.raises(AdapterFileError, match=r"double_blocks\.0\.img_mlp\.0"):
         attach_imported(fresh.network, import_adapter(fresh.network, tensors, jnp.float32))
+
+
+def other_spellings(tensors):
+    """PEFT keys of double block 1 as LyCORIS names, of single block 0 as `lora_transformer_` names, of single
+    block 1 bare: every diffusers spelling ComfyUI maps, in one file."""
+    spellings = {
+        "transformer.transformer_blocks.1.": lambda base: "lycoris_" + base.replace(".", "_"),
+        "transformer.single_transformer_blocks.0.": lambda base: "lora_transformer_" + base.replace(".", "_"),
+        "transformer.single_transformer_blocks.1.": lambda base: base,
+    }
+    renamed = {}
+    for key, value in tensors.items():
+        base, suffix = re.fullmatch(r"(.*?)(\.lora_[AB]\.weight|\.diff_b)", key).groups()
+        spell = next((f for prefix, f in spellings.items() if key.startswith(prefix)), None)
+        renamed[key if spell is None else spell(base.removeprefix("transformer.")) + suffix] = value
+    return renamed
+
+
+def test_peft_export_splits_fused_weights_and_reimports_fused(flux_file):
+    model, base = adapted(flux_file, "LoRA")
+    peft = export_adapter(model.network, model.family.name, "peft", jnp.float32)
+    for piece in (
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.1.attn.add_v_proj",
+        "single_transformer_blocks.1.proj_mlp",
+        "norm_out.linear",
+    ):
+        assert f"transformer.{piece}.lora_B.weight" in peft
+    assert not any(key.startswith("diffusion_model.") and "lora_" in key for key in peft)
+    comfyui = export_adapter(model.network, model.family.name, "comfyui", jnp.float32)
+    patched, not_loaded = comfyui_patched(base, peft)
+    assert not_loaded == []
+    assert_same_weights(patched, comfyui_patched(base, comfyui)[0])
+
+    renamed = other_spellings(peft)
+    assert any(key.startswith("lycoris_transformer_blocks_1_attn_to_k.") for key in renamed)
+    fresh = load_model(flux_file[0], dtype="fp32")
+    attach_imported(fresh.network, import_adapter(fresh.network, renamed, jnp.float32))
+    assert_same_weights(effective_state_dict(fresh.network), effective_state_dict(model.network))
+
+
+def test_flux_peft_errors_name_the_layer_or_key(flux_file):
+    lokr, _ = adapted(flux_file, "LoKr")
+    with pytest.raises(AdapterFileError, match=r"double_blocks\.0\.img_attn\.qkv"):
+        export_adapter(lokr.network, lokr.family.name, "peft", jnp.float32)
+    model, _ = adapted(flux_file, "LoRA")
+    peft = export_adapter(model.network, model.family.name, "peft", jnp.float32)
+    key = "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"
+    peft[key] = peft[key][:-1]
+    with pytest.raises(AdapterFileError, match=r"transformer_blocks\.0\.attn\.to_q"):
+        import_adapter(model.network, peft, jnp.float32)
