@@ -3,20 +3,20 @@ file in any style ComfyUI accepts and attaches it to the model."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save
 
 from jaxlora.adapters.attach import adapted_layers
 from jaxlora.adapters.formats import attach_imported, export_adapter, import_adapter
 from jaxlora.adapters.lokr import LoKr
 from jaxlora.adapters.metadata import AdapterInfo, adapter_metadata, dtype_name
 from jaxlora.adapters.oft import OFT
-from jaxlora.files import write_new_file
+from jaxlora.files import safetensors_bytes, write_new_file
 from jaxlora.models.checkpoint import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
 
@@ -58,7 +58,7 @@ def save_lora(
     dtype = resolve_dtype(lora_dtype)
     info = info or describe_adapters(model, dtype)
     tensors = export_adapter(model.network, model.family.name, style, dtype)
-    return write_new_file(path, save(tensors, metadata=adapter_metadata(info, style)))
+    return write_new_file(path, safetensors_bytes(tensors, adapter_metadata(info, style)))
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ def read_lora_file(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"permission denied: {path}")
     try:
         with safe_open(path, framework="numpy") as f:
             return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})

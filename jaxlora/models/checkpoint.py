@@ -12,6 +12,7 @@ its shards (split by `jaxlora.parallel.mesh.FSDP_RULES`), so no device ever hold
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -85,6 +86,8 @@ def read_index(path: str | Path) -> CheckpointIndex:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"permission denied: {path}")
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path}: pickled checkpoints are not loaded (they can run code); use .safetensors")
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import tomllib
 from dataclasses import fields, replace
@@ -18,6 +17,7 @@ from pathlib import Path
 import jax
 
 from jaxlora.adapters.formats import STYLES
+from jaxlora.files import FolderInUseError, remove_abandoned_partials, scratch_folder
 from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
 from jaxlora.models.diffusion import load_model
 from jaxlora.parallel import distributed
@@ -25,10 +25,11 @@ from jaxlora.parallel.placement import is_writer
 from jaxlora.train.config import CHOICES, TrainConfig
 from jaxlora.train.data import load_dataset, make_dataset
 from jaxlora.train.loop import NonFiniteLossError, preflight, run_training, with_host_adapters
-from jaxlora.train.report import write_run_outputs
+from jaxlora.train.report import output_stem, write_run_outputs
 
 DEFAULT_PREFIX = "loras/jaxlora_trained_lora"
-RUN_FLAGS = {"model", "dataset", "output_dir", "prefix", "format", "checkpoint_every", "resume"}
+RUN_FLAGS = {"model", "dataset", "output_dir", "prefix", "format", "checkpoint_every", "resume", "keep_checkpoints"}
+INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C
 
 
 def enable_compilation_cache(directory: str | None = None) -> Path:
@@ -41,6 +42,14 @@ def enable_compilation_cache(directory: str | None = None) -> Path:
     return path
 
 
+def non_negative(text: str) -> int:
+    """An argparse type: a whole number of 0 or more (argparse names the flag in its error)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (0: only at the end and on Ctrl-C), not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxlora.train", description=__doc__.splitlines()[0])
     run = parser.add_argument_group("run")
@@ -49,8 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default="output", help="where the adapter, loss history and plot go")
     run.add_argument("--prefix", default=DEFAULT_PREFIX, help="file name prefix, may include subfolders")
     run.add_argument("--format", default="comfyui", choices=STYLES, help="adapter key style")
-    run.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
-    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
+    run.add_argument(
+        "--checkpoint-every", type=non_negative, default=0, help="save a resumable checkpoint every N steps"
+    )
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="RUN",
+        help="continue the latest unfinished run of this prefix, or the run named (run_00002)",
+    )
+    run.add_argument(
+        "--keep-checkpoints", action="store_true", default=None, help="keep the final checkpoint of a finished run"
+    )
     run.add_argument("--config", type=Path, help="TOML file with these settings (flags override it)")
     run.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compile cache")
     run.add_argument(
@@ -112,15 +132,28 @@ def summary(result, stats, paths: dict[str, Path]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: no adapter was written; a run that had saved a checkpoint continues with --resume",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+
+
+def train(args: argparse.Namespace) -> int:
+    """The command: check everything, train, write the outputs. Exit status 0, 1 (the loss diverged), 2 (bad
+    input) or 130 (stopped by Ctrl-C, checkpoint saved, no adapter written)."""
     distributed.initialize(args.distributed, os.environ)
     if not args.no_compile_cache:
         enable_compilation_cache()
     settings = settings_from(args)
     run = {key: settings.pop(key) for key in list(settings) if key in RUN_FLAGS}
-    with tempfile.TemporaryDirectory() as scratch:
+    with scratch_folder("jaxlora-demo-") as scratch:
         demo = "model" not in run and "dataset" not in run
         if demo:
-            demo_inputs(Path(scratch), settings)
+            demo_inputs(scratch, settings)
             run.setdefault("model", settings.pop("model"))
         elif "model" not in run or "dataset" not in run:
             print("give both --model and --dataset (or neither, for the demo)", file=sys.stderr)
@@ -132,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(
                 run["model"], dtype=config.training_dtype, prediction=config.prediction, mesh=config.mesh
             )
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         output_dir = Path(run.get("output_dir", "output"))
         prefix = run.get("prefix", DEFAULT_PREFIX)
+        if is_writer() and output_stem(output_dir, prefix, None).parent.is_dir():
+            remove_abandoned_partials(output_stem(output_dir, prefix, None).parent)
         print(
             f"training {config.algorithm} rank {config.rank} on {model.family.description} ({model.source.name}), "
             f"{dataset.size} samples in {len(dataset.buckets)} bucket(s), {config.steps} steps"
@@ -151,18 +186,26 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_every=run.get("checkpoint_every", 0),
                 resume=run.get("resume", False),
             )
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError, FolderInUseError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         except NonFiniteLossError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        if result.stats.interrupted:
+            checkpoints = result.checkpoints
+            print(
+                f"interrupted at step {checkpoints.latest_step()} of {config.steps}: the checkpoint is saved in "
+                f"{checkpoints.directory} and no adapter was written; continue with --resume {checkpoints.name}",
+                file=sys.stderr,
+            )
+            return INTERRUPTED
         result = replace(result, model_with_lora=with_host_adapters(result.model_with_lora))
         if not is_writer():  # on several processes, process 0 writes the outputs
             return 0
-        paths = write_run_outputs(result, config, output_dir, prefix, run.get("format", "comfyui"))
-    if result.stats.interrupted:
-        print(f"interrupted after step {result.steps}; the checkpoint is saved: rerun with --resume to continue")
+        paths = write_run_outputs(
+            result, config, output_dir, prefix, run.get("format", "comfyui"), run.get("keep_checkpoints", False)
+        )
     print(f"done in {time.perf_counter() - started:.1f} s" + (" (demo)" if demo else ""))
     print(summary(result, result.stats, paths))
     return 0

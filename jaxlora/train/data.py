@@ -11,6 +11,7 @@ become separate buckets.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,8 @@ def load_dataset(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"permission denied: {path}")
     if path.is_file():
         return Dataset(merge_buckets([_read_safetensors(path)]))
     if any(path.glob("shard_*.pkl")):

@@ -26,7 +26,7 @@ from jaxlora.models.diffusion import DiffusionModel
 from jaxlora.models.sampling import ModelSampling
 from jaxlora.parallel.mesh import MeshLayout, check_batch, make_mesh
 from jaxlora.parallel.placement import place_tree, to_host
-from jaxlora.train.checkpoints import Checkpoints, ResumeError
+from jaxlora.train.checkpoints import Checkpoints, open_run
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
 from jaxlora.train.optim import loss_function, make_optimizer
@@ -75,6 +75,7 @@ class TrainResult:
     loss_map: dict[str, list[float]]
     steps: int
     stats: RunStats = field(default_factory=RunStats)
+    checkpoints: Checkpoints | None = None  # the run's folder, marked finished once its outputs are written
 
 
 def existing_steps(path: Path, metadata: dict[str, str]) -> int:
@@ -203,12 +204,32 @@ def run_training(
     config: TrainConfig,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
-    resume: bool = False,
+    resume: bool | str = False,
     progress: Callable[[str], None] | None = None,
     log_every_seconds: float = 2.0,
 ) -> TrainResult:
+    """Train, with checkpoints in a new run folder under `checkpoint_dir` (every `checkpoint_every` steps, at the
+    end and on Ctrl-C), or continuing one: `resume=True` takes the latest unfinished run, a string names it."""
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be 0 or more (0: at the end and on Ctrl-C), got {checkpoint_every}")
     progress = progress or (lambda line: print(line, file=sys.stderr))
     preflight(model, dataset, config)
+    if checkpoint_dir is None:
+        return _train(model, dataset, config, None, checkpoint_every, progress, log_every_seconds)
+    run = open_run(checkpoint_dir, fingerprint(config, model, dataset), resume, config.steps)
+    with run.in_use():
+        return _train(model, dataset, config, run, checkpoint_every, progress, log_every_seconds)
+
+
+def _train(
+    model: DiffusionModel,
+    dataset: Dataset,
+    config: TrainConfig,
+    checkpoints: Checkpoints | None,
+    checkpoint_every: int,
+    progress: Callable[[str], None],
+    log_every_seconds: float,
+) -> TrainResult:
     dtype = resolve_dtype(config.training_dtype)
     network, previous_steps = adapted_network(model, config, dtype)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
@@ -234,18 +255,10 @@ def run_training(
         None if layout is None else layout.batch,
     )
 
-    checkpoints = None
     start, history = 0, []
-    if checkpoint_dir is not None:
-        checkpoints = Checkpoints(checkpoint_dir, fingerprint(config, model, dataset))
-        if checkpoints.latest_step() is not None:
-            if not resume:
-                raise ResumeError(
-                    f"{checkpoints.directory} holds checkpoints of an earlier run (step {checkpoints.latest_step()}): "
-                    "resume it (--resume), or choose another output folder or prefix"
-                )
-            start, adapters, opt_state, history = checkpoints.restore(adapters, opt_state)
-            progress(f"resumed from step {start} ({checkpoints.directory})")
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        start, adapters, opt_state, history = checkpoints.restore(adapters, opt_state)
+        progress(f"resumed {checkpoints.name} from step {start} ({checkpoints.directory})")
 
     data = [device_arrays(bucket, model, dtype, config.guidance) for bucket in dataset.buckets]
     micro = config.grad_accumulation_steps
@@ -321,7 +334,7 @@ def run_training(
     adapted = DiffusionModel(network, model.family, sampling, model.source)
     exported = with_host_adapters(adapted).network
     lora = export_adapter(exported, model.family.name, "comfyui", resolve_dtype(config.lora_dtype))
-    return TrainResult(adapted, lora, {"loss": history}, done + previous_steps, stats)
+    return TrainResult(adapted, lora, {"loss": history}, done + previous_steps, stats, checkpoints)
 
 
 def train_lora(

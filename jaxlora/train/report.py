@@ -33,6 +33,11 @@ WIDTH, HEIGHT, MARGIN = 840, 520, 40
 SMOOTHING = 40  # histories of 10x this many micro-steps or more also get a moving mean over 1/40 of the run
 LINE, FAINT, WARN = (31, 74, 150), (172, 192, 226), (170, 40, 40)  # dark blue, light blue, red
 AXIS, TEXT, GRID = (60, 60, 60), (30, 30, 30), (228, 228, 228)
+COUNTER_ATTEMPTS = 100  # runs of one prefix finishing within the same moment
+
+
+class RunInterruptedError(RuntimeError):
+    """Outputs asked of a run that stopped early; the message gives its step and where its checkpoint is."""
 
 
 def output_stem(output_dir: str | Path, prefix: str, steps: int | None) -> Path:
@@ -88,12 +93,25 @@ def write_loss_history(stem: str | Path, losses: Sequence[float], steps_per_opti
 
 
 def write_run_outputs(
-    result: TrainResult, config: TrainConfig, output_dir: str | Path, prefix: str, style: str = "comfyui"
+    result: TrainResult,
+    config: TrainConfig,
+    output_dir: str | Path,
+    prefix: str,
+    style: str = "comfyui",
+    keep_checkpoints: bool = False,
 ) -> dict[str, Path]:
-    """Save a run as ComfyUI's SaveLoRA would name it: `<stem>.safetensors` (the adapter in `style`, with the
-    settings in its metadata) and the loss history beside it. Returns {"adapter", "loss json", "loss csv",
-    "loss plot": path}; the CLI and the notebook share it so their files are the same."""
-    stem = output_stem(output_dir, prefix, result.steps)
+    """Save a finished run as ComfyUI's SaveLoRA would name it: `<stem>.safetensors` (the adapter in `style`, with
+    the settings in its metadata) and the loss history beside it; then mark its checkpoint folder finished, its
+    checkpoints deleted unless `keep_checkpoints`. Returns {"adapter", "loss json", "loss csv", "loss plot":
+    path}; the CLI and the notebook share it so their files are the same.
+
+    An interrupted run is refused (its adapter is not the one asked for: resume it). If another run takes the
+    same counter meanwhile, the next one is used: nothing is lost or overwritten."""
+    if result.stats.interrupted:
+        raise RunInterruptedError(
+            f"the run stopped at step {result.steps} of {config.steps}; no adapter is written for it: resume it to "
+            "finish" + (f" (its checkpoint is in {result.checkpoints.directory})" if result.checkpoints else "")
+        )
     info = AdapterInfo(
         family=result.model_with_lora.family.name,
         prediction=result.model_with_lora.sampling.prediction,
@@ -105,8 +123,19 @@ def write_run_outputs(
         training_dtype=config.training_dtype,
         settings=config.as_dict(),
     )
-    paths = {"adapter": save_lora(result.model_with_lora, f"{stem}.safetensors", style, config.lora_dtype, info)}
+    for _ in range(COUNTER_ATTEMPTS):
+        stem = output_stem(output_dir, prefix, result.steps)
+        try:
+            adapter = save_lora(result.model_with_lora, f"{stem}.safetensors", style, config.lora_dtype, info)
+            break
+        except FileExistsError:  # another run finished with the same name just now: take the next counter
+            continue
+    else:
+        raise FileExistsError(f"{stem}.safetensors: {COUNTER_ATTEMPTS} counters taken by other runs meanwhile")
+    paths = {"adapter": adapter}
     paths.update(write_loss_history(stem, result.loss_map["loss"], config.grad_accumulation_steps))
+    if result.checkpoints is not None:
+        result.checkpoints.finish(adapter, keep_checkpoints)
     return paths
 
 
