@@ -321,7 +321,7 @@ def _train(
                 rate, samples_rate = stats.steps_run / elapsed, stats.samples / elapsed
                 progress(progress_line(done, config.steps, history[-1], rate, samples_rate, stats.mfu(elapsed)))
             if stop:
-                stats.interrupted = True
+                stats.interrupted = done < config.steps  # Ctrl-C during the last step stops nothing
                 break
     collect()
     jax.block_until_ready(adapters)
