@@ -54,9 +54,9 @@ def test_files_and_toml_config_with_flag_overrides(files, tmp_path, capsys):
     argv = ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(tmp_path), "--prefix", "me/run",
             "--config", str(config), "--rank", "2", "--format", "kohya", "--no-compile-cache"]  # fmt: skip
     assert main(argv) == 0
-    assert main(argv) == 2  # checkpoints of the first run are there: continuing them must be asked for
-    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
-    assert main(argv + ["--resume"]) == 0  # nothing left to train; outputs are written anew, never over the first
+    assert main(argv) == 0  # runs are independent: the same command again writes the next file
+    assert main(argv + ["--resume"]) == 2  # and both finished: there is nothing to resume
+    assert "nothing to do: run_00002 finished at step 2" in capsys.readouterr().err
     first, second = (
         tmp_path / "me" / "run_2_steps_00001_.safetensors",
         tmp_path / "me" / "run_2_steps_00002_.safetensors",

@@ -233,7 +233,8 @@ def test_diverging_run_stops_with_the_step_number(model, tmp_path):
         train_lora(model, *small_data(), steps=40, rank=2, optimizer="SGD", learning_rate=1.0, **FP32,
                    checkpoint_dir=tmp_path, checkpoint_every=1, log_every_seconds=0, **QUIET)  # fmt: skip
     step = int(stopped.value.args[0].split("at step ")[1].split(";")[0])
-    assert Checkpoints(tmp_path, {}).latest_step() == step - 1  # the last good step is kept, nothing after it
+    last_good = Checkpoints(tmp_path / "run_00001", {}).latest_step()
+    assert last_good == step - 1  # the last good step is kept, nothing after it
 
 
 @pytest.mark.parametrize(
