@@ -186,9 +186,9 @@ class Checkpoints:
         if not is_writer():
             return
         self._write_record(state="finished", adapter=str(adapter))
-        if not keep_checkpoints:
+        if not keep_checkpoints:  # removed directly: orbax's delete waits for every process, and only one is here
             for step in self.manager.all_steps():
-                self.manager.delete(step)
+                shutil.rmtree(self.directory / str(step), ignore_errors=True)
 
     def discard(self) -> None:
         """Remove the folder of a run that stopped before its first checkpoint: there is nothing to resume."""

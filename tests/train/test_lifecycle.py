@@ -27,7 +27,10 @@ from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
 from jaxlora.train import loop
 from jaxlora.train.__main__ import main
 from jaxlora.train.checkpoints import RUN_FILE, ResumeError, new_run, open_run, resumable_run
+from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import load_dataset, save_dataset
+from jaxlora.train.loop import RunStats, TrainResult
+from jaxlora.train.report import RunInterruptedError, write_run_outputs
 
 PREFIX = "loras/style"
 
@@ -127,6 +130,15 @@ def test_ctrl_c_while_training_keeps_the_checkpoint_and_writes_no_adapter(inputs
     assert main(command(inputs, tmp_path, "--resume", "run_00001")) == 0
     assert (tmp_path / "loras" / "style_3_steps_00001_.safetensors").is_file()
     assert runs(tmp_path)["run_00001"]["state"] == "finished"
+
+
+def test_outputs_of_an_interrupted_run_are_refused():
+    """The notebook's path: it writes outputs with write_run_outputs, which must not name a partial adapter as the
+    finished one."""
+    result = TrainResult(None, {}, {"loss": [1.0]}, steps=1, stats=RunStats(interrupted=True))
+    config = TrainConfig(steps=3)
+    with pytest.raises(RunInterruptedError, match="stopped at step 1 of 3; no adapter is written"):
+        write_run_outputs(result, config, "unused", "unused")
 
 
 def test_ctrl_c_while_compiling_exits_cleanly_and_leaves_no_run(inputs, tmp_path, capsys, monkeypatch):
