@@ -125,10 +125,13 @@ def test_ctrl_c_while_training_keeps_the_checkpoint_and_writes_no_adapter(inputs
     assert "interrupted at step 2 of 3" in error and "no adapter was written" in error
     assert "--resume run_00001" in error
     assert not list((tmp_path / "loras").glob("*.safetensors"))
+    assert main(command(inputs, tmp_path, "--resume", "--rank", "4")) == 2  # other arithmetic: refused, named
+    assert "rank: checkpoint 2, now 4" in capsys.readouterr().err
     assert runs(tmp_path)["run_00001"]["step"] == 2
     monkeypatch.undo()
-    assert main(command(inputs, tmp_path, "--resume", "run_00001")) == 0
-    assert (tmp_path / "loras" / "style_3_steps_00001_.safetensors").is_file()
+    longer = ["--steps", "4", "--format", "kohya", "--checkpoint-every", "2"]  # none of these changes the arithmetic
+    assert main(command(inputs, tmp_path, "--resume", "run_00001", *longer)) == 0
+    assert (tmp_path / "loras" / "style_4_steps_00001_.safetensors").is_file()
     assert runs(tmp_path)["run_00001"]["state"] == "finished"
 
 
