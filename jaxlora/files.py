@@ -5,6 +5,7 @@ apart from what a live one is writing, and is removed by the next run."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -68,7 +69,7 @@ def _temporary_copy(path: Path, data: bytes) -> Iterator[Path]:
     temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}{PARTIAL}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fd, wait=True)
         with os.fdopen(fd, "wb", closefd=False) as file:
             file.write(data)
             file.flush()
@@ -123,11 +124,21 @@ def _abandoned(path: Path, lock_file: Path) -> bool:
     except FileNotFoundError:
         return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
+        return _lock(fd)
     finally:
         os.close(fd)
+
+
+def _lock(fd: int, wait: bool = False) -> bool:
+    """Take an exclusive flock on `fd`; False if another open file holds it (and not `wait`). On filesystems
+    without flock (some network and FUSE mounts) there is no one to coordinate with, so it counts as taken."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
     return True
 
 
@@ -143,10 +154,8 @@ def folder_lock(folder: str | Path, lock_name: str = ".lock") -> Iterator[Path]:
     lock_file = Path(folder) / lock_name
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderInUseError(f"{folder} is in use by another process (it holds {lock_file})") from None
+        if not _lock(fd):
+            raise FolderInUseError(f"{folder} is in use by another process (it holds {lock_file})")
         yield lock_file
     finally:
         os.close(fd)
