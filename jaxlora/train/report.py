@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from jaxlora.adapters.lora_files import save_lora
-from jaxlora.adapters.metadata import AdapterInfo
+from jaxlora.adapters.metadata import adapter_info
 from jaxlora.files import write_new_file
 
 if TYPE_CHECKING:
@@ -54,14 +54,6 @@ def output_stem(output_dir: str | Path, prefix: str, steps: int | None) -> Path:
     return folder / (f"{base}_{counter:05}_" if steps is None else f"{base}_{steps}_steps_{counter:05}_")
 
 
-def parse_steps_from_name(filename: str | Path) -> int | None:
-    """Steps already trained according to a file name, by ComfyUI's existing_lora rule: the `_`-separated token right
-    before the first `_steps_`. None where there is no such integer (ComfyUI raises there)."""
-    head, found, _ = Path(filename).name.partition("_steps_")
-    token = head.rsplit("_", 1)[-1]
-    return int(token) if found and re.fullmatch(r"[0-9]+", token) else None
-
-
 def write_loss_history(stem: str | Path, losses: Sequence[float], steps_per_optimizer_step: int) -> dict[str, Path]:
     """Write `<stem>loss.json` (ComfyUI's loss_map plus `micro_steps_per_step`; non-finite losses as null),
     `<stem>loss.csv` (`micro_step,step,loss`, both counted from 1) and `<stem>loss.png`; never over a file.
@@ -92,19 +84,11 @@ def write_run_outputs(
 ) -> dict[str, Path]:
     """Save a run as ComfyUI's SaveLoRA would name it: `<stem>.safetensors` (the adapter in `style`, with the
     settings in its metadata) and the loss history beside it. Returns {"adapter", "loss json", "loss csv",
-    "loss plot": path}; the CLI and the notebook share it so their files are the same."""
+    "loss plot": path}; the CLI and the notebook share it so their files are the same. The metadata describes
+    the adapters as trained (`adapter_info`), which for a continued adapter are the file's, not the flags'."""
     stem = output_stem(output_dir, prefix, result.steps)
-    info = AdapterInfo(
-        family=result.model_with_lora.family.name,
-        prediction=result.model_with_lora.sampling.prediction,
-        algorithm=config.algorithm,
-        rank=config.rank,
-        alpha=1.0,
-        lora_dtype=config.lora_dtype,
-        steps=result.steps,
-        training_dtype=config.training_dtype,
-        settings=config.as_dict(),
-    )
+    model = result.model_with_lora
+    info = adapter_info(model, config.lora_dtype, result.steps, config.training_dtype, config.as_dict())
     paths = {"adapter": save_lora(result.model_with_lora, f"{stem}.safetensors", style, config.lora_dtype, info)}
     paths.update(write_loss_history(stem, result.loss_map["loss"], config.grad_accumulation_steps))
     return paths
