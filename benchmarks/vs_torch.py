@@ -41,10 +41,10 @@ from jaxlora import load_model
 from jaxlora.adapters.attach import adapted_layers
 from jaxlora.adapters.base import AdapterParam, Diff
 from jaxlora.adapters.lora import LoRA
-from jaxlora.models.checkpoint import resolve_dtype
+from jaxlora.dtypes import resolve_dtype
 from jaxlora.models.demo import write_random_checkpoint
-from jaxlora.models.diffusers_names import unet_to_diffusers
 from jaxlora.models.unet import SD15, UNetConfig
+from jaxlora.models.unet_names import unet_to_diffusers
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import device_arrays, make_bucket
 from jaxlora.train.loop import adapted_network

@@ -45,7 +45,7 @@ def test_kohya_file_converts_to_comfyui_keys_that_load_to_the_same_weights(tiny_
 def test_keys_that_fit_no_layer_are_reported_and_nothing_is_written(tiny_model, tiny_checkpoint, tmp_path, capsys):
     model, _ = tiny_model("sd1")
     jaxlora.attach_adapters(model.network, "LoRA", rank=2, seed=0)
-    tensors = export_adapter(model.network, "sd1", "comfyui", jnp.float32)
+    tensors = export_adapter(model, "comfyui", jnp.float32)
     tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = np.zeros((4, 2), np.float32)
     source = tmp_path / "mixed.safetensors"
     save_file(tensors, str(source))

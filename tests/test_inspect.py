@@ -25,7 +25,8 @@ def test_checkpoint_is_described(tiny_checkpoint, capsys):
 
 
 def test_flux_checkpoint_is_described(tmp_path, capsys):
-    from jaxlora.models.demo import TINY_FLUX_DEV, write_random_checkpoint
+    from jaxlora.models.demo import write_random_checkpoint
+    from jaxlora.models.flux_family import TINY_FLUX_DEV
 
     main([str(write_random_checkpoint(TINY_FLUX_DEV, tmp_path / "flux.safetensors")), "--no-forward"])
     out = capsys.readouterr().out

@@ -1,6 +1,6 @@
 """`python -m jaxlora.train`: train an adapter from the command line, with the node's settings as flags.
 
-With neither --model nor --dataset it runs the built-in demo: a tiny UNet with seeded random weights and a
+With neither --model nor --dataset it runs the built-in demo: a tiny model with seeded random weights and a
 synthetic dataset, to show the whole path (training, adapter file, loss history and plot) in about a minute.
 """
 
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import jax
 
-from jaxlora.adapters.formats import STYLES
 from jaxlora.files import FolderInUseError, remove_abandoned_partials, scratch_folder
-from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
+from jaxlora.models.demo import demo_dataset, write_random_checkpoint
 from jaxlora.models.diffusion import load_model
+from jaxlora.models.family import STYLES
+from jaxlora.models.registry import DEMO_FAMILY, supported_models
 from jaxlora.parallel import distributed
 from jaxlora.parallel.placement import is_writer
 from jaxlora.train.config import CHOICES, TrainConfig
@@ -53,7 +54,7 @@ def non_negative(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxlora.train", description=__doc__.splitlines()[0])
     run = parser.add_argument_group("run")
-    run.add_argument("--model", help=".safetensors checkpoint (SD1.x, SD2.x, SDXL, Flux.1 dev or schnell)")
+    run.add_argument("--model", help=f".safetensors checkpoint ({supported_models()})")
     run.add_argument("--dataset", help="dataset .safetensors file, folder of them, or ComfyUI dataset folder")
     run.add_argument("--output-dir", default="output", help="where the adapter, loss history and plot go")
     run.add_argument("--prefix", default=DEFAULT_PREFIX, help="file name prefix, may include subfolders")
@@ -103,9 +104,9 @@ def settings_from(args: argparse.Namespace) -> dict:
 
 
 def demo_inputs(scratch: Path, settings: dict) -> None:
-    print("No --model and --dataset given: running the built-in demo (a tiny UNet with random weights and a")
+    print("No --model and --dataset given: running the built-in demo (a tiny model with random weights and a")
     print("synthetic dataset). Pass --model CHECKPOINT --dataset DATA to train a real adapter.\n")
-    settings["model"] = str(write_random_checkpoint(DEMO_UNET, scratch / "demo_unet.safetensors"))
+    settings["model"] = str(write_random_checkpoint(DEMO_FAMILY.demo_config, scratch / "demo_model.safetensors"))
     defaults = {"steps": 60, "batch_size": 2, "learning_rate": 0.002, "rank": 4, "training_dtype": "fp32"}
     for key, value in defaults.items():
         settings.setdefault(key, value)
@@ -161,7 +162,7 @@ def train(args: argparse.Namespace) -> int:
         try:
             config = TrainConfig.from_dict(settings)
             dataset = make_dataset(*demo_dataset()) if demo else load_dataset(run["dataset"])
-            preflight(load_model(run["model"], weights=False), dataset, config)
+            existing = preflight(load_model(run["model"], weights=False), dataset, config)
             model = load_model(
                 run["model"], dtype=config.training_dtype, prediction=config.prediction, mesh=config.mesh
             )
@@ -173,7 +174,7 @@ def train(args: argparse.Namespace) -> int:
         if is_writer() and output_stem(output_dir, prefix, None).parent.is_dir():
             remove_abandoned_partials(output_stem(output_dir, prefix, None).parent)
         print(
-            f"training {config.algorithm} rank {config.rank} on {model.family.description} ({model.source.name}), "
+            f"training {config.algorithm} rank {config.rank} on {model.variant.description} ({model.source.name}), "
             f"{dataset.size} samples in {len(dataset.buckets)} bucket(s), {config.steps} steps"
         )
         started = time.perf_counter()
@@ -185,6 +186,7 @@ def train(args: argparse.Namespace) -> int:
                 checkpoint_dir=output_dir / f"{prefix}_checkpoints",
                 checkpoint_every=run.get("checkpoint_every", 0),
                 resume=run.get("resume", False),
+                existing=existing,
             )
         except (ValueError, OSError, FolderInUseError) as error:
             print(f"error: {error}", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from jaxlora.adapters.attach import ALGORITHMS, BYPASS_ALGORITHMS
+from jaxlora.dtypes import PREDICTIONS, TRAINING_DTYPES
 from jaxlora.parallel.mesh import parse_mesh
 from jaxlora.train.optim import LOSSES, OPTIMIZERS
 
@@ -18,16 +19,15 @@ RANGES = {
     "rank": (1, 128),
     "seed": (0, 2**64 - 1),
 }
-DTYPES = ("bf16", "fp32")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 CHOICES = {
     "optimizer": tuple(OPTIMIZERS),
     "loss_function": tuple(LOSSES),
-    "training_dtype": DTYPES,
-    "lora_dtype": DTYPES,
+    "training_dtype": TRAINING_DTYPES,
+    "lora_dtype": TRAINING_DTYPES,
     "algorithm": tuple(ALGORITHMS),
     "remat_policy": REMAT_POLICIES,
-    "prediction": ("auto", "eps", "v"),
+    "prediction": PREDICTIONS,
 }
 
 
@@ -53,8 +53,8 @@ class TrainConfig:
     bypass: bool | None = None  # LoRA in activation form; None: on for LoRA (faster, see BENCHMARKS.md)
     prediction: str = "auto"  # eps / v override for checkpoints whose type cannot be read from the weights
     mesh: str | None = None  # device mesh, e.g. "data=2,fsdp=4" (-1: the rest); None: one device
-    guidance: float | None = None  # Flux dev: guidance for samples whose data carries none (None: 3.5)
-    flow_shift: float | None = None  # Flux: sampling shift (dev mu, default 1.15; schnell shift, default 1)
+    guidance: float | None = None  # models with a guidance input: for samples whose data carries none
+    flow_shift: float | None = None  # flow models: the sampling shift (None: the family's default)
 
     def __post_init__(self) -> None:
         for name, (low, high) in RANGES.items():

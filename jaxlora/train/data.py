@@ -1,9 +1,9 @@
 """Training data: VAE latents with their text conditioning, grouped into resolution buckets.
 
 On disk a dataset is a `.safetensors` file, or a folder of them, holding `latents` [N, C, H, W] (ComfyUI LATENT
-`samples`: raw VAE latents, NCHW) and the conditioning: `c_crossattn` [N or 1, T, D]; for SDXL `pooled_output`
-[N or 1, 1280] and optionally `width`, `height`, `crop_w`, `crop_h`, `target_width`, `target_height`; for Flux
-`pooled_output` [N or 1, 768] (CLIP-L) and, for dev, optionally `guidance` [N or 1] (default 3.5). A folder
+`samples`: raw VAE latents, NCHW) and the conditioning fields the model's family needs (`ModelFamily.conditioning`;
+`python -m jaxlora.inspect` lists them): `c_crossattn` [N or 1, T, D], often `pooled_output` [N or 1, P], and
+per-sample numbers such as image sizes or guidance [N or 1] (`ModelFamily.number_fields`). A folder
 written by ComfyUI's SaveTrainingDataset node (`shard_XXXX.pkl`) is read too. Files of different latent shapes
 become separate buckets.
 """
@@ -190,7 +190,7 @@ def save_dataset(path: str | Path, latents: np.ndarray, c_crossattn: np.ndarray,
     """Write numpy arrays as a jaxlora dataset file (never over an existing file).
 
     `latents` [N, C, H, W] are raw VAE latents (not yet multiplied by the latent format's scale factor);
-    `c_crossattn` [N or 1, T, D]; optional `pooled_output` [N or 1, P] and per-sample numbers (SDXL sizes,
+    `c_crossattn` [N or 1, T, D]; optional `pooled_output` [N or 1, P] and per-sample numbers (image sizes,
     `guidance`) as arrays [N or 1] or scalars.
     """
     bucket = make_bucket(latents, {"c_crossattn": c_crossattn, **conditioning}, str(path))
@@ -209,19 +209,13 @@ def check_dataset(dataset: Dataset, model: DiffusionModel) -> None:
             raise DatasetError(
                 f"{bucket.source}: latents have {channels} channels, the model takes {model.latent_channels}"
             )
-        width = bucket.conditioning["c_crossattn"].shape[-1]
-        if width != model.context_dim:
-            raise DatasetError(
-                f"{bucket.source}: c_crossattn is {width}-d, the model's text input takes {model.context_dim}-d "
-                f"({model.family.description} text encoder output)"
-            )
-        if model.pooled_dim is not None:
-            pooled = bucket.conditioning.get("pooled_output")
-            if pooled is None or pooled.shape[-1] != model.pooled_dim:
-                found = "none" if pooled is None else f"{pooled.shape[-1]}-d"
+        for field in model.conditioning_fields:
+            value = bucket.conditioning.get(field.name)
+            if value is None or value.shape[-1] != field.width:
+                found = "none" if value is None else f"{value.shape[-1]}-d"
                 raise DatasetError(
-                    f"{bucket.source}: {model.family.description} needs pooled_output ({model.pooled_dim}-d), "
-                    f"found {found}"
+                    f"{bucket.source}: {model.variant.description} needs {field.name} ({field.width}-d), found "
+                    f"{found}: the {field.meaning} the model was trained with"
                 )
         for name, values in {"latents": bucket.latents, **bucket.conditioning}.items():
             if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():

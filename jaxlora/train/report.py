@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from jaxlora.adapters.lora_files import save_lora
-from jaxlora.adapters.metadata import AdapterInfo
+from jaxlora.adapters.metadata import adapter_info
 from jaxlora.files import write_new_file
 
 if TYPE_CHECKING:
@@ -57,14 +57,6 @@ def output_stem(output_dir: str | Path, prefix: str, steps: int | None) -> Path:
     counters = [int(match.group(1)) for name in names if (match := pattern.match(name))]
     counter = max(counters, default=0) + 1
     return folder / (f"{base}_{counter:05}_" if steps is None else f"{base}_{steps}_steps_{counter:05}_")
-
-
-def parse_steps_from_name(filename: str | Path) -> int | None:
-    """Steps already trained according to a file name, by ComfyUI's existing_lora rule: the `_`-separated token right
-    before the first `_steps_`. None where there is no such integer (ComfyUI raises there)."""
-    head, found, _ = Path(filename).name.partition("_steps_")
-    token = head.rsplit("_", 1)[-1]
-    return int(token) if found and re.fullmatch(r"[0-9]+", token) else None
 
 
 def write_loss_history(stem: str | Path, losses: Sequence[float], steps_per_optimizer_step: int) -> dict[str, Path]:
@@ -112,17 +104,8 @@ def write_run_outputs(
             f"the run stopped at step {result.steps} of {config.steps}; no adapter is written for it: resume it to "
             "finish" + (f" (its checkpoint is in {result.checkpoints.directory})" if result.checkpoints else "")
         )
-    info = AdapterInfo(
-        family=result.model_with_lora.family.name,
-        prediction=result.model_with_lora.sampling.prediction,
-        algorithm=config.algorithm,
-        rank=config.rank,
-        alpha=1.0,
-        lora_dtype=config.lora_dtype,
-        steps=result.steps,
-        training_dtype=config.training_dtype,
-        settings=config.as_dict(),
-    )
+    model = result.model_with_lora
+    info = adapter_info(model, config.lora_dtype, result.steps, config.training_dtype, config.as_dict())
     for _ in range(COUNTER_ATTEMPTS):
         stem = output_stem(output_dir, prefix, result.steps)
         try:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
+from jaxlora.models.demo import demo_dataset, write_random_checkpoint
+from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.__main__ import main
 from jaxlora.train.data import save_dataset
 
@@ -97,7 +98,7 @@ def test_dataset_for_another_model_is_refused(files, tmp_path, capsys):
         main(["--model", str(model), "--dataset", str(dataset), "--output-dir", str(tmp_path), "--no-compile-cache"])
         == 2
     )
-    assert "c_crossattn is 2048-d, the model's text input takes 768-d" in capsys.readouterr().err
+    assert "needs c_crossattn (768-d), found 2048-d" in capsys.readouterr().err
 
 
 def test_model_without_dataset_is_a_usage_error(files, capsys):

@@ -23,7 +23,8 @@ from jaxlora import files
 from jaxlora.adapters.lora_files import read_lora_file
 from jaxlora.files import folder_lock, remove_abandoned_partials, safetensors_bytes, scratch_folder, write_new_file
 from jaxlora.models.checkpoint import read_index
-from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
+from jaxlora.models.demo import demo_dataset, write_random_checkpoint
+from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train import loop
 from jaxlora.train.__main__ import main
 from jaxlora.train.checkpoints import RUN_FILE, ResumeError, new_run, open_run, resumable_run
