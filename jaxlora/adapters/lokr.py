@@ -13,7 +13,9 @@ from jaxlora.adapters.base import LayerTensors, Target, factorization, master, r
 
 
 class LoKr(nnx.Module):
-    """`lokr_w1` [out_l, in_m] and `lokr_w2` [out_k, in_n, k...] (torch layout; the kernel stays on w2).
+    """`lokr_w1` [out_l, in_m] and `lokr_w2` [out_k, in_n, k...] (torch layout; the kernel stays on w2, as
+    ComfyUI's trainer creates them since Dec 2025). A conv file from an older ComfyUI, whose 2-D `lokr_w2`
+    [out_k, in*k.../in_m] spans the flattened kernel, patches through the same kron-then-reshape.
 
     Directly stored factors carry no alpha scaling, on the train side and on ComfyUI's load side alike.
     """

@@ -3,8 +3,8 @@ families, so the loader, the trainer, adapter files, metadata and the CLI ask th
 family names. A family is one network file, one family file (a `ModelFamily` subclass and its tables) and one
 line in `registry.FAMILIES`; `docs/adding-a-model.md` is the recipe.
 
-A family has variants: the model kinds users name and files record (SD1.x, SD2.x and SDXL share the ldm UNet;
-Flux.1 dev and schnell share one transformer). The family tells them apart from tensor shapes.
+A family has variants: the model kinds users name and files record, which share one network and differ in widths,
+inputs or sampling. The family tells them apart from tensor shapes.
 """
 
 from __future__ import annotations

@@ -124,6 +124,23 @@ def test_lycoris_tucker_decomposed_and_diff_forms_apply_as_in_comfyui(tiny_model
     assert_same_weights(jaxlora_weights(model, tensors), comfyui_weights(base, tensors))
 
 
+def lokr_conv_with_flattened_kernel(rng) -> dict[str, np.ndarray]:
+    """LoKr on the [32, 32, 3, 3] conv as ComfyUI's trainer wrote it up to Oct 2025 at rank 3: in*kh*kw = 288
+    factorised as (3, 96), so lokr_w2 is 2-D [16, 96] and its columns cut across input channels (96 / 9 is not
+    whole); the loader reshapes kron(w1, w2) [32, 288] to the weight."""
+    g = f"diffusion_model.{CONV}"
+    return {g + ".lokr_w1": rand(rng, 2, 3), g + ".lokr_w2": rand(rng, 16, 96), g + ".alpha": np.float32(1.0)}
+
+
+def test_lokr_conv_with_flattened_kernel_applies_and_exports_as_in_comfyui(tiny_model):
+    model, base = tiny_model("sd1")
+    tensors = lokr_conv_with_flattened_kernel(np.random.default_rng(0))
+    assert_same_weights(jaxlora_weights(model, tensors), comfyui_weights(base, tensors))
+    exported = export_adapter(model, "comfyui", jnp.float32)
+    assert exported[f"diffusion_model.{CONV}.lokr_w2"].shape == (16, 96)
+    assert_same_weights(effective_state_dict(model.network), comfyui_weights(base, exported))
+
+
 @pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr", "OFT"])
 @pytest.mark.parametrize("style", ["comfyui", "kohya"])
 def test_export_import_export_is_lossless(tiny_model, algorithm, style):

@@ -7,8 +7,8 @@ from safetensors.numpy import save_file
 
 from jaxlora import load_model
 from jaxlora.models.checkpoint import KeyMismatchError, ShapeMismatchError, torch_parameters
-from jaxlora.models.family import CheckpointError, UnknownLayoutError
 from jaxlora.models.demo import random_tensors
+from jaxlora.models.family import CheckpointError, UnknownLayoutError
 from jaxlora.models.unet import UNetConfig
 from tests.models.tiny_unets import FAMILIES
 
