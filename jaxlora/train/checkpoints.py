@@ -126,6 +126,7 @@ class Checkpoints:
                 raise
 
     def save(self, step: int, adapters: nnx.State, opt_state, losses: list[float]) -> None:
+        """Write the checkpoint of `step`; it counts only once its files are synced and `run.json` names it."""
         tree = {
             "adapters": _numbered(adapters),
             "opt_state": _numbered(opt_state),
