@@ -11,7 +11,8 @@ become separate buckets.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,16 +147,45 @@ def make_dataset(latents, positive) -> Dataset:
     return Dataset(merge_buckets(buckets))
 
 
+def listed(names: Collection[str], limit: int = 6) -> str:
+    """A list of names short enough for one message line: the count and the first few."""
+    names = sorted(names)
+    more = ", ..." if len(names) > limit else ""
+    return f"{len(names)} keys: {', '.join(names[:limit])}{more}"
+
+
+MODEL_KEY = re.compile(r"(^|\.)(input_blocks|middle_block|output_blocks|double_blocks|single_blocks)\.")
+
+
 def _read_safetensors(path: Path) -> Bucket:
+    """The file's header is checked before any tensor is read, so a wrong file (a model checkpoint) is refused
+    at once whatever its size."""
     try:
         with safe_open(path, framework="numpy") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            keys = list(f.keys())
+            if "latents" not in keys:
+                hint = ""
+                if any(MODEL_KEY.search(key) for key in keys):
+                    hint = "; it looks like a model checkpoint, not a dataset (are the model and dataset swapped?)"
+                raise DatasetError(f"{path} has no `latents` tensor ({listed(keys)}){hint}")
+            tensors = {key: f.get_tensor(key) for key in keys}
     except (SafetensorError, OSError) as error:
         raise DatasetError(f"{path} is not a readable .safetensors file: {error}") from error
-    if "latents" not in tensors:
-        raise DatasetError(f"{path} has no `latents` tensor (keys: {sorted(tensors)})")
     latents = tensors.pop("latents")
     return make_bucket(latents, tensors, str(path))
+
+
+def is_dataset(path: str | Path) -> bool:
+    """Whether `path` holds a dataset rather than a model: a SaveTrainingDataset folder, or `.safetensors` with
+    `latents` (only headers are read). Lets a swapped --model and --dataset be named as such."""
+    path = Path(path)
+    if path.is_dir():
+        return any(path.glob("shard_*.pkl")) or any(is_dataset(file) for file in path.glob("*.safetensors"))
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return "latents" in f.keys()
+    except (SafetensorError, OSError):
+        return False
 
 
 def _read_comfy_folder(folder: Path) -> list[Bucket]:
@@ -223,6 +253,17 @@ def check_dataset(dataset: Dataset, model: DiffusionModel) -> None:
         for name, values in {"latents": bucket.latents, **bucket.conditioning}.items():
             if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                 raise DatasetError(f"{bucket.source}: {name} contains NaN or infinite values")
+
+
+def batch_size_warnings(dataset: Dataset, batch_size: int) -> list[str]:
+    """Buckets smaller than the batch train on all their samples each step, fewer than asked: say so, rather
+    than train silently on smaller batches."""
+    return [
+        f"batch_size {batch_size} is larger than the {bucket.size} samples of {bucket.source} (latents "
+        f"{list(bucket.shape)}): its batches hold {bucket.size}"
+        for bucket in dataset.buckets
+        if bucket.size < batch_size
+    ]
 
 
 def device_arrays(

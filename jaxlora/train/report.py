@@ -17,14 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
-from jaxlora.adapters.lora_files import save_lora
+from jaxlora.adapters.attach import attach_adapters
+from jaxlora.adapters.formats import attach_imported, export_adapter, import_adapter
+from jaxlora.adapters.lora_files import read_lora_file, save_lora
 from jaxlora.adapters.metadata import AdapterInfo
 from jaxlora.files import write_new_file
 
 if TYPE_CHECKING:
+    from jaxlora.models.diffusion import DiffusionModel
     from jaxlora.train.config import TrainConfig
     from jaxlora.train.loop import TrainResult
 
@@ -226,3 +231,18 @@ def _vertical_text(
     label = label.rotate(90, expand=True)
     y = {"top": at[1], "middle": at[1] - label.height // 2, "bottom": at[1] - label.height}[align]
     image.paste(label, (at[0] - label.width // 2, y))
+
+
+def check_style(model: DiffusionModel, config: TrainConfig, style: str) -> None:
+    """Refuse, before any weights are read, a key style that cannot name every layer the run will train (PEFT
+    has no names for LoHa, LoKr, OFT, DoRA or SD attention projections), instead of failing after the last step.
+
+    `model` is loaded with `weights=False`; its network gets the adapters the run would attach (the existing
+    adapter, then fresh ones at rank 1: names do not depend on the rank), which are exported and dropped.
+    """
+    network = nnx.clone(model.network)
+    if config.existing_lora:
+        tensors, _ = read_lora_file(config.existing_lora)
+        attach_imported(network, import_adapter(network, tensors))
+    attach_adapters(network, config.algorithm, 1, config.seed, jnp.float32, bypass=config.uses_bypass)
+    export_adapter(network, model.family.name, style)
