@@ -73,6 +73,13 @@ def test_defaults_fit_together_and_the_install_source_is_documented():
     assert f"`{source}`" in (NOTEBOOK.parent.parent / "README.md").read_text()
 
 
+def test_gitignore_covers_the_folders_the_headless_notebook_writes():
+    ignored = (NOTEBOOK.parent.parent / ".gitignore").read_text().splitlines()
+    source = "".join(cell.source for cell in read_notebook().cells)
+    for folder in ("output", "jaxlora_demo"):
+        assert f'WORK / "{folder}"' in source and f"{folder}/" in ignored
+
+
 def printed(notebook) -> str:
     return "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
 

@@ -318,3 +318,8 @@ def test_batch_larger_than_the_dataset_and_continued_adapter_are_announced(files
     assert f"warning: batch_size 8 is larger than the 4 samples of {dataset} (latents [4, 8, 8])" in err
     assert f"continuing {existing}: 40 steps trained so far, 5 more now (45 in all)" in out
     assert "stopped before training" in err
+
+
+def test_gitignore_covers_the_demo_output_folder():
+    ignored = (Path(__file__).parents[2] / ".gitignore").read_text().splitlines()
+    assert f"{RunOptions().output_dir}/" in ignored
