@@ -151,7 +151,7 @@ def listed(names: Collection[str], limit: int = 6) -> str:
     """A list of names short enough for one message line: the count and the first few."""
     names = sorted(names)
     more = ", ..." if len(names) > limit else ""
-    return f"{len(names)} keys: {', '.join(names[:limit])}{more}"
+    return f"{len(names)} key{'' if len(names) == 1 else 's'}: {', '.join(names[:limit])}{more}"
 
 
 MODEL_KEY = re.compile(r"(^|\.)(input_blocks|middle_block|output_blocks|double_blocks|single_blocks)\.")

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import tracemalloc
 from dataclasses import fields
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from jaxlora.train.config import (
     check_output_folder,
     check_prefix,
 )
-from jaxlora.train.data import save_dataset
+from jaxlora.train.data import DatasetError, load_dataset, save_dataset
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +324,18 @@ def test_batch_larger_than_the_dataset_and_continued_adapter_are_announced(files
 def test_gitignore_covers_the_demo_output_folder():
     ignored = (Path(__file__).parents[2] / ".gitignore").read_text().splitlines()
     assert f"{RunOptions().output_dir}/" in ignored
+
+
+def test_a_large_dataset_file_without_latents_is_refused_from_its_header(tmp_path):
+    """2 GiB of tensor data (a sparse file) behind a header without `latents`: refused without reading it."""
+    header = json.dumps({"weight": {"dtype": "F32", "shape": [2**29], "data_offsets": [0, 2**31]}}).encode()
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    os.truncate(path, 8 + len(header) + 2**31)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match=r"has no `latents` tensor \(1 key: weight\)"):
+            load_dataset(path)
+        assert tracemalloc.get_traced_memory()[1] < 2**20
+    finally:
+        tracemalloc.stop()
