@@ -339,3 +339,12 @@ def test_a_large_dataset_file_without_latents_is_refused_from_its_header(tmp_pat
         assert tracemalloc.get_traced_memory()[1] < 2**20
     finally:
         tracemalloc.stop()
+
+
+def test_a_string_where_a_number_belongs_is_a_type_error_naming_the_setting():
+    with pytest.raises(TypeError, match=r"learning_rate must be a number, got '1e-4' \(a string\)"):
+        TrainConfig(learning_rate="1e-4")
+    with pytest.raises(TypeError, match=r"steps must be an integer, got 2.0 \(a number\)"):
+        TrainConfig(steps=2.0)
+    with pytest.raises(TypeError, match=r"gradient_checkpointing must be true or false, got 1 \(an integer\)"):
+        TrainConfig(gradient_checkpointing=1)
