@@ -258,7 +258,7 @@ def run_training(
     for shape, bucket in zip([b.shape for b in dataset.buckets], data, strict=True):
         progress(
             f"compiling the train step for latents {list(shape)}, batch {config.batch_size} x {micro} micro-step(s) "
-            "(a minute or more on a CPU; the compile cache shortens the next run)"
+            "(once per latent shape; seconds to minutes)"
         )
         begin = time.perf_counter()
         lowered = compile_step(graph, settings, layout).lower(
