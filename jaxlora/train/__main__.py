@@ -45,7 +45,11 @@ def _setting_flag(group: argparse._ArgumentGroup, spec: Field) -> None:
     """One flag per setting, with its choices, default and meaning in --help. Flags not given are absent from the
     parsed namespace (argparse.SUPPRESS), so a TOML file's value is only replaced by a flag the user typed."""
     flag = "--" + spec.name.replace("_", "-")
-    default = {None: "none", MISSING: "none", True: "on", False: "off"}.get(spec.default, spec.default)
+    default = spec.default
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    elif default is None or default is MISSING:
+        default = "none"
     help_text = f"{MEANINGS[spec.name]} (default: {default})"
     kinds = spec.type.split(" | ")
     if "bool" in kinds:

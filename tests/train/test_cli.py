@@ -137,11 +137,13 @@ def test_help_shows_every_flag_with_default_choices_and_meaning_grouped_and_the_
     parser = build_parser()
     text = parser.format_help()
     node, extra = text.index("the Train LoRA node's inputs:"), text.index("jaxlora's additions:")
-    settings = [spec.name for spec in (*fields(RunOptions), *fields(TrainConfig))]
-    for name in settings:
-        flag = "--" + name.replace("_", "-")
+    for spec in (*fields(RunOptions), *fields(TrainConfig)):
+        name, flag = spec.name, "--" + spec.name.replace("_", "-")
         action = next(a for a in parser._actions if flag in a.option_strings)
-        assert action.help.startswith(MEANINGS[name]) and "(default: " in action.help, name
+        default = "none" if spec.default is None else spec.default
+        if isinstance(spec.default, bool):
+            default = "on" if spec.default else "off"
+        assert action.help == f"{MEANINGS[name]} (default: {default})", name
         assert action.choices is None or list(action.choices) == list(CHOICES[name]), name
         assert (node < text.index("\n  " + flag) < extra) == (name in NODE_INPUTS), name
     assert "{AdamW,Adam,SGD,RMSprop}" in text and "(default: AdamW)" in text
