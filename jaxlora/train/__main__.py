@@ -1,7 +1,7 @@
 """`python -m jaxlora.train`: train an adapter from the command line, with the node's settings as flags.
 
 With neither --model nor --dataset it runs the built-in demo: a tiny UNet with seeded random weights and a
-synthetic dataset, to show the whole path (training, adapter file, loss history and plot) in about a minute.
+synthetic dataset, to show the whole path (training, adapter file, loss history and plot) in a minute or two.
 
 The arguments, the TOML file and the output folder are checked before JAX is imported, so mistakes there are
 refused at once; the model's header, the dataset and the adapter style are checked before any weights are read.
@@ -35,7 +35,8 @@ NODE_INPUTS = ("model", "dataset", *_TRAINING[: _TRAINING.index("existing_lora")
 DEMO_SETTINGS = {"steps": 60, "batch_size": 2, "learning_rate": 0.002, "rank": 4, "training_dtype": "fp32"}
 EPILOG = f"""\
 With neither --model nor --dataset: the built-in demo, a tiny UNet with random weights trained on a
-synthetic dataset in about a minute on a CPU (defaults: {", ".join(f"{k} {v}" for k, v in DEMO_SETTINGS.items())}).
+synthetic dataset in a minute or two on a CPU, with its own defaults:
+{", ".join(f"{k} {v}" for k, v in DEMO_SETTINGS.items())}.
 
 A --config TOML file holds any of these settings under their names (with - or _); flags given on the
 command line override it, and the defaults apply to what neither gives."""
