@@ -19,14 +19,11 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
-from flax import nnx
 from load_and_forward import timed
 from train_step import lower_and_compile, markdown_table, prepare, xla_counts
 
-from jaxlora.models.checkpoint import resolve_dtype
-from jaxlora.models.diffusion import DiffusionModel
-from jaxlora.models.families import FLUX_DEV_FAMILY
-from jaxlora.models.flux import FLUX_DEV, Flux
+from jaxlora.models.diffusion import abstract_model
+from jaxlora.models.flux import FLUX_DEV
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import make_bucket
 
@@ -50,16 +47,10 @@ class Case:
         return [f"{pixels}x{pixels}", "on" if self.remat else "off", "scan" if self.scan else "unrolled"]
 
 
-def abstract_flux(dtype, scan: bool) -> DiffusionModel:
-    """Flux.1-dev whose frozen weights are `ShapeDtypeStruct`s of `dtype`: it compiles and holds no memory."""
-    graph, state = nnx.split(Flux(FLUX_DEV, scan=scan))
-    state = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, dtype), state)
-    return DiffusionModel(nnx.merge(graph, state), FLUX_DEV_FAMILY, FLUX_DEV_FAMILY.sampling)
-
-
 def run_case(case: Case) -> dict:
     config = case.config
-    model, building_s = timed(lambda: abstract_flux(resolve_dtype(config.training_dtype), case.scan))
+    model, building_s = timed(lambda: abstract_model(FLUX_DEV, config.training_dtype))
+    model.network.scan = case.scan
     conditioning = {
         "c_crossattn": np.zeros((1, TOKENS, FLUX_DEV.context_dim), np.float32),
         "pooled_output": np.zeros((1, FLUX_DEV.vec_in_dim), np.float32),

@@ -29,8 +29,8 @@ from flax import nnx
 from jaxlora import load_model
 from jaxlora.models.checkpoint import torch_parameters
 from jaxlora.models.demo import write_random_checkpoint
-from jaxlora.models.sampling import sdxl_vector
 from jaxlora.models.unet import SD15, UNet, UNetConfig
+from jaxlora.models.unet_family import sdxl_vector
 
 LATENT, BATCH, TOKENS = 32, 1, 77  # 256 px images
 LOAD_REPEATS, FORWARD_REPEATS = 3, 20

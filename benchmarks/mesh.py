@@ -44,7 +44,8 @@ from train_step import (  # noqa: E402
     run_concrete,
 )
 
-from jaxlora.models.demo import DEMO_UNET, write_random_checkpoint  # noqa: E402
+from jaxlora.models.demo import write_random_checkpoint  # noqa: E402
+from jaxlora.models.unet_family import DEMO_UNET  # noqa: E402
 from jaxlora.parallel.mesh import base_shardings, make_mesh  # noqa: E402
 from jaxlora.train.config import TrainConfig  # noqa: E402
 from jaxlora.train.data import make_dataset  # noqa: E402

@@ -1,7 +1,7 @@
 """The full training step: its speed on this CPU, and XLA's memory and FLOP counts for full-size SD1.5 and SDXL.
 
 Run from the repository root as `python benchmarks/train_step.py --section demo|sd15-32|abstract|all`; prints
-markdown for BENCHMARKS.md. The step is the trainer's own: `adapted_network` split into adapters and frozen base,
+markdown for BENCHMARKS.md. The step is the trainer's own: set up by `prepare_run` (adapters and frozen base split),
 `compile_step`, lowered and compiled per case as `run_training` does, with adapters and optimizer state donated.
 
 - demo: the tiny UNet and data of `python -m jaxlora.train` (LoRA rank 4, batch 2, fp32), remat on and off.
@@ -25,27 +25,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental.serialize_executable import serialize
 from load_and_forward import in_fresh_process, memory_kib, timed
 
 from jaxlora import load_model
-from jaxlora.adapters.base import AdapterParam
-from jaxlora.models.checkpoint import resolve_dtype
-from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
-from jaxlora.models.diffusion import DiffusionModel
-from jaxlora.models.families import find_unet_family
-from jaxlora.models.sampling import ModelSampling, scaled_linear_schedule
-from jaxlora.models.unet import SD15, SDXL, UNet, UNetConfig
-from jaxlora.parallel.mesh import MeshLayout, make_mesh
-from jaxlora.parallel.placement import place_tree
+from jaxlora.models.demo import demo_dataset, write_random_checkpoint
+from jaxlora.models.diffusion import DiffusionModel, abstract_model
+from jaxlora.models.unet import SD15, SDXL, UNetConfig
+from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.config import TrainConfig
-from jaxlora.train.data import Bucket, device_arrays, make_bucket, make_dataset
-from jaxlora.train.loop import adapted_network
-from jaxlora.train.optim import loss_function, make_optimizer
-from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
+from jaxlora.train.data import Bucket, Dataset, make_bucket, make_dataset
+from jaxlora.train.loop import prepare_run
+from jaxlora.train.step import compile_step, noise_key_data, permutation_key
 
 SECTIONS = ("demo", "sd15-32", "abstract")
 UNETS = {"SD1.5": SD15, "SDXL": SDXL}
@@ -80,32 +72,11 @@ def random_bucket(unet: UNetConfig, latent: int, count: int = 1, seed: int = 0) 
     return make_bucket(rng.standard_normal((count, unet.in_channels, latent, latent), np.float32), conditioning)
 
 
-def abstract_model(unet: UNetConfig, dtype: jnp.dtype) -> DiffusionModel:
-    """A model whose frozen weights are `ShapeDtypeStruct`s of `dtype`: it lowers and compiles, holds no memory."""
-    graph, state = nnx.split(UNet(unet))
-    state = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, dtype), state)
-    family = find_unet_family(unet.context_dim, unet.adm_in_channels)
-    return DiffusionModel(nnx.merge(graph, state), family, ModelSampling("eps", scaled_linear_schedule()))
-
-
 def prepare(model: DiffusionModel, bucket: Bucket, config: TrainConfig) -> tuple[jax.stages.Wrapped, list]:
-    """The jitted step and its state [adapters, opt_state, base, data], set up exactly as `run_training` does
+    """The jitted step and its state [adapters, opt_state, base, data], set up by the trainer's own `prepare_run`
     (on `config.mesh`, each array placed onto its sharding; abstract weights get it as their layout)."""
-    dtype = resolve_dtype(config.training_dtype)
-    network, _ = adapted_network(model, config, dtype)
-    graph, adapters, base = nnx.split(network, AdapterParam, ...)
-    optimizer = make_optimizer(config.optimizer, config.learning_rate)
-    loss = loss_function(config.loss_function)
-    layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
-    batch = None if layout is None else layout.batch
-    settings = StepSettings(
-        config.batch_size, config.grad_accumulation_steps, dtype, loss, optimizer, model.sampling, batch
-    )
-    state = [adapters, optimizer.init(adapters), base, device_arrays(bucket, model, dtype)]
-    if layout is not None:
-        shardings = [layout.replicated, layout.replicated, layout.base, layout.replicated]
-        state = [place_tree(part, sharding) for part, sharding in zip(state, shardings, strict=True)]
-    return compile_step(graph, settings, layout), state
+    run = prepare_run(model, Dataset((bucket,)), config)
+    return compile_step(run.graph, run.settings, run.layout), [run.adapters, run.opt_state, run.base, run.data[0]]
 
 
 def lower_and_compile(step: jax.stages.Wrapped, state: list, config: TrainConfig) -> tuple[jax.stages.Compiled, dict]:
@@ -168,7 +139,7 @@ def run_concrete(case: Case, checkpoint: Path, bucket: Bucket, steps: int) -> di
 def run_abstract(case: Case) -> dict:
     """Lower from abstract inputs and compile; no weights, adapters or optimizer state are ever allocated."""
     config = case.config
-    model = abstract_model(case.unet, resolve_dtype(config.training_dtype))
+    model = abstract_model(case.unet, config.training_dtype)
     step, state = prepare(model, random_bucket(case.unet, case.latent), config)
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     compiled, row = lower_and_compile(step, state, config)

@@ -9,7 +9,7 @@ ComfyUI's set: a LoRA on every conv and linear weight, a full diff on every norm
 - PyTorch: diffusers' `UNet2DConditionModel` converted from the same checkpoint file by diffusers itself; each
   trainable enters as ComfyUI's trainer does it, weight patching in the forward (W' = W + scale up @ down,
   through `torch.nn.utils.parametrize`), and `torch.optim.AdamW` steps them.
-- jaxlora: the trainer's own step (`adapted_network`, `compile_step`, donated adapters and optimizer state), as
+- jaxlora: the trainer's own step (`prepare_run`, `compile_step`, donated adapters and optimizer state), as
   `run_training` builds it with the node's defaults (LoRA in bypass form).
 
 Before timing, both sides start from the same non-zero adapter values and take the same two steps on the same
@@ -41,14 +41,12 @@ from jaxlora import load_model
 from jaxlora.adapters.attach import adapted_layers
 from jaxlora.adapters.base import AdapterParam, Diff
 from jaxlora.adapters.lora import LoRA
-from jaxlora.models.checkpoint import resolve_dtype
 from jaxlora.models.demo import write_random_checkpoint
-from jaxlora.models.diffusers_names import unet_to_diffusers
 from jaxlora.models.unet import SD15, UNetConfig
+from jaxlora.models.unet_names import unet_to_diffusers
 from jaxlora.train.config import TrainConfig
-from jaxlora.train.data import device_arrays, make_bucket
-from jaxlora.train.loop import adapted_network
-from jaxlora.train.optim import loss_function, make_optimizer
+from jaxlora.train.data import make_dataset
+from jaxlora.train.loop import prepare_run
 from jaxlora.train.perf import measure_matmul_peak, step_flops
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
 
@@ -242,23 +240,28 @@ def train_config(args, dtype_name: str, remat: bool) -> TrainConfig:
 
 
 def jax_side(args, config: TrainConfig, checkpoint: Path, unet_config: UNetConfig) -> JaxSide:
-    """Set up and compile exactly as `run_training` does, from non-zero adapters."""
-    dtype = resolve_dtype(config.training_dtype)
+    """Set up by the trainer's own `prepare_run` and compiled as `run_training` does, from non-zero adapters."""
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((args.batch, 4, args.latent, args.latent)).astype(np.float32) / 0.18215
     context = rng.standard_normal((1, TOKENS, unet_config.context_dim)).astype(np.float32)
     model = load_model(checkpoint, dtype=config.training_dtype)
-    network, _ = adapted_network(model, config, dtype)
+    run = prepare_run(model, make_dataset(latents, {"c_crossattn": context}), config)
+    network = nnx.merge(run.graph, run.adapters, run.base)
     randomize_adapters(network, seed=1)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
-    optimizer = make_optimizer(config.optimizer, config.learning_rate)
-    settings = StepSettings(config.batch_size, 1, dtype, loss_function("MSE"), optimizer, model.sampling)
-    data = device_arrays(make_bucket(latents, {"c_crossattn": context}), model, dtype)
-    state = {"adapters": adapters, "opt": optimizer.init(adapters), "base": base}
+    state = {"adapters": adapters, "opt": run.settings.optimizer.init(adapters), "base": base}
     begin = time.perf_counter()
-    inputs = (adapters, state["opt"], base, data, noise_key_data(config.seed, 0, 1), permutation_key(config.seed), 0)
-    compiled = compile_step(graph, settings).lower(*inputs).compile()
-    return JaxSide(network, compiled, settings, data, config.seed, time.perf_counter() - begin, state)
+    inputs = (
+        adapters,
+        state["opt"],
+        base,
+        run.data[0],
+        noise_key_data(config.seed, 0, 1),
+        permutation_key(config.seed),
+        0,
+    )
+    compiled = compile_step(graph, run.settings).lower(*inputs).compile()
+    return JaxSide(network, compiled, run.settings, run.data[0], config.seed, time.perf_counter() - begin, state)
 
 
 @dataclass

@@ -45,7 +45,7 @@ def test_kohya_file_converts_to_comfyui_keys_that_load_to_the_same_weights(tiny_
 def test_keys_that_fit_no_layer_are_reported_and_nothing_is_written(tiny_model, tiny_checkpoint, tmp_path, capsys):
     model, _ = tiny_model("sd1")
     jaxlora.attach_adapters(model.network, "LoRA", rank=2, seed=0)
-    tensors = export_adapter(model.network, "sd1", "comfyui", jnp.float32)
+    tensors = export_adapter(model, "comfyui", jnp.float32)
     tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = np.zeros((4, 2), np.float32)
     source = tmp_path / "mixed.safetensors"
     save_file(tensors, str(source))
@@ -55,11 +55,12 @@ def test_keys_that_fit_no_layer_are_reported_and_nothing_is_written(tiny_model, 
     assert not target.exists()
 
 
-def test_attention_layers_cannot_be_written_as_peft_and_are_named(tiny_model, tiny_checkpoint, tmp_path, capsys):
+def test_layers_peft_cannot_name_are_refused_by_name(tiny_model, tiny_checkpoint, tmp_path, capsys):
+    """PEFT files hold LoRA only: a LoHa is refused with its layers named, and nothing is written."""
     model, _ = tiny_model("sd1")
-    jaxlora.attach_adapters(model.network, "LoRA", rank=2, seed=0)
+    jaxlora.attach_adapters(model.network, "LoHa", rank=2, seed=0)
     source = jaxlora.save_lora(model, tmp_path / "a.safetensors")
     target = tmp_path / "peft.safetensors"
     assert convert([str(source), str(target), "--model", str(tiny_checkpoint("sd1")), "--style", "peft"]) == 1
-    assert "attn1.to_q" in capsys.readouterr().err
+    assert "input_blocks.0.0" in capsys.readouterr().err
     assert not target.exists()

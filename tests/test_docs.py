@@ -20,8 +20,10 @@ from safetensors.numpy import save_file
 
 from jaxlora import attach_adapters, load_model, save_lora
 from jaxlora.adapters.formats import export_adapter
-from jaxlora.adapters.lora_files import describe_adapters, read_lora_file
-from jaxlora.models.demo import DEMO_UNET, write_random_checkpoint
+from jaxlora.adapters.lora_files import read_lora_file
+from jaxlora.adapters.metadata import adapter_info
+from jaxlora.models.demo import write_random_checkpoint
+from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.__main__ import RUN_FLAGS, build_parser, settings_from
 from jaxlora.train.config import TrainConfig
 from tests.adapters import comfy_loader
@@ -63,13 +65,13 @@ def comfyui_folder(root: Path) -> Path:
     model = load_model(checkpoint, dtype="fp32")
     attach_adapters(model.network, "LoRA", rank=8, seed=1)
     randomize_adapters(model.network, seed=1)  # what Save LoRA Weights writes: ComfyUI keys, bf16, no metadata
-    comfy_trained = export_adapter(model.network, "sd1", "comfyui", jnp.bfloat16)
+    comfy_trained = export_adapter(model, "comfyui", jnp.bfloat16)
     save_file(comfy_trained, str(_new(root / "output" / "loras" / "ComfyUI_trained_lora_16_steps_00001_.safetensors")))
 
     model = load_model(checkpoint, dtype="fp32")
     attach_adapters(model.network, "LoRA", rank=8, seed=2)
     randomize_adapters(model.network, seed=2)
-    info = describe_adapters(model, "fp16", steps=1000)
+    info = adapter_info(model, "fp16", steps=1000)
     save_lora(model, _new(root / "models" / "loras" / "my_kohya_lora.safetensors"), "kohya", "fp16", info)
     return root
 

@@ -12,7 +12,7 @@ def test_demo_runs_end_to_end_and_says_it_is_a_demo():
     )
     assert "built-in demo" in result.stdout
     assert "sd1 (Stable Diffusion 1.x)" in result.stdout
-    assert "2,965,220" in result.stdout
+    assert "1,028,484" in result.stdout  # the demo family's demo config
     assert "finite" in result.stdout and "NOT FINITE" not in result.stdout
 
 
@@ -25,7 +25,8 @@ def test_checkpoint_is_described(tiny_checkpoint, capsys):
 
 
 def test_flux_checkpoint_is_described(tmp_path, capsys):
-    from jaxlora.models.demo import TINY_FLUX_DEV, write_random_checkpoint
+    from jaxlora.models.demo import write_random_checkpoint
+    from jaxlora.models.flux_family import TINY_FLUX_DEV
 
     main([str(write_random_checkpoint(TINY_FLUX_DEV, tmp_path / "flux.safetensors")), "--no-forward"])
     out = capsys.readouterr().out

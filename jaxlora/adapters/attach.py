@@ -5,18 +5,20 @@ chosen algorithm, one-dimensional weights (norm scales) a full `diff`, biases a 
 
 Layers are walked as `LayerSite`s, one per checkpoint path: a stacked layer (blocks run by scan) is one site per
 block, and its adapter is the blocks' adapters stacked, each initialised from (seed, the block's path) as if
-the network were unrolled. Key tables (`formats`) see only per-block paths, targets and adapters.
+the network were unrolled. Key tables (`formats`) see only per-block paths, targets and adapters. Adapters
+imported from a file are attached here too (`attach_imported`), stacked per layer like fresh ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapters.base import Diff, LayerAdapter, Target, layer_rng
+from jaxlora.adapters.base import AdapterFileError, Diff, LayerAdapter, Target, describe_names, layer_rng
 from jaxlora.adapters.loha import LoHa
 from jaxlora.adapters.lokr import LoKr
 from jaxlora.adapters.lora import LoRA
@@ -118,3 +120,49 @@ def attach_adapters(
 def detach_adapters(network: nnx.Module) -> None:
     for _, site in weight_layers(network):
         site.layer.adapter = None
+
+
+def _with_alpha(adapter: LayerAdapter, alpha: float) -> LayerAdapter:
+    """The same LoRA delta expressed with another alpha (up rescaled), so blocks can share one static alpha."""
+    lora = adapter.weight
+    up = np.asarray(lora.up[...]) * (lora.alpha / alpha)
+    weight = LoRA(lora.target, up, np.asarray(lora.down[...]), alpha, lora.lora_dtype)
+    dora = None if adapter.dora_scale is None else np.asarray(adapter.dora_scale[...])
+    return LayerAdapter(weight, adapter.bias, adapter.bypass, dora)
+
+
+def _zero_adapter(adapter: LayerAdapter) -> LayerAdapter:
+    """An adapter of the same structure that changes nothing: every tensor zero (R = I for OFT)."""
+    graphdef, state = nnx.split(adapter)
+    return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, state))
+
+
+def _stack_blocks(paths: list[str], adapters: Mapping[str, LayerAdapter]) -> list[LayerAdapter]:
+    """One adapter per block of a stacked layer: LoRA alphas made common, blocks the file lacks as no-ops."""
+    present = [adapters[path] for path in paths if path in adapters]
+    first = present[0]
+    if isinstance(first.weight, LoRA):
+        alpha = first.weight.alpha
+        adapters = {
+            path: _with_alpha(a, alpha) if isinstance(a.weight, LoRA) and a.weight.alpha != alpha else a
+            for path, a in adapters.items()
+        }
+    missing = [path for path in paths if path not in adapters]
+    if missing and first.dora_scale is not None:
+        raise AdapterFileError(f"DoRA adapters must cover every block; the file lacks {describe_names(missing)}")
+    filler = _zero_adapter(first) if missing else None
+    return [adapters.get(path, filler) for path in paths]
+
+
+def attach_imported(network: nnx.Module, adapters: Mapping[str, LayerAdapter]) -> None:
+    """Attach per-path adapters; a stacked layer gets its blocks' adapters stacked (blocks absent from the file
+    get a no-op adapter of the same kind, which stays zero in training for LoRA, LoHa and LoKr)."""
+    for group in sites_by_layer(network):
+        paths = [path for path, _ in group]
+        if not any(path in adapters for path in paths):
+            continue
+        blocks = _stack_blocks(paths, adapters) if group[0][1].index is not None else [adapters[paths[0]]]
+        try:
+            set_adapters([site for _, site in group], blocks)
+        except ValueError as error:
+            raise AdapterFileError(f"{error} (different ranks, algorithms or factor shapes)") from error

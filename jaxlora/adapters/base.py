@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import jax
@@ -17,6 +18,38 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.layers import WeightLayer
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that does not fit the model; the message names the keys at fault."""
+
+
+def describe_names(items, limit: int = 8) -> str:
+    """The first `limit` names in order and the count, for messages about files of thousands of keys."""
+    items = sorted(items)
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """One layer's tensors read from an adapter file, by canonical name (`up`, `down`, `alpha`, `hada_w1_a`,
+    `lokr_w1`, `oft_blocks`, `diff`, `diff_b`, ...), with the file keys they came from for messages."""
+
+    path: str
+    tensors: Mapping[str, np.ndarray]
+    keys: Mapping[str, str]
+
+    def get(self, name: str) -> np.ndarray | None:
+        value = self.tensors.get(name)
+        return None if value is None else np.asarray(value, np.float32)
+
+    def alpha(self, rank: int) -> float:
+        """The file's alpha, or the rank where it has none (ComfyUI then applies scale 1)."""
+        alpha = self.get("alpha")
+        return rank if alpha is None else float(alpha)
+
+    def fail(self, message: str) -> AdapterFileError:
+        return AdapterFileError(f"{self.path} ({describe_names(self.keys.values(), 3)}): {message}")
 
 
 class AdapterParam(nnx.Variable):
@@ -81,6 +114,11 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
+def fold_tucker(core: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Tucker core [R, r, k, k] with factor [r, in] -> an equivalent flat factor [R, in * k * k]."""
+    return np.einsum("ijkl,jr->irkl", core, factor.reshape(factor.shape[0], -1)).reshape(core.shape[0], -1)
+
+
 class Diff(nnx.Module):
     """A full additive difference in torch layout: `diff` for one-dimensional weights (norm scales), biases
     (`diff_b`) and, when imported from a LyCORIS "full" file, whole weights (`torch_to_flax` then permutes).
@@ -104,6 +142,14 @@ class Diff(nnx.Module):
 
     def export(self) -> dict[str, np.ndarray]:
         return {"diff": np.asarray(self.diff[...])}
+
+    @classmethod
+    def from_tensors(cls, f: LayerTensors, target: Target, lora_dtype) -> Diff:
+        """A whole-weight `diff` (LyCORIS "full") from a file."""
+        diff = f.get("diff")
+        if diff.shape != target.torch_shape:
+            raise f.fail(f"diff of shape {diff.shape} does not fit the weight {target.torch_shape}")
+        return cls(diff, lora_dtype, target.torch_to_flax if diff.ndim > 1 else None)
 
 
 def weight_decompose(

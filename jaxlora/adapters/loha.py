@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapters.base import Target, master, rounded
+from jaxlora.adapters.base import LayerTensors, Target, fold_tucker, master, rounded
 
 
 class LoHa(nnx.Module):
@@ -32,6 +32,22 @@ class LoHa(nnx.Module):
             1.0,
             lora_dtype,
         )
+
+    @classmethod
+    def from_tensors(cls, f: LayerTensors, target: Target, lora_dtype: jnp.dtype) -> LoHa:
+        """A LoHa from a file, Tucker factors (`hada_t1`, `hada_t2`, w_a stored as [r, out]) folded to flat."""
+        w1a, w1b, w2a, w2b = (f.get(n) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        if any(w is None for w in (w1a, w1b, w2a, w2b)):
+            raise f.fail("LoHa needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b")
+        rank = w1b.shape[0]
+        alpha = f.alpha(rank)
+        if f.get("hada_t1") is not None:
+            w1a, w2a = w1a.T, w2a.T
+            w1b, w2b = fold_tucker(f.get("hada_t1"), w1b), fold_tucker(f.get("hada_t2"), w2b)
+        w1b, w2b = w1b.reshape(w1b.shape[0], -1), w2b.reshape(w2b.shape[0], -1)
+        if w1a.shape[0] != target.out_features or w1b.shape[1] != target.in_features or w2b.shape != w1b.shape:
+            raise f.fail(f"LoHa factors {w1a.shape}, {w1b.shape} do not fit the weight {target.torch_shape}")
+        return cls(target, w1a, w1b, w2a, w2b, alpha * w1b.shape[0] / rank, lora_dtype)
 
     @property
     def rank(self) -> int:

@@ -9,11 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapters.base import Target, factorization, master, rounded
+from jaxlora.adapters.base import LayerTensors, Target, factorization, master, rounded
 
 
 class LoKr(nnx.Module):
-    """`lokr_w1` [out_l, in_m] and `lokr_w2` [out_k, in_n, k...] (torch layout; the kernel stays on w2).
+    """`lokr_w1` [out_l, in_m] and `lokr_w2` [out_k, in_n, k...] (torch layout; the kernel stays on w2, as
+    ComfyUI's trainer creates them since Dec 2025). A conv file from an older ComfyUI, whose 2-D `lokr_w2`
+    [out_k, in*k.../in_m] spans the flattened kernel, patches through the same kron-then-reshape.
 
     Directly stored factors carry no alpha scaling, on the train side and on ComfyUI's load side alike.
     """
@@ -33,6 +35,33 @@ class LoKr(nnx.Module):
         bound = 1.0 / math.sqrt(in_n * math.prod(kernel))
         w2 = rng.uniform(-bound, bound, (out_k, in_n, *kernel))
         return cls(target, np.zeros((out_l, in_m)), w2, lora_dtype)
+
+    @classmethod
+    def from_tensors(cls, f: LayerTensors, target: Target, lora_dtype: jnp.dtype) -> LoKr:
+        """Rebuilt factors and ComfyUI's load-side scale (alpha / rank of the last rebuilt factor) are folded into
+        full w1, w2, which load exactly as the original file does."""
+        w1, w2 = f.get("lokr_w1"), f.get("lokr_w2")
+        rank = None
+        if w1 is None:
+            w1a, w1b = f.get("lokr_w1_a"), f.get("lokr_w1_b")
+            if w1a is None or w1b is None:
+                raise f.fail("LoKr needs lokr_w1 or lokr_w1_a and lokr_w1_b")
+            w1, rank = w1a @ w1b, w1b.shape[0]
+        if w2 is None:
+            w2a, w2b, t2 = f.get("lokr_w2_a"), f.get("lokr_w2_b"), f.get("lokr_t2")
+            if w2a is None or w2b is None:
+                raise f.fail("LoKr needs lokr_w2 or lokr_w2_a and lokr_w2_b")
+            if t2 is None:
+                w2 = w2a @ w2b.reshape(w2b.shape[0], -1)
+            else:  # Tucker: t2 [r, r, k, k], w2a [r, out_k], w2b [r, in_n]
+                w2 = np.einsum("ijkl,jr,ip->prkl", t2, w2b, w2a)
+            rank = w2b.shape[0]
+        alpha = f.get("alpha")
+        if alpha is not None and rank is not None:
+            w2 = w2 * (float(alpha) / rank)
+        if w1.size * w2.size != np.prod(target.torch_shape):
+            raise f.fail(f"kron(lokr_w1 {w1.shape}, lokr_w2 {w2.shape}) does not fit the weight {target.torch_shape}")
+        return cls(target, w1, w2, lora_dtype)
 
     def patch(self, weight: jax.Array) -> jax.Array:
         w1, w2 = (

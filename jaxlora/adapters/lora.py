@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapters.base import Target, master, rounded
+from jaxlora.adapters.base import LayerTensors, Target, master, rounded
 from jaxlora.models.layers import WeightLayer
 
 
@@ -29,6 +29,22 @@ class LoRA(nnx.Module):
         bound = 1.0 / math.sqrt(rank)
         up = rng.uniform(-bound, bound, (target.out_features, rank))
         return cls(target, up, np.zeros((rank, target.in_features)), 1.0, lora_dtype)
+
+    @classmethod
+    def from_tensors(cls, f: LayerTensors, target: Target, lora_dtype: jnp.dtype) -> LoRA:
+        """A LoRA from a file in any of its spellings: conv factors flat or 4-D, a Tucker `mid` folded into down,
+        the file's alpha kept as the scale ComfyUI loads with."""
+        up, down, mid = f.get("up"), f.get("down"), f.get("mid")
+        if up is None or down is None:
+            raise f.fail("a LoRA needs both an up and a down factor")
+        rank = down.shape[0]
+        alpha = f.alpha(rank)
+        if mid is not None:
+            down = np.einsum("pjkl,ji->pikl", mid, down.reshape(rank, -1))
+        up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+        if up.shape[0] != target.out_features or down.shape[1] != target.in_features or up.shape[1] != down.shape[0]:
+            raise f.fail(f"LoRA factors up {up.shape} / down {down.shape} do not fit the weight {target.torch_shape}")
+        return cls(target, up, down, alpha * down.shape[0] / rank, lora_dtype)
 
     @property
     def rank(self) -> int:

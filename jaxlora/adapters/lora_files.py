@@ -3,7 +3,6 @@ file in any style ComfyUI accepts and attaches it to the model."""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,39 +10,12 @@ import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
-from jaxlora.adapters.attach import adapted_layers
-from jaxlora.adapters.formats import attach_imported, export_adapter, import_adapter
-from jaxlora.adapters.lokr import LoKr
-from jaxlora.adapters.metadata import AdapterInfo, adapter_metadata, dtype_name
-from jaxlora.adapters.oft import OFT
+from jaxlora.adapters.attach import attach_imported
+from jaxlora.adapters.formats import export_adapter, import_adapter
+from jaxlora.adapters.metadata import AdapterInfo, adapter_info, adapter_metadata
+from jaxlora.dtypes import resolve_dtype
 from jaxlora.files import write_new_file
-from jaxlora.models.checkpoint import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
-
-
-def describe_adapters(model: DiffusionModel, lora_dtype, steps: int = 0, settings=None) -> AdapterInfo:
-    """Metadata read off the attached adapters: the most common algorithm, its rank and alpha."""
-    weights = [a.weight for _, _, a in adapted_layers(model.network) if type(a.weight).__name__ != "Diff"]
-    if not weights:
-        raise ValueError("the model carries no weight adapters to save")
-    algorithm = Counter(type(w).__name__ for w in weights).most_common(1)[0][0]
-    sample = next(w for w in weights if type(w).__name__ == algorithm)
-    if isinstance(sample, OFT):
-        rank, alpha = sample.blocks.shape[1], sample.alpha
-    elif isinstance(sample, LoKr):
-        rank, alpha = min(sample.w1.shape), 1.0
-    else:
-        rank, alpha = sample.rank, sample.alpha
-    return AdapterInfo(
-        family=model.family.name,
-        prediction=model.sampling.prediction,
-        algorithm=algorithm,
-        rank=rank,
-        alpha=alpha,
-        lora_dtype=dtype_name(lora_dtype),
-        steps=steps,
-        settings=settings or {},
-    )
 
 
 def save_lora(
@@ -56,8 +28,8 @@ def save_lora(
     """Write the model's adapters to a new .safetensors file (never over an existing one), tensors in
     `lora_dtype`, keys in `style` ("comfyui", "kohya" or "peft"), with metadata."""
     dtype = resolve_dtype(lora_dtype)
-    info = info or describe_adapters(model, dtype)
-    tensors = export_adapter(model.network, model.family.name, style, dtype)
+    info = info or adapter_info(model, dtype)
+    tensors = export_adapter(model, style, dtype)
     return write_new_file(path, save(tensors, metadata=adapter_metadata(info, style)))
 
 
@@ -83,6 +55,6 @@ def read_lora_file(path: str | Path):
 def load_lora(model: DiffusionModel, path: str | Path, lora_dtype: str | jnp.dtype = "bf16") -> LoadedLora:
     """Attach the adapters of a file (any key style ComfyUI loads) to the model's layers; every key must fit."""
     tensors, metadata = read_lora_file(path)
-    adapters = import_adapter(model.network, tensors, resolve_dtype(lora_dtype))
+    adapters = import_adapter(model, tensors, resolve_dtype(lora_dtype))
     attach_imported(model.network, adapters)
     return LoadedLora(Path(path), len(adapters), metadata)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapters.base import Target, factorization, master
+from jaxlora.adapters.base import LayerTensors, Target, factorization, master
 
 
 def cayley_rotations(blocks: jax.Array, constraint: float) -> jax.Array:
@@ -39,6 +39,17 @@ class OFT(nnx.Module):
         """Zero blocks (R = I): `rank` is the target block size, as in ComfyUI."""
         block_size, block_num = factorization(target.out_features, rank)
         return cls(target, np.zeros((block_num, block_size, block_size)), 1.0, lora_dtype)
+
+    @classmethod
+    def from_tensors(cls, f: LayerTensors, target: Target, lora_dtype: jnp.dtype) -> OFT:
+        """Diagonal OFT blocks [n, b, b] from a file (BOFT's 4-D butterfly blocks are not trainable here)."""
+        blocks = f.get("oft_blocks")
+        if blocks.ndim != 3:
+            raise f.fail(f"oft_blocks of shape {blocks.shape} (BOFT) are not supported for training")
+        if blocks.shape[0] * blocks.shape[1] != target.out_features or blocks.shape[1] != blocks.shape[2]:
+            raise f.fail(f"oft_blocks {blocks.shape} do not fit {target.out_features} output channels")
+        alpha = f.get("alpha")
+        return cls(target, blocks, 0.0 if alpha is None else max(float(alpha), 0.0), lora_dtype)
 
     def patch(self, weight: jax.Array) -> jax.Array:
         """Output channels are the last axis of the Flax layout: W'[..., k, m] = sum_n W[..., k, n] R_k[n, m]."""

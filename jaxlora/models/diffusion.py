@@ -1,27 +1,28 @@
-"""A loaded diffusion model: the network (ldm UNet or Flux) with its family, parameterisation and latent format,
-and what the network receives besides the latent, built from the conditioning fields of a dataset."""
+"""A loaded diffusion model: the network with its family, variant, parameterisation and latent format, and what
+the network receives besides the latent, built by the family from the conditioning fields of a dataset."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
 
-from jaxlora.models.checkpoint import PREDICTIONS, guess_v_prediction, load_network, read_index, resolve_dtype
-from jaxlora.models.families import FluxFamily, UNetFamily
-from jaxlora.models.flux import Flux, FluxConfig
-from jaxlora.models.sampling import LatentFormat, ModelSampling, scaled_linear_schedule, sdxl_vector
-from jaxlora.models.unet import UNet, UNetConfig
+from jaxlora.dtypes import PREDICTIONS, resolve_dtype
+from jaxlora.models.checkpoint import load_network, read_index
+from jaxlora.models.family import AdapterNames, ConditioningField, ModelFamily, Variant
+from jaxlora.models.registry import family_of_config
+from jaxlora.models.sampling import LatentFormat, ModelSampling
+from jaxlora.models.stack import layer_sites
 from jaxlora.parallel.mesh import make_mesh
-
-SIZE_FIELDS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
-DEFAULT_GUIDANCE = 3.5  # ComfyUI's Flux guidance when the conditioning carries none
 
 
 @dataclass
@@ -29,18 +30,19 @@ class DiffusionModel:
     """What training needs to know about a checkpoint. `network` takes NHWC latents, a timestep and the
     keyword inputs `network_inputs` builds."""
 
-    network: UNet | Flux
-    family: UNetFamily | FluxFamily
+    network: nnx.Module
+    family: ModelFamily
+    variant: Variant
     sampling: ModelSampling
     source: Path | None = None
 
     @property
-    def config(self) -> UNetConfig | FluxConfig:
+    def config(self) -> Any:
         return self.network.config
 
     @property
     def latent_format(self) -> LatentFormat:
-        return self.family.latent_format
+        return self.variant.latent_format
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -52,23 +54,35 @@ class DiffusionModel:
 
     @property
     def latent_channels(self) -> int:
-        return self.config.in_channels
+        return self.family.latent_channels(self.config)
+
+    @cached_property
+    def conditioning_fields(self) -> tuple[ConditioningField, ...]:
+        """The dataset fields the network needs besides the latents, with their widths."""
+        return self.family.conditioning(self.variant, self.config)
 
     @property
     def context_dim(self) -> int:
-        return self.config.context_dim
+        return self._field_width("c_crossattn")
 
     @property
     def pooled_dim(self) -> int | None:
         """Width of the pooled text embedding the model needs (`pooled_output`), None if it takes none."""
-        return self.config.pooled_dim
+        return self._field_width("pooled_output")
+
+    def _field_width(self, name: str) -> int | None:
+        return next((f.width for f in self.conditioning_fields if f.name == name), None)
 
     @property
     def network_input_names(self) -> tuple[str, ...]:
         """The keyword inputs the network takes besides the latent and timestep."""
-        if isinstance(self.family, FluxFamily):
-            return ("context", "y", "guidance") if self.family.guidance else ("context", "y")
-        return ("context",) if self.pooled_dim is None else ("context", "y")
+        return self.family.input_names(self.variant, self.config)
+
+    @cached_property
+    def adapter_names(self) -> AdapterNames:
+        """The adapter-file name tables of this network's adaptable layers."""
+        paths = [site.path for site in layer_sites(self.network) if site.layer.adaptable]
+        return self.family.adapter_names(self.variant, self.config, paths)
 
     def network_inputs(
         self,
@@ -77,32 +91,14 @@ class DiffusionModel:
         dtype: jnp.dtype,
         guidance: float | None = None,
     ) -> dict[str, jax.Array]:
-        """The network's keyword inputs from a bucket's conditioning fields, each [N or 1, ...]: the context,
-        SDXL's `y` (pooled output and size embeddings; sizes in pixels, default the latent size x 8), Flux's
-        `y` (pooled CLIP-L) and, for dev, `guidance` (the data's, else `guidance`, else 3.5)."""
-        inputs = {"context": jnp.asarray(conditioning["c_crossattn"], dtype)}
-        if isinstance(self.family, FluxFamily):
-            inputs["y"] = jnp.asarray(conditioning["pooled_output"], dtype)
-            if self.family.guidance:
-                default = [DEFAULT_GUIDANCE if guidance is None else guidance]
-                inputs["guidance"] = jnp.asarray(conditioning.get("guidance", default), jnp.float32)
-        elif self.pooled_dim is not None:
-            inputs["y"] = _sdxl_y(conditioning, latent_hw).astype(dtype)
-        return inputs
+        """The network's keyword inputs from a bucket's conditioning fields, each [N or 1, ...] (the context,
+        and what the family adds, such as a `y` vector from the pooled output and sizes, or guidance;
+        `guidance` replaces the family's default for samples whose data carries none)."""
+        return self.family.network_inputs(self.variant, self.config, conditioning, latent_hw, dtype, guidance)
 
-
-def _sdxl_y(conditioning: Mapping[str, np.ndarray], latent_hw: tuple[int, int]) -> jax.Array:
-    height, width = 8 * latent_hw[0], 8 * latent_hw[1]
-    defaults = {"height": height, "width": width, "crop_h": 0, "crop_w": 0}
-    sizes = {name: conditioning.get(name, defaults.get(name)) for name in SIZE_FIELDS}
-    sizes["target_height"] = conditioning.get("target_height", sizes["height"])
-    sizes["target_width"] = conditioning.get("target_width", sizes["width"])
-    pooled = jnp.asarray(conditioning["pooled_output"], jnp.float32)
-    rows = max([pooled.shape[0]] + [np.size(v) for v in sizes.values()])
-    pooled = jnp.broadcast_to(pooled, (rows, pooled.shape[-1]))
-    return sdxl_vector(
-        pooled, *(jnp.broadcast_to(jnp.asarray(sizes[n], jnp.float32).reshape(-1), (rows,)) for n in SIZE_FIELDS)
-    )
+    def run_sampling(self, prediction: str = "auto", shift: float | None = None) -> ModelSampling:
+        """The model sampling a run trains with: this model's, with a prediction override or a flow shift."""
+        return self.family.run_sampling(self.variant, self.sampling, prediction, shift)
 
 
 def load_model(
@@ -112,14 +108,14 @@ def load_model(
     weights: bool = True,
     mesh: jax.sharding.Mesh | str | None = None,
 ) -> DiffusionModel:
-    """Load a UNet or Flux checkpoint (.safetensors, as ComfyUI loads it) with its config inferred from the
-    weights.
+    """Load a checkpoint of any supported family (.safetensors, as ComfyUI loads it) with its config inferred
+    from the weights.
 
     `dtype` is the storage dtype of the frozen weights ("bf16", "fp32" or "fp16"). `prediction` is "eps" or
-    "v" for UNets; "auto" follows ComfyUI's detection (a `v_pred` key, or the SD2 768-v weight statistics), which
-    a v-prediction fine-tune without that key defeats: then pass prediction="v". Flux predicts a flow ("const"),
-    with ModelSamplingFlux for dev and discrete flow for schnell. With `weights=False` only the header is read
-    and the network stays abstract (shapes, no values): enough to convert adapter files.
+    "v" for eps/v families; "auto" follows ComfyUI's detection from the weights (a `v_pred` key, or a family's
+    weight statistics), which a v-prediction fine-tune without that key defeats: then pass prediction="v". Flow models
+    take "auto" only. With `weights=False` only the header is read and the network stays abstract (shapes, no
+    values): enough to convert adapter files and check a run before loading.
     `mesh` (a `jax.sharding.Mesh` or a spec like "data=2,fsdp=4") places each weight straight onto its shards
     as it is read, split over the mesh's `fsdp` axis.
     """
@@ -129,11 +125,23 @@ def load_model(
     index = read_index(path)
     if isinstance(mesh, str):
         mesh = make_mesh(mesh)
-    network, family, prefix = load_network(index, dtype, weights, mesh)
-    if isinstance(family, FluxFamily):
-        if prediction != "auto":
-            raise ValueError(f"{family.description} predicts a flow; prediction {prediction!r} does not apply")
-        return DiffusionModel(network, family, family.sampling, Path(path))
-    if prediction == "auto":
-        prediction = "v" if guess_v_prediction(index, prefix, family) else "eps"
-    return DiffusionModel(network, family, ModelSampling(prediction, scaled_linear_schedule()), Path(path))
+    loaded = load_network(index, dtype, weights, mesh)
+
+    def read_tensor(key: str) -> np.ndarray:
+        with safe_open(index.path, framework="numpy") as f:
+            return f.get_tensor(loaded.prefix + key)
+
+    keys = {key[len(loaded.prefix) :] for key in index.shapes if key.startswith(loaded.prefix)} | set(index.shapes)
+    sampling = loaded.family.load_sampling(loaded.variant, loaded.network.config, read_tensor, keys, prediction)
+    return DiffusionModel(loaded.network, loaded.family, loaded.variant, sampling, Path(path))
+
+
+def abstract_model(config: Any, dtype: str | jnp.dtype = "bf16") -> DiffusionModel:
+    """A model of any family built from its config, whose frozen weights are `jax.ShapeDtypeStruct`s of `dtype`:
+    it lowers and compiles a train step and holds no memory (memory and compile benchmarks of full-size models)."""
+    family = family_of_config(config)
+    variant = family.variant_of(config)
+    graph, state = nnx.split(family.build(config))
+    state = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, resolve_dtype(dtype)), state)
+    sampling = family.load_sampling(variant, config, None, set(), "auto")
+    return DiffusionModel(nnx.merge(graph, state), family, variant, sampling)

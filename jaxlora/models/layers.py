@@ -227,7 +227,7 @@ class LayerNorm(WeightLayer):
 
 
 class RMSNorm(WeightLayer):
-    """RMS normalisation over the last axis with a learned `scale` (Flux's QK-norm; file key `<path>.scale`).
+    """RMS normalisation over the last axis with a learned `scale` (QK-norms; file key `<path>.scale`).
     Statistics in float32; not adapted, as in ComfyUI's trainer."""
 
     weight_key = "scale"
@@ -256,7 +256,7 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -
 def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """[cos(t f_j), sin(t f_j)] with f_j = max_period^(-j/(dim/2)), cos half first, in float32.
 
-    The ldm UNet's timestep embedding and SDXL's size/crop embedding (ComfyUI `timestep_embedding`,
+    Timestep and size embeddings (ComfyUI `timestep_embedding`,
     diffusers `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`).
     """
     half = dim // 2

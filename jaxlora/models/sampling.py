@@ -1,11 +1,12 @@
-"""The diffusion parameterisation: noise schedules, EPS/V/flow model sampling, latent formats, SDXL size ids.
+"""The diffusion parameterisation: noise schedules, EPS/V/flow model sampling, latent formats. The values each
+family uses (its latent format, shift, schedule) live in the family's file.
 
 Everything lives in sigma space, as in ComfyUI's ``comfy/model_sampling.py`` and k-diffusion: a sample is
 ``x_t = x0 + sigma * noise``; the network sees ``calculate_input(sigma, x_t)`` and ``timestep(sigma)`` and
 returns a raw output, which ``calculate_denoised`` turns into an x0 prediction. The networks know nothing of
 this. Everything is jax.numpy-traceable; sigma may be a scalar or a per-sample [B] array.
 
-Flow matching (CONST: Flux, SD3) is the ``"const"`` row of ``PARAMETERISATIONS`` on a ``FlowSchedule``, which has
+Flow matching (CONST) is the ``"const"`` row of ``PARAMETERISATIONS`` on a ``FlowSchedule``, which has
 the same ``sigma`` / ``timestep`` / ``percent_to_sigma`` methods as ``DiscreteSchedule``.
 """
 
@@ -19,8 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
-
-from jaxlora.models.layers import sinusoidal_embedding
 
 # ComfyUI's stand-in for "infinite noise" when a training draw hits percent 0 exactly.
 _PERCENT_ZERO_SIGMA = 999999999.9
@@ -87,7 +86,7 @@ class DiscreteSchedule:
 def scaled_linear_schedule(
     steps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012
 ) -> DiscreteSchedule:
-    """The SD1.x/SD2.x/SDXL schedule ("linear" in ComfyUI, "scaled_linear" in diffusers).
+    """The discrete 1000-step eps/v schedule ("linear" in ComfyUI, "scaled_linear" in diffusers).
 
     betas are linear in sqrt space. The cumulative product runs in float64 and only the resulting sigmas
     and their logs are rounded to float32, as in ComfyUI; diffusers computes in float32, which moves the
@@ -105,8 +104,8 @@ def scaled_linear_schedule(
 class FlowSchedule:
     """Continuous flow-matching noise levels in [0, 1]: sigma(t) = a t / (1 + (a - 1) t) (`time_snr_shift`).
 
-    ComfyUI's ModelSamplingFlux is a = e^mu with timestep = sigma; ModelSamplingDiscreteFlow is a = shift with
-    t = timestep / multiplier (Flux schnell: shift 1, multiplier 1, so sigma = timestep).
+    ComfyUI's e^mu shift is a = e^mu with timestep = sigma; ModelSamplingDiscreteFlow is a = shift with
+    t = timestep / multiplier (shift 1, multiplier 1: sigma = timestep).
     """
 
     alpha: float
@@ -128,26 +127,9 @@ class FlowSchedule:
         return jnp.where(percent <= 0.0, 1.0, jnp.where(percent >= 1.0, 0.0, sigma))
 
 
-FLUX_SHIFT = 1.15  # ModelSamplingFlux's default mu
-
-
-def flux_schedule(shift: float = FLUX_SHIFT) -> FlowSchedule:
-    """ModelSamplingFlux: flux_time_shift(mu, 1, t) = e^mu / (e^mu + 1/t - 1), i.e. time_snr_shift(e^mu, t)."""
-    return FlowSchedule(alpha=math.exp(shift))
-
-
 def discrete_flow_schedule(shift: float = 1.0, multiplier: float = 1.0) -> FlowSchedule:
-    """ModelSamplingDiscreteFlow (Flux schnell: shift 1, multiplier 1; SD3: shift 3, multiplier 1000)."""
+    """ComfyUI's ModelSamplingDiscreteFlow with its shift and multiplier (each family's file sets them)."""
     return FlowSchedule(alpha=shift, multiplier=multiplier)
-
-
-def flux_resolution_shift(
-    width: int, height: int, max_shift: float = 1.15, base_shift: float = 0.5, x1: int = 256, x2: int = 4096
-) -> float:
-    """The mu of ComfyUI's ModelSamplingFlux node for an image of width x height pixels: linear in the number
-    of 2x2 latent patches (w h / 256), base_shift at x1 patches, max_shift at x2."""
-    slope = (max_shift - base_shift) / (x2 - x1)
-    return (width * height / (8 * 8 * 2 * 2)) * slope + base_shift - slope * x1
 
 
 def _unit_variance_input(sigma: jax.Array, x: jax.Array) -> jax.Array:
@@ -254,38 +236,3 @@ class LatentFormat:
     def process_out(self, x: jax.Array) -> jax.Array:
         """Diffusion-model latent -> raw VAE latent."""
         return x / self.scale_factor + self.shift
-
-
-SD15_LATENT = LatentFormat(scale_factor=0.18215)  # SD1.x and SD2.x
-SDXL_LATENT = LatentFormat(scale_factor=0.13025)
-FLUX_LATENT = LatentFormat(scale_factor=0.3611, shift=0.1159)
-
-SDXL_SIZE_EMBED_DIM = 256
-
-
-def sdxl_vector(
-    pooled_output: jax.Array,
-    height: ArrayLike,
-    width: ArrayLike,
-    crop_h: ArrayLike = 0,
-    crop_w: ArrayLike = 0,
-    target_height: ArrayLike | None = None,
-    target_width: ArrayLike | None = None,
-) -> jax.Array:
-    """SDXL's ``y`` [B, 1280 + 6*256]: pooled CLIP-G output [B, 1280] then embeddings of the six size ids.
-
-    Sizes are in pixels (ComfyUI's default is the latent's H and W times 8); each is a number or one value
-    per sample [B]. The targets default to height and width. Each id is embedded like the UNet's timestep.
-    """
-    target_height = height if target_height is None else target_height
-    target_width = width if target_width is None else target_width
-    batch = pooled_output.shape[0]
-    size_ids = jnp.stack(
-        [
-            jnp.broadcast_to(jnp.asarray(size, jnp.float32), (batch,))
-            for size in (height, width, crop_h, crop_w, target_height, target_width)
-        ],
-        axis=1,
-    )
-    size_embeddings = sinusoidal_embedding(size_ids, SDXL_SIZE_EMBED_DIM).reshape(batch, -1)
-    return jnp.concatenate([pooled_output, size_embeddings], axis=1)

@@ -158,4 +158,3 @@ def per_device_bytes(tree) -> Mapping[str, int]:
         for shard in leaf.addressable_shards:
             held[str(shard.device)] = held.get(str(shard.device), 0) + shard.data.nbytes
     return held
-

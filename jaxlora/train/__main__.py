@@ -1,6 +1,6 @@
 """`python -m jaxlora.train`: train an adapter from the command line, with the node's settings as flags.
 
-With neither --model nor --dataset it runs the built-in demo: a tiny UNet with seeded random weights and a
+With neither --model nor --dataset it runs the built-in demo: a tiny model with seeded random weights and a
 synthetic dataset, to show the whole path (training, adapter file, loss history and plot) in a minute or two.
 
 The arguments, the TOML file and the output folder are checked before JAX is imported, so mistakes there are
@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 import tomllib
-import warnings
 from dataclasses import MISSING, Field, fields, replace
 from pathlib import Path
 
@@ -34,7 +33,7 @@ _TRAINING = [spec.name for spec in fields(TrainConfig)]
 NODE_INPUTS = ("model", "dataset", *_TRAINING[: _TRAINING.index("existing_lora") + 1])  # the rest: jaxlora's
 DEMO_SETTINGS = {"steps": 60, "batch_size": 2, "learning_rate": 0.002, "rank": 4, "training_dtype": "fp32"}
 EPILOG = f"""\
-With neither --model nor --dataset: the built-in demo, a tiny UNet with random weights trained on a
+With neither --model nor --dataset: the built-in demo, a tiny model with random weights trained on a
 synthetic dataset in a minute or two on a CPU, with its own defaults:
 {", ".join(f"{k} {v}" for k, v in DEMO_SETTINGS.items())}.
 
@@ -165,12 +164,12 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
         enable_compilation_cache()
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            model, dataset = load_inputs(run, config, demo, Path(scratch))
+            model, dataset, existing = load_inputs(run, config, demo, Path(scratch))
         except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         print(
-            f"training {config.algorithm} rank {config.rank} on {model.family.description} ({model.source.name}), "
+            f"training {config.algorithm} rank {config.rank} on {model.variant.description} ({model.source.name}), "
             f"{dataset.size} samples in {len(dataset.buckets)} bucket(s), {config.steps} steps"
         )
         started = time.perf_counter()
@@ -182,6 +181,7 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
                 checkpoint_dir=Path(run.output_dir) / f"{run.prefix}_checkpoints",
                 checkpoint_every=run.checkpoint_every,
                 resume=run.resume,
+                existing=existing,
             )
         except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
@@ -201,52 +201,38 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
 
 
 def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path):
-    """The dataset and the model, after every check that needs no weights: the files are what their flags say,
-    the data fit the model, the adapter style can name what is trained, and the existing adapter fits."""
-    from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
+    """The model, the dataset and the existing adapter file (None without one), after every check that needs no
+    weights: the files are what their flags say, the data fit the model, the existing adapter fits, and the
+    adapter style can name what is trained."""
+    from jaxlora.models.demo import demo_dataset, write_random_checkpoint
     from jaxlora.models.diffusion import load_model
-    from jaxlora.train.data import batch_size_warnings, is_dataset, load_dataset, make_dataset
+    from jaxlora.models.registry import DEMO_FAMILY
+    from jaxlora.train.data import batch_size_warnings, load_dataset, make_dataset
     from jaxlora.train.loop import preflight
     from jaxlora.train.report import check_style
 
     if demo:
-        print("No --model and --dataset given: running the built-in demo (a tiny UNet with random weights and a")
+        print("No --model and --dataset given: running the built-in demo (a tiny model with random weights and a")
         print("synthetic dataset). Pass --model CHECKPOINT --dataset DATA to train a real adapter.\n")
-        model_path = write_random_checkpoint(DEMO_UNET, scratch / "demo_unet.safetensors")
-        dataset = make_dataset(*demo_dataset())
+        model_path = write_random_checkpoint(DEMO_FAMILY.demo_config, scratch / "demo_model.safetensors")
     else:
         model_path = Path(run.model)
-        if is_dataset(model_path):
-            raise ValueError(
-                f"--model {model_path} looks like a dataset (it has `latents`), not a model: are --model and "
-                "--dataset swapped?"
-            )
-        dataset = load_dataset(run.dataset)
-    header = load_model(model_path, weights=False)
-    preflight(header, dataset, config)
+    header = load_model(model_path, weights=False)  # the header alone: cheaper than the dataset, so checked first
+    dataset = make_dataset(*demo_dataset()) if demo else load_dataset(run.dataset)
+    existing = preflight(header, dataset, config)
     for warning in batch_size_warnings(dataset, config.batch_size):
         print(f"warning: {warning}", file=sys.stderr)
-    if config.existing_lora:
-        print(continuing(Path(config.existing_lora), config.steps))
+    if existing is not None:
+        print(
+            f"continuing {existing.path}: {existing.steps} steps trained so far, {config.steps} more now "
+            f"({existing.steps + config.steps} in all)"
+        )
     try:
-        check_style(header, config, run.format)
+        check_style(header, config, run.format, existing)
     except ValueError as error:
         raise ValueError(f"--format {run.format}: {error}") from error
-    return load_model(model_path, config.training_dtype, config.prediction, mesh=config.mesh), dataset
-
-
-def continuing(path: Path, steps: int) -> str:
-    """What a run on top of an existing adapter starts from: its step count (metadata, else file name)."""
-    from safetensors import safe_open
-
-    from jaxlora.train.loop import existing_steps
-
-    with safe_open(path, framework="numpy") as file:
-        metadata = file.metadata() or {}
-    with warnings.catch_warnings():  # the training run warns about a missing count itself
-        warnings.simplefilter("ignore")
-        previous = existing_steps(path, metadata)
-    return f"continuing {path}: {previous} steps trained so far, {steps} more now ({previous + steps} in all)"
+    model = load_model(model_path, config.training_dtype, config.prediction, mesh=config.mesh)
+    return model, dataset, existing
 
 
 def summary(result, stats, paths: dict[str, Path]) -> str:

@@ -29,8 +29,7 @@ from typing import IO, Any
 import ml_dtypes
 import numpy as np
 
-NUMERIC_EXTRAS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height", "guidance")
-"""Numbers a conditioning dict may carry for the model (SDXL size embedding, Flux guidance); read as floats."""
+from jaxlora.models.registry import NUMBER_FIELDS
 
 _DTYPES = {  # torch dtype name -> numpy dtype (complex types are left out: no dataset holds them)
     "float64": np.dtype(np.float64),
@@ -88,7 +87,7 @@ class ComfyDataset:
 
     `latents[i]` is [C, h, w] (raw VAE latents, NCHW without the batch axis) in the dtype ComfyUI saved.
     `conditioning[i]` has `c_crossattn` [T, D], `pooled_output` [P] when the text encoder gave one, and the
-    `NUMERIC_EXTRAS` present as floats. `metadata` is metadata.json ({} when the file is absent).
+    `registry.NUMBER_FIELDS` present as floats. `metadata` is metadata.json ({} when the file is absent).
     `ignored_keys` names the other conditioning entries found (e.g. `attention_mask`), which are not read.
     """
 
@@ -260,7 +259,7 @@ def _conditioning_entry(entry, where: str, ignored: set[str]) -> dict[str, Any]:
                 shape = value.shape if isinstance(value, np.ndarray) else type(value).__name__
                 raise ComfyDatasetError(f"{where}: `pooled_output` must be [1, P], got {shape}")
             out[key] = np.array(value[0], order="C")
-        elif key in NUMERIC_EXTRAS:
+        elif key in NUMBER_FIELDS:
             if value is None:
                 continue
             if isinstance(value, np.ndarray) and value.size == 1:

@@ -4,7 +4,7 @@ read or anything compiled.
 
 This module imports no JAX, so that a bad flag, TOML value or output folder is refused in a fraction of a second.
 The registries' names are therefore spelled out here (tests check them against `adapters.attach.ALGORITHMS`,
-`train.optim.OPTIMIZERS` and `LOSSES`, and `adapters.formats.STYLES`).
+`train.optim.OPTIMIZERS` and `LOSSES`, and `models.family.STYLES`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path, PurePath
 
+from jaxlora.dtypes import PREDICTIONS, TRAINING_DTYPES
+
 # field -> (lowest, highest), the node's ranges (spec section 1)
 RANGES = {
     "batch_size": (1, 10000),
@@ -24,24 +26,23 @@ RANGES = {
     "rank": (1, 128),
     "seed": (0, 2**64 - 1),
 }
-DTYPES = ("bf16", "fp32")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 BYPASS_ALGORITHMS = ("LoRA",)  # algorithms with an activation form y = x W + h(x)
 STYLES = ("comfyui", "kohya", "peft")  # adapter key styles
 CHOICES = {
     "optimizer": ("AdamW", "Adam", "SGD", "RMSprop"),
     "loss_function": ("MSE", "L1", "Huber", "SmoothL1"),
-    "training_dtype": DTYPES,
-    "lora_dtype": DTYPES,
+    "training_dtype": TRAINING_DTYPES,
+    "lora_dtype": TRAINING_DTYPES,
     "algorithm": ("LoRA", "LoHa", "LoKr", "OFT"),
     "remat_policy": REMAT_POLICIES,
-    "prediction": ("auto", "eps", "v"),
+    "prediction": PREDICTIONS,
     "format": STYLES,
 }
 
 # One line of meaning per setting, for --help and the notebook's form.
 MEANINGS = {
-    "model": ".safetensors checkpoint: SD1.x, SD2.x, SDXL, Flux.1 dev or schnell",
+    "model": ".safetensors checkpoint of a supported model (the README lists them; jaxlora.inspect checks one)",
     "dataset": "SaveTrainingDataset folder, or a .safetensors dataset file or folder of them",
     "batch_size": "samples per micro-step",
     "grad_accumulation_steps": "micro-steps whose gradients make one optimizer step",
@@ -60,8 +61,8 @@ MEANINGS = {
     "bypass": "LoRA in activation form (on for LoRA unless --no-bypass)",
     "prediction": "eps or v for checkpoints whose prediction type the weights do not show",
     "mesh": "device mesh such as data=2,fsdp=4 (-1: the devices left); none: one device",
-    "guidance": "Flux dev: guidance for samples whose data carries none (none: 3.5)",
-    "flow_shift": "Flux: sampling shift (none: dev's mu 1.15, schnell's shift 1)",
+    "guidance": "models with a guidance input (Flux dev): guidance for samples whose data carries none",
+    "flow_shift": "flow models (Flux): the sampling shift (none: the model's own)",
     "output_dir": "folder for the adapter, loss history and plot",
     "prefix": "file name prefix inside the output folder, may include sub-folders",
     "format": "adapter key style: comfyui, kohya (A1111/Forge) or peft (LoRA only)",
@@ -139,8 +140,8 @@ class TrainConfig:
     bypass: bool | None = None  # LoRA in activation form; None: on for LoRA (faster, see BENCHMARKS.md)
     prediction: str = "auto"  # eps / v override for checkpoints whose type cannot be read from the weights
     mesh: str | None = None  # device mesh, e.g. "data=2,fsdp=4" (-1: the rest); None: one device
-    guidance: float | None = None  # Flux dev: guidance for samples whose data carries none (None: 3.5)
-    flow_shift: float | None = None  # Flux: sampling shift (dev mu, default 1.15; schnell shift, default 1)
+    guidance: float | None = None  # models with a guidance input: for samples whose data carries none
+    flow_shift: float | None = None  # flow models: the sampling shift (None: the family's default)
 
     def __post_init__(self) -> None:
         check_types(self)

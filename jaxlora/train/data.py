@@ -1,9 +1,9 @@
 """Training data: VAE latents with their text conditioning, grouped into resolution buckets.
 
 On disk a dataset is a `.safetensors` file, or a folder of them, holding `latents` [N, C, H, W] (ComfyUI LATENT
-`samples`: raw VAE latents, NCHW) and the conditioning: `c_crossattn` [N or 1, T, D]; for SDXL `pooled_output`
-[N or 1, 1280] and optionally `width`, `height`, `crop_w`, `crop_h`, `target_width`, `target_height`; for Flux
-`pooled_output` [N or 1, 768] (CLIP-L) and, for dev, optionally `guidance` [N or 1] (default 3.5). A folder
+`samples`: raw VAE latents, NCHW) and the conditioning fields the model's family needs (`ModelFamily.conditioning`;
+`python -m jaxlora.inspect` lists them): `c_crossattn` [N or 1, T, D], often `pooled_output` [N or 1, P], and
+per-sample numbers such as image sizes or guidance [N or 1] (`ModelFamily.number_fields`). A folder
 written by ComfyUI's SaveTrainingDataset node (`shard_XXXX.pkl`) is read too. Files of different latent shapes
 become separate buckets.
 """
@@ -11,8 +11,7 @@ become separate buckets.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from safetensors.numpy import save
 
 from jaxlora.files import write_new_file
 from jaxlora.models.diffusion import DiffusionModel
+from jaxlora.models.family import UnknownLayoutError
+from jaxlora.models.registry import describe_keys, find_family
 
 SEQUENCE_FIELDS = {"c_crossattn": 3, "pooled_output": 2}  # name -> rank with the sample axis
 
@@ -147,16 +148,6 @@ def make_dataset(latents, positive) -> Dataset:
     return Dataset(merge_buckets(buckets))
 
 
-def listed(names: Collection[str], limit: int = 6) -> str:
-    """A list of names short enough for one message line: the count and the first few."""
-    names = sorted(names)
-    more = ", ..." if len(names) > limit else ""
-    return f"{len(names)} key{'' if len(names) == 1 else 's'}: {', '.join(names[:limit])}{more}"
-
-
-MODEL_KEY = re.compile(r"(^|\.)(input_blocks|middle_block|output_blocks|double_blocks|single_blocks)\.")
-
-
 def _read_safetensors(path: Path) -> Bucket:
     """The file's header is checked before any tensor is read, so a wrong file (a model checkpoint) is refused
     at once whatever its size."""
@@ -164,10 +155,7 @@ def _read_safetensors(path: Path) -> Bucket:
         with safe_open(path, framework="numpy") as f:
             keys = list(f.keys())
             if "latents" not in keys:
-                hint = ""
-                if any(MODEL_KEY.search(key) for key in keys):
-                    hint = "; it looks like a model checkpoint, not a dataset (are the model and dataset swapped?)"
-                raise DatasetError(f"{path} has no `latents` tensor ({listed(keys)}){hint}")
+                raise _not_a_dataset(path, keys)
             tensors = {key: f.get_tensor(key) for key in keys}
     except (SafetensorError, OSError) as error:
         raise DatasetError(f"{path} is not a readable .safetensors file: {error}") from error
@@ -175,17 +163,14 @@ def _read_safetensors(path: Path) -> Bucket:
     return make_bucket(latents, tensors, str(path))
 
 
-def is_dataset(path: str | Path) -> bool:
-    """Whether `path` holds a dataset rather than a model: a SaveTrainingDataset folder, or `.safetensors` with
-    `latents` (only headers are read). Lets a swapped --model and --dataset be named as such."""
-    path = Path(path)
-    if path.is_dir():
-        return any(path.glob("shard_*.pkl")) or any(is_dataset(file) for file in path.glob("*.safetensors"))
+def _not_a_dataset(path: Path, keys: list[str]) -> DatasetError:
+    """The error for a file without `latents`: its keys in short, and what it is when it is a model."""
     try:
-        with safe_open(path, framework="numpy") as f:
-            return "latents" in f.keys()
-    except (SafetensorError, OSError):
-        return False
+        family, _ = find_family(keys)
+        hint = f"; it looks like a {family.name} checkpoint, not a dataset (are the model and dataset swapped?)"
+    except UnknownLayoutError:
+        hint = ""
+    return DatasetError(f"{path} has no `latents` tensor (keys: {describe_keys(keys, 4)}){hint}")
 
 
 def _read_comfy_folder(folder: Path) -> list[Bucket]:
@@ -217,7 +202,7 @@ def save_dataset(path: str | Path, latents: np.ndarray, c_crossattn: np.ndarray,
     """Write numpy arrays as a jaxlora dataset file (never over an existing file).
 
     `latents` [N, C, H, W] are raw VAE latents (not yet multiplied by the latent format's scale factor);
-    `c_crossattn` [N or 1, T, D]; optional `pooled_output` [N or 1, P] and per-sample numbers (SDXL sizes,
+    `c_crossattn` [N or 1, T, D]; optional `pooled_output` [N or 1, P] and per-sample numbers (image sizes,
     `guidance`) as arrays [N or 1] or scalars.
     """
     bucket = make_bucket(latents, {"c_crossattn": c_crossattn, **conditioning}, str(path))
@@ -236,19 +221,13 @@ def check_dataset(dataset: Dataset, model: DiffusionModel) -> None:
             raise DatasetError(
                 f"{bucket.source}: latents have {channels} channels, the model takes {model.latent_channels}"
             )
-        width = bucket.conditioning["c_crossattn"].shape[-1]
-        if width != model.context_dim:
-            raise DatasetError(
-                f"{bucket.source}: c_crossattn is {width}-d, the model's text input takes {model.context_dim}-d "
-                f"({model.family.description} text encoder output)"
-            )
-        if model.pooled_dim is not None:
-            pooled = bucket.conditioning.get("pooled_output")
-            if pooled is None or pooled.shape[-1] != model.pooled_dim:
-                found = "none" if pooled is None else f"{pooled.shape[-1]}-d"
+        for field in model.conditioning_fields:
+            value = bucket.conditioning.get(field.name)
+            if value is None or value.shape[-1] != field.width:
+                found = "none" if value is None else f"{value.shape[-1]}-d"
                 raise DatasetError(
-                    f"{bucket.source}: {model.family.description} needs pooled_output ({model.pooled_dim}-d), "
-                    f"found {found}"
+                    f"{bucket.source}: {model.variant.description} needs {field.name} ({field.width}-d), found "
+                    f"{found}: the {field.meaning} the model was trained with"
                 )
         for name, values in {"latents": bucket.latents, **bucket.conditioning}.items():
             if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -17,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapters.attach import attach_adapters
+from jaxlora.adapters.attach import attach_adapters, attach_imported
 from jaxlora.adapters.base import AdapterParam
-from jaxlora.adapters.formats import attach_imported, export_adapter, import_adapter
+from jaxlora.adapters.formats import export_adapter, import_adapter
 from jaxlora.adapters.lora_files import read_lora_file
-from jaxlora.models.checkpoint import resolve_dtype
+from jaxlora.adapters.metadata import trained_steps
+from jaxlora.dtypes import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
 from jaxlora.models.sampling import ModelSampling
 from jaxlora.parallel.mesh import MeshLayout, check_batch, make_mesh
@@ -31,7 +31,6 @@ from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
 from jaxlora.train.optim import loss_function, make_optimizer
 from jaxlora.train.perf import device_peak, step_flops
-from jaxlora.train.report import parse_steps_from_name
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
 
 
@@ -77,31 +76,39 @@ class TrainResult:
     stats: RunStats = field(default_factory=RunStats)
 
 
-def existing_steps(path: Path, metadata: dict[str, str]) -> int:
-    """Steps already trained: the file's metadata, else the `_<int>_steps_` name pattern, else 0 (warned)."""
-    for key in ("steps", "ss_steps"):
-        if metadata.get(key, "").isdigit():
-            return int(metadata[key])
-    from_name = parse_steps_from_name(path.name)
-    if from_name is not None:
-        return from_name
-    warnings.warn(f"{path.name}: no step count in its metadata or name; counting from 0", stacklevel=2)
-    return 0
+@dataclass(frozen=True)
+class ExistingAdapter:
+    """An `existing_lora` file, read once: its tensors, metadata and the steps it was trained for."""
+
+    path: Path
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, str]
+    steps: int
 
 
-def adapted_network(model: DiffusionModel, config: TrainConfig, dtype: jnp.dtype):
+def read_existing(config: TrainConfig) -> ExistingAdapter | None:
+    """The run's `existing_lora` file (None without one)."""
+    if not config.existing_lora:
+        return None
+    path = Path(config.existing_lora)
+    tensors, metadata = read_lora_file(path)
+    return ExistingAdapter(path, tensors, metadata, trained_steps(path, metadata))
+
+
+def adapted_network(
+    model: DiffusionModel, config: TrainConfig, dtype: jnp.dtype, existing: ExistingAdapter | None = None
+):
     """A network sharing the model's weight arrays (cast once if the training dtype differs), with the existing
-    adapter attached where it has layers and fresh adapters everywhere else. The input model is not modified."""
+    adapter attached where it has layers and fresh adapters everywhere else; and the steps the existing adapter
+    was trained for. `existing` is the file as `read_existing` read it (read here when not given). The input
+    model is not modified."""
     graph, state = nnx.split(model.network)
     if model.dtype != dtype:
         state = jax.tree.map(lambda a: a.astype(dtype), state)
     network = nnx.merge(graph, state)
-    previous = 0
-    if config.existing_lora:
-        path = Path(config.existing_lora)
-        tensors, metadata = read_lora_file(path)
-        attach_imported(network, import_adapter(network, tensors, resolve_dtype(config.lora_dtype)))
-        previous = existing_steps(path, metadata)
+    existing = existing or read_existing(config)
+    if existing is not None:
+        attach_imported(network, import_adapter(model, existing.tensors, resolve_dtype(config.lora_dtype)))
     attach_adapters(
         network,
         config.algorithm,
@@ -111,7 +118,7 @@ def adapted_network(model: DiffusionModel, config: TrainConfig, dtype: jnp.dtype
         bypass=config.uses_bypass,
     )
     network.remat_policy = config.remat_policy if config.gradient_checkpointing else None
-    return network, previous
+    return network, 0 if existing is None else existing.steps
 
 
 def with_host_adapters(model: DiffusionModel) -> DiffusionModel:
@@ -120,22 +127,79 @@ def with_host_adapters(model: DiffusionModel) -> DiffusionModel:
     return replace(model, network=nnx.merge(graph, to_host(adapters), base))
 
 
-def preflight(model: DiffusionModel, dataset: Dataset, config: TrainConfig) -> None:
-    """Every check that needs no weights: the data against the model, and the existing adapter's keys and
-    shapes, the batch against the mesh. Works on a model loaded with `weights=False`, before the checkpoint's
-    tensors are read."""
+def preflight(
+    model: DiffusionModel, dataset: Dataset, config: TrainConfig, existing: ExistingAdapter | None = None
+) -> ExistingAdapter | None:
+    """Every check that needs no weights: the data against the model, the settings against the model's family,
+    the batch against the mesh, and the existing adapter's keys and shapes. Works on a model loaded with
+    `weights=False`, before the checkpoint's tensors are read. Returns the existing adapter file, read once
+    (pass it on to `prepare_run`)."""
     check_dataset(dataset, model)
     if config.mesh is not None:
         check_batch(config.mesh, config.batch_size, [b.size for b in dataset.buckets], jax.device_count())
     if config.guidance is not None and "guidance" not in model.network_input_names:
-        raise ValueError(f"guidance applies to models with a guidance input (Flux dev), not {model.family.description}")
-    if config.flow_shift is not None and model.sampling.prediction != "const":
-        raise ValueError(f"flow_shift applies to flow models (Flux), not {model.family.description}")
-    if config.prediction != "auto" and model.sampling.prediction == "const":
-        raise ValueError(f"{model.family.description} predicts a flow; prediction {config.prediction!r} does not apply")
-    if config.existing_lora:
-        tensors, _ = read_lora_file(config.existing_lora)
-        import_adapter(model.network, tensors)
+        raise ValueError(f"guidance applies to models with a guidance input, not {model.variant.description}")
+    model.run_sampling(config.prediction, config.flow_shift)
+    existing = existing or read_existing(config)
+    if existing is not None:
+        import_adapter(model, existing.tensors)
+    return existing
+
+
+@dataclass
+class PreparedRun:
+    """Everything the step loop needs, set up once: the network split into its graph, the trainable adapters
+    and the frozen base; the optimizer state; each bucket's arrays on the device; the step's static settings;
+    the mesh layout (None: one device); and the steps an existing adapter brings."""
+
+    graph: nnx.GraphDef
+    adapters: nnx.State
+    opt_state: object
+    base: nnx.State
+    data: list[dict[str, jax.Array]]
+    perm_key: jax.Array
+    settings: StepSettings
+    layout: MeshLayout | None
+    sampling: ModelSampling
+    previous_steps: int
+    existing: ExistingAdapter | None
+
+
+def prepare_run(
+    model: DiffusionModel, dataset: Dataset, config: TrainConfig, existing: ExistingAdapter | None = None
+) -> PreparedRun:
+    """Check the run (`preflight`), attach the adapters, split and place the trees on the mesh, initialise the
+    optimizer and put the data on the device: the set-up of `run_training`, shared with the benchmarks so they
+    time the trainer's own step."""
+    existing = preflight(model, dataset, config, existing)
+    dtype = resolve_dtype(config.training_dtype)
+    network, previous_steps = adapted_network(model, config, dtype, existing)
+    graph, adapters, base = nnx.split(network, AdapterParam, ...)
+    layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
+    optimizer = make_optimizer(config.optimizer, config.learning_rate)
+    opt_state = optimizer.init(adapters)
+    sampling = model.run_sampling(config.prediction, config.flow_shift)
+    settings = StepSettings(
+        config.batch_size,
+        config.grad_accumulation_steps,
+        dtype,
+        loss_function(config.loss_function),
+        optimizer,
+        sampling,
+        None if layout is None else layout.batch,
+    )
+    data = [device_arrays(bucket, model, dtype, config.guidance) for bucket in dataset.buckets]
+    perm_key = permutation_key(config.seed)
+    if layout is not None:
+        adapters, opt_state, base = (
+            place_tree(adapters, layout.replicated),
+            place_tree(opt_state, layout.replicated),
+            place_tree(base, layout.base),
+        )
+        data, perm_key = place_tree((data, perm_key), layout.replicated)
+    return PreparedRun(
+        graph, adapters, opt_state, base, data, perm_key, settings, layout, sampling, previous_steps, existing
+    )
 
 
 def choose_bucket(sizes: list[int], seed: int, step: int) -> int:
@@ -195,7 +259,7 @@ def fingerprint(config: TrainConfig, model: DiffusionModel, dataset: Dataset) ->
     settings = config.as_dict()
     settings.pop("steps")  # a run may be resumed to train longer
     settings.pop("mesh")  # and on other devices: checkpoints are restored onto the new layout
-    return {**settings, "family": model.family.name, "dataset": [[b.size, *b.shape] for b in dataset.buckets]}
+    return {**settings, "family": model.variant.name, "dataset": [[b.size, *b.shape] for b in dataset.buckets]}
 
 
 def run_training(
@@ -207,33 +271,14 @@ def run_training(
     resume: bool = False,
     progress: Callable[[str], None] | None = None,
     log_every_seconds: float = 2.0,
+    existing: ExistingAdapter | None = None,
 ) -> TrainResult:
+    """Train `config.steps` optimizer steps (continuing a checkpointed run with `resume`) and return the node's
+    outputs. `existing` is the `existing_lora` file as `preflight` read it, so it is read once."""
     progress = progress or (lambda line: print(line, file=sys.stderr))
-    preflight(model, dataset, config)
-    dtype = resolve_dtype(config.training_dtype)
-    network, previous_steps = adapted_network(model, config, dtype)
-    graph, adapters, base = nnx.split(network, AdapterParam, ...)
-    layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
-    if layout is not None:
-        adapters, base = place_tree(adapters, layout.replicated), place_tree(base, layout.base)
-    optimizer = make_optimizer(config.optimizer, config.learning_rate)
-    opt_state = optimizer.init(adapters)
-    if layout is not None:
-        opt_state = place_tree(opt_state, layout.replicated)
-    if config.flow_shift is not None:
-        sampling = model.family.sampling_with_shift(config.flow_shift)
-    else:
-        prediction = model.sampling.prediction if config.prediction == "auto" else config.prediction
-        sampling = ModelSampling(prediction, model.sampling.schedule)
-    settings = StepSettings(
-        config.batch_size,
-        config.grad_accumulation_steps,
-        dtype,
-        loss_function(config.loss_function),
-        optimizer,
-        sampling,
-        None if layout is None else layout.batch,
-    )
+    run = prepare_run(model, dataset, config, existing)
+    graph, adapters, opt_state, base = run.graph, run.adapters, run.opt_state, run.base
+    data, perm_key, settings, layout = run.data, run.perm_key, run.settings, run.layout
 
     checkpoints = None
     start, history = 0, []
@@ -248,11 +293,7 @@ def run_training(
             start, adapters, opt_state, history = checkpoints.restore(adapters, opt_state)
             progress(f"resumed from step {start} ({checkpoints.directory})")
 
-    data = [device_arrays(bucket, model, dtype, config.guidance) for bucket in dataset.buckets]
     micro = config.grad_accumulation_steps
-    perm_key = permutation_key(config.seed)
-    if layout is not None:
-        data, perm_key = place_tree((data, perm_key), layout.replicated)
     stats = RunStats()
     compiled = []
     for shape, bucket in zip([b.shape for b in dataset.buckets], data, strict=True):
@@ -325,10 +366,9 @@ def run_training(
         checkpoints.save(done, adapters, opt_state, history)
 
     network = nnx.merge(graph, adapters, base)
-    adapted = DiffusionModel(network, model.family, sampling, model.source)
-    exported = with_host_adapters(adapted).network
-    lora = export_adapter(exported, model.family.name, "comfyui", resolve_dtype(config.lora_dtype))
-    return TrainResult(adapted, lora, {"loss": history}, done + previous_steps, stats)
+    adapted = DiffusionModel(network, model.family, model.variant, run.sampling, model.source)
+    lora = export_adapter(with_host_adapters(adapted), "comfyui", resolve_dtype(config.lora_dtype))
+    return TrainResult(adapted, lora, {"loss": history}, done + run.previous_steps, stats)
 
 
 def train_lora(
@@ -354,7 +394,7 @@ def train_lora(
 
     `latents`: raw VAE latents [N, C, H, W] (ComfyUI LATENT `samples`), or a list of such arrays of different
     resolutions. `positive`: the text conditioning, an array [N or 1, T, D] or a dict with `c_crossattn` and,
-    for SDXL, `pooled_output` and optional size fields (or a list matching `latents`). `options` are the
+    the family's other fields (`pooled_output`, sizes) (or a list matching `latents`). `options` are the
     TrainConfig additions (remat_policy, bypass, prediction, mesh) and run_training's (checkpoint_dir,
     checkpoint_every, resume, progress). Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and
     steps (including the existing adapter's).
@@ -380,4 +420,4 @@ def train_lora(
     return run_training(model, dataset, config, **run_options)
 
 
-RUN_OPTIONS = ("checkpoint_dir", "checkpoint_every", "resume", "progress", "log_every_seconds")
+RUN_OPTIONS = ("checkpoint_dir", "checkpoint_every", "resume", "progress", "log_every_seconds", "existing")

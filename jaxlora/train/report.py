@@ -14,6 +14,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,16 +23,16 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
-from jaxlora.adapters.attach import attach_adapters
-from jaxlora.adapters.formats import attach_imported, export_adapter, import_adapter
-from jaxlora.adapters.lora_files import read_lora_file, save_lora
-from jaxlora.adapters.metadata import AdapterInfo
+from jaxlora.adapters.attach import attach_adapters, attach_imported
+from jaxlora.adapters.formats import export_adapter, import_adapter
+from jaxlora.adapters.lora_files import save_lora
+from jaxlora.adapters.metadata import adapter_info
 from jaxlora.files import write_new_file
 
 if TYPE_CHECKING:
     from jaxlora.models.diffusion import DiffusionModel
     from jaxlora.train.config import TrainConfig
-    from jaxlora.train.loop import TrainResult
+    from jaxlora.train.loop import ExistingAdapter, TrainResult
 
 # ComfyUI's LossGraphNode geometry: an 800x480 plot area inside 40 px margins.
 WIDTH, HEIGHT, MARGIN = 840, 520, 40
@@ -57,14 +58,6 @@ def output_stem(output_dir: str | Path, prefix: str, steps: int | None) -> Path:
     counters = [int(match.group(1)) for name in names if (match := pattern.match(name))]
     counter = max(counters, default=0) + 1
     return folder / (f"{base}_{counter:05}_" if steps is None else f"{base}_{steps}_steps_{counter:05}_")
-
-
-def parse_steps_from_name(filename: str | Path) -> int | None:
-    """Steps already trained according to a file name, by ComfyUI's existing_lora rule: the `_`-separated token right
-    before the first `_steps_`. None where there is no such integer (ComfyUI raises there)."""
-    head, found, _ = Path(filename).name.partition("_steps_")
-    token = head.rsplit("_", 1)[-1]
-    return int(token) if found and re.fullmatch(r"[0-9]+", token) else None
 
 
 def write_loss_history(stem: str | Path, losses: Sequence[float], steps_per_optimizer_step: int) -> dict[str, Path]:
@@ -97,19 +90,11 @@ def write_run_outputs(
 ) -> dict[str, Path]:
     """Save a run as ComfyUI's SaveLoRA would name it: `<stem>.safetensors` (the adapter in `style`, with the
     settings in its metadata) and the loss history beside it. Returns {"adapter", "loss json", "loss csv",
-    "loss plot": path}; the CLI and the notebook share it so their files are the same."""
+    "loss plot": path}; the CLI and the notebook share it so their files are the same. The metadata describes
+    the adapters as trained (`adapter_info`), which for a continued adapter are the file's, not the flags'."""
     stem = output_stem(output_dir, prefix, result.steps)
-    info = AdapterInfo(
-        family=result.model_with_lora.family.name,
-        prediction=result.model_with_lora.sampling.prediction,
-        algorithm=config.algorithm,
-        rank=config.rank,
-        alpha=1.0,
-        lora_dtype=config.lora_dtype,
-        steps=result.steps,
-        training_dtype=config.training_dtype,
-        settings=config.as_dict(),
-    )
+    model = result.model_with_lora
+    info = adapter_info(model, config.lora_dtype, result.steps, config.training_dtype, config.as_dict())
     paths = {"adapter": save_lora(result.model_with_lora, f"{stem}.safetensors", style, config.lora_dtype, info)}
     paths.update(write_loss_history(stem, result.loss_map["loss"], config.grad_accumulation_steps))
     return paths
@@ -233,16 +218,16 @@ def _vertical_text(
     image.paste(label, (at[0] - label.width // 2, y))
 
 
-def check_style(model: DiffusionModel, config: TrainConfig, style: str) -> None:
+def check_style(model: DiffusionModel, config: TrainConfig, style: str, existing: ExistingAdapter | None) -> None:
     """Refuse, before any weights are read, a key style that cannot name every layer the run will train (PEFT
-    has no names for LoHa, LoKr, OFT, DoRA or SD attention projections), instead of failing after the last step.
+    has no names for LoHa, LoKr, OFT or DoRA), instead of failing after the last step.
 
-    `model` is loaded with `weights=False`; its network gets the adapters the run would attach (the existing
-    adapter, then fresh ones at rank 1: names do not depend on the rank), which are exported and dropped.
+    `model` is loaded with `weights=False`; a copy of its network gets the adapters the run would attach (the
+    `existing` adapter as `preflight` read it, then fresh ones at rank 1: names do not depend on the rank), which
+    are exported and dropped.
     """
-    network = nnx.clone(model.network)
-    if config.existing_lora:
-        tensors, _ = read_lora_file(config.existing_lora)
-        attach_imported(network, import_adapter(network, tensors))
-    attach_adapters(network, config.algorithm, 1, config.seed, jnp.float32, bypass=config.uses_bypass)
-    export_adapter(network, model.family.name, style)
+    probe = replace(model, network=nnx.clone(model.network))
+    if existing is not None:
+        attach_imported(probe.network, import_adapter(probe, existing.tensors))
+    attach_adapters(probe.network, config.algorithm, 1, config.seed, jnp.float32, bypass=config.uses_bypass)
+    export_adapter(probe, style)

@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from jaxlora.adapters.attach import adapted_layers, attach_adapters
-from jaxlora.adapters.base import AdapterParam
+from jaxlora.adapters.base import AdapterParam, Target
+from jaxlora.adapters.lokr import LoKr
+from jaxlora.models.layers import Conv2d, Linear
 from tests.adapters.conftest import randomize_adapters
 from tests.models.tiny_unets import MINIMAL, loaded_unet
 
@@ -63,6 +65,27 @@ def test_initialisation_follows_comfyui(tiny_model):
     assert layer.weight.alpha == 1.0
     norm = dict((p, a) for p, _, a in adapted_layers(model.network))["input_blocks.1.0.in_layers.0"]
     assert norm.weight.diff.shape == (32,) and norm.bias.diff.shape == (32,)
+
+
+@pytest.mark.parametrize(
+    "target, rank, w1_shape, w2_shape",
+    [
+        (Target((64, 64, 3, 3), Conv2d.torch_to_flax), 3, (2, 2), (32, 32, 3, 3)),
+        (Target((32, 4, 3, 3), Conv2d.torch_to_flax), 4, (4, 2), (8, 2, 3, 3)),
+        (Target((320, 768), Linear.torch_to_flax), 8, (8, 8), (40, 96)),
+    ],
+    ids=["conv64", "first-conv", "linear"],
+)
+def test_lokr_factors_have_the_shapes_and_init_of_comfyui_create_train(target, rank, w1_shape, w2_shape):
+    """ComfyUI's `LoKrAdapter.create_train` (comfy/weight_adapter/lokr.py, Dec 2025 on) factorises the output
+    channels and the input channels, `factorization(dim, rank)` each, and keeps the kernel on w2: w1 zeros,
+    w2 kaiming_uniform(a=sqrt(5)), bound 1/sqrt(in_n * kh * kw). ComfyUI up to Oct 2025 factorised in*kh*kw
+    instead ([64, 64, 3, 3] at rank 3: w1 (2, 3), w2 (32, 192)); such files still load (test_import_styles)."""
+    lokr = LoKr.create(target, rank, np.random.default_rng(0), jnp.float32)
+    w1, w2 = np.asarray(lokr.w1[...]), np.asarray(lokr.w2[...])
+    assert (w1.shape, w2.shape) == (w1_shape, w2_shape)
+    bound = 1 / np.sqrt(np.prod(w2_shape[1:]))
+    assert np.all(w1 == 0) and 0.9 * bound < np.abs(w2).max() <= bound
 
 
 def test_gradients_reach_only_the_adapter_tree():

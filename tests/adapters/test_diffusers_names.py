@@ -15,8 +15,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from jaxlora.adapters.attach import weight_layers
 from jaxlora.models.checkpoint import torch_parameters
-from jaxlora.models.diffusers_names import unet_to_diffusers
 from jaxlora.models.unet import SD15, SD21, SDXL, UNet
+from jaxlora.models.unet_names import unet_to_diffusers
 from tests.models.tiny_unets import FAMILIES
 
 # The parts of the diffusers config the converter reads, for the full-size networks.

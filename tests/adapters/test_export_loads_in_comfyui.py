@@ -37,7 +37,7 @@ def adapted(tiny_model, family, algorithm, include=None):
 @pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr", "OFT"])
 def test_every_key_loads_and_patches_the_trained_weights(tiny_model, algorithm, style):
     model, base = adapted(tiny_model, "sd1", algorithm)
-    tensors = export_adapter(model.network, "sd1", style, jnp.float32)
+    tensors = export_adapter(model, style, jnp.float32)
     patched, not_loaded = comfyui_patched(model, base, tensors, "sd1")
     assert not_loaded == []
     assert_same_weights(patched, effective_state_dict(model.network))
@@ -45,7 +45,7 @@ def test_every_key_loads_and_patches_the_trained_weights(tiny_model, algorithm, 
 
 def test_kohya_sdxl_uses_ldm_names_and_loads(tiny_model):
     model, base = adapted(tiny_model, "sdxl", "LoRA")
-    tensors = export_adapter(model.network, "sdxl", "kohya", jnp.float32)
+    tensors = export_adapter(model, "kohya", jnp.float32)
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
     patched, not_loaded = comfyui_patched(model, base, tensors, "sdxl")
     assert not_loaded == []
@@ -54,35 +54,38 @@ def test_kohya_sdxl_uses_ldm_names_and_loads(tiny_model):
 
 def test_kohya_sd1_uses_diffusers_names_with_4d_conv_factors(tiny_model):
     model, _ = adapted(tiny_model, "sd1", "LoRA")
-    tensors = export_adapter(model.network, "sd1", "kohya", jnp.float32)
+    tensors = export_adapter(model, "kohya", jnp.float32)
     assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (4, 32, 3, 3)
     assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape == (32, 4, 1, 1)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha" in tensors
 
 
-def test_peft_style_loads_outside_attention_projections(tiny_model):
-    def not_attention(path):
-        return not any(f"attn{i}.to_" in path for i in (1, 2))
-
-    model, base = adapted(tiny_model, "sd1", "LoRA", include=not_attention)
-    tensors = export_adapter(model.network, "sd1", "peft", jnp.float32)
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_peft_style_names_every_layer_and_loads(tiny_model, family):
+    """Attention projections go under the attention-processor spelling, the one diffusers spelling of them that
+    ComfyUI maps (`unet.<...>.attn1.processor.to_q`, `...processor.to_out`); every other layer under its diffusers
+    name."""
+    model, base = adapted(tiny_model, family, "LoRA")
+    tensors = export_adapter(model, "peft", jnp.float32)
     assert "unet.down_blocks.0.resnets.0.conv1.lora_A.weight" in tensors
+    attention = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
+    assert f"{attention}.to_q.lora_B.weight" in tensors and f"{attention}.to_out.lora_A.weight" in tensors
     assert not any(key.endswith(".alpha") for key in tensors)
-    patched, not_loaded = comfyui_patched(model, base, tensors, "sd1")
+    patched, not_loaded = comfyui_patched(model, base, tensors, family)
     assert not_loaded == []
     assert_same_weights(patched, effective_state_dict(model.network))
 
 
-def test_peft_style_refuses_attention_projections_by_name(tiny_model):
-    model, _ = adapted(tiny_model, "sd1", "LoRA")
-    with pytest.raises(AdapterFileError, match=r"input_blocks\.1\.1\.transformer_blocks\.0\.attn1\.to_k"):
-        export_adapter(model.network, "sd1", "peft", jnp.float32)
+def test_peft_style_refuses_other_algorithms_by_layer(tiny_model):
+    model, _ = adapted(tiny_model, "sd1", "LoHa")
+    with pytest.raises(AdapterFileError, match=r"no 'peft' name .*input_blocks\.1\.0\.in_layers\.2"):
+        export_adapter(model, "peft", jnp.float32)
 
 
 @pytest.mark.parametrize("algorithm", ["LoRA", "OFT"])
 def test_comfyui_patched_model_gives_the_adapted_output(tiny_model, algorithm):
     model, base = adapted(tiny_model, "sd1", algorithm)
-    tensors = export_adapter(model.network, "sd1", "comfyui", jnp.float32)
+    tensors = export_adapter(model, "comfyui", jnp.float32)
     patched, _ = comfyui_patched(model, base, tensors, "sd1")
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
@@ -103,7 +106,7 @@ def test_bf16_file_loads_to_the_weights_trained_with_bf16_adapters(tiny_model, a
     model, base = tiny_model("sd1")
     attach_adapters(model.network, algorithm, rank=4, seed=0, lora_dtype=jnp.bfloat16)
     randomize_adapters(model.network)
-    tensors = export_adapter(model.network, "sd1", "comfyui", jnp.bfloat16)
+    tensors = export_adapter(model, "comfyui", jnp.bfloat16)
     patched, not_loaded = comfyui_patched(model, base, tensors, "sd1")
     assert not_loaded == []
     assert_same_weights(patched, effective_state_dict(model.network))

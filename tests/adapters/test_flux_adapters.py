@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jaxlora.adapters.attach import attach_adapters, weight_layers
+from jaxlora.adapters.attach import attach_adapters, attach_imported, weight_layers
 from jaxlora.adapters.base import Target, layer_rng
-from jaxlora.adapters.formats import AdapterFileError, attach_imported, export_adapter, import_adapter
+from jaxlora.adapters.formats import AdapterFileError, export_adapter, import_adapter
 from jaxlora.adapters.lora import LoRA
-from jaxlora.models.demo import TINY_FLUX_DEV, random_tensors
+from jaxlora.models.demo import random_tensors
 from jaxlora.models.diffusion import load_model
+from jaxlora.models.flux_family import TINY_FLUX_DEV
 from tests.adapters import comfy_loader
 from tests.adapters.conftest import effective_state_dict, randomize_adapters
 
@@ -51,7 +52,7 @@ def assert_same_weights(patched, expected):
 @pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr", "OFT"])
 def test_stacked_adapters_export_per_block_keys_that_comfyui_applies_as_trained(flux_file, algorithm, style):
     model, base = adapted(flux_file, algorithm)
-    tensors = export_adapter(model.network, model.family.name, style, jnp.float32)
+    tensors = export_adapter(model, style, jnp.float32)
     block = {"comfyui": "diffusion_model.double_blocks.1.img_attn.qkv", "kohya": "lora_unet_single_blocks_1_linear1"}
     assert any(key.startswith(block[style] + ".") for key in tensors)
     assert not any("query_norm" in key or "key_norm" in key for key in tensors)  # QK-norm scales are not trained
@@ -78,20 +79,20 @@ def test_each_block_is_initialised_from_its_own_path(flux_file):
 @pytest.mark.parametrize("algorithm", ["LoRA", "LoKr"])
 def test_exported_file_restacks_on_import(flux_file, algorithm):
     model, base = adapted(flux_file, algorithm)
-    tensors = export_adapter(model.network, model.family.name, "comfyui", jnp.float32)
+    tensors = export_adapter(model, "comfyui", jnp.float32)
     fresh = load_model(flux_file[0], dtype="fp32")
-    attach_imported(fresh.network, import_adapter(fresh.network, tensors, jnp.float32))
+    attach_imported(fresh.network, import_adapter(fresh, tensors, jnp.float32))
     assert_same_weights(effective_state_dict(fresh.network), effective_state_dict(model.network))
 
 
 def test_import_of_some_blocks_with_their_own_alphas(flux_file):
     """A file with block 0 only (block 1 is left unchanged), and alphas that differ between layers' blocks."""
     model, base = adapted(flux_file, "LoRA")
-    tensors = export_adapter(model.network, model.family.name, "comfyui", jnp.float32)
+    tensors = export_adapter(model, "comfyui", jnp.float32)
     tensors = {k: v for k, v in tensors.items() if ".double_blocks.1." not in k}
     tensors["diffusion_model.single_blocks.1.linear1.alpha"] = np.asarray(3.0, np.float32)
     fresh = load_model(flux_file[0], dtype="fp32")
-    attach_imported(fresh.network, import_adapter(fresh.network, tensors, jnp.float32))
+    attach_imported(fresh.network, import_adapter(fresh, tensors, jnp.float32))
     patched, not_loaded = comfyui_patched(base, tensors)
     assert not_loaded == []
     assert_same_weights(effective_state_dict(fresh.network), patched)
@@ -99,13 +100,13 @@ def test_import_of_some_blocks_with_their_own_alphas(flux_file):
 
 def test_blocks_of_different_rank_are_refused_by_name(flux_file):
     model, _ = adapted(flux_file, "LoRA")
-    tensors = export_adapter(model.network, model.family.name, "comfyui", jnp.float32)
+    tensors = export_adapter(model, "comfyui", jnp.float32)
     key = "diffusion_model.double_blocks.1.img_mlp.0"
     tensors[f"{key}.lora_up.weight"] = tensors[f"{key}.lora_up.weight"][:, :2]
     tensors[f"{key}.lora_down.weight"] = tensors[f"{key}.lora_down.weight"][:2]
     fresh = load_model(flux_file[0], dtype="fp32", weights=False)
     with pytest.raises(AdapterFileError, match=r"double_blocks\.0\.img_mlp\.0"):
-        attach_imported(fresh.network, import_adapter(fresh.network, tensors, jnp.float32))
+        attach_imported(fresh.network, import_adapter(fresh, tensors, jnp.float32))
 
 
 def other_spellings(tensors):
@@ -126,7 +127,7 @@ def other_spellings(tensors):
 
 def test_peft_export_splits_fused_weights_and_reimports_fused(flux_file):
     model, base = adapted(flux_file, "LoRA")
-    peft = export_adapter(model.network, model.family.name, "peft", jnp.float32)
+    peft = export_adapter(model, "peft", jnp.float32)
     for piece in (
         "transformer_blocks.0.attn.to_q",
         "transformer_blocks.1.attn.add_v_proj",
@@ -135,7 +136,7 @@ def test_peft_export_splits_fused_weights_and_reimports_fused(flux_file):
     ):
         assert f"transformer.{piece}.lora_B.weight" in peft
     assert not any(key.startswith("diffusion_model.") and "lora_" in key for key in peft)
-    comfyui = export_adapter(model.network, model.family.name, "comfyui", jnp.float32)
+    comfyui = export_adapter(model, "comfyui", jnp.float32)
     patched, not_loaded = comfyui_patched(base, peft)
     assert not_loaded == []
     assert_same_weights(patched, comfyui_patched(base, comfyui)[0])
@@ -143,17 +144,17 @@ def test_peft_export_splits_fused_weights_and_reimports_fused(flux_file):
     renamed = other_spellings(peft)
     assert any(key.startswith("lycoris_transformer_blocks_1_attn_to_k.") for key in renamed)
     fresh = load_model(flux_file[0], dtype="fp32")
-    attach_imported(fresh.network, import_adapter(fresh.network, renamed, jnp.float32))
+    attach_imported(fresh.network, import_adapter(fresh, renamed, jnp.float32))
     assert_same_weights(effective_state_dict(fresh.network), effective_state_dict(model.network))
 
 
 def test_flux_peft_errors_name_the_layer_or_key(flux_file):
     lokr, _ = adapted(flux_file, "LoKr")
     with pytest.raises(AdapterFileError, match=r"double_blocks\.0\.img_attn\.qkv"):
-        export_adapter(lokr.network, lokr.family.name, "peft", jnp.float32)
+        export_adapter(lokr, "peft", jnp.float32)
     model, _ = adapted(flux_file, "LoRA")
-    peft = export_adapter(model.network, model.family.name, "peft", jnp.float32)
+    peft = export_adapter(model, "peft", jnp.float32)
     key = "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"
     peft[key] = peft[key][:-1]
     with pytest.raises(AdapterFileError, match=r"transformer_blocks\.0\.attn\.to_q"):
-        import_adapter(model.network, peft, jnp.float32)
+        import_adapter(model, peft, jnp.float32)

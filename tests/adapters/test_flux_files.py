@@ -1,12 +1,14 @@
-"""Flux adapter files (jaxlora/adapters/flux_files.py): written in each style and read back, through ComfyUI's load
-math (tests/adapters/comfy_loader.py). Numpy only; patched weights agree in fp32 to rtol 1e-5, atol 1e-6."""
+"""Flux adapter files (the Flux name tables with jaxlora/adapters/row_slices.py): written in each style and read
+back, through ComfyUI's load math (tests/adapters/comfy_loader.py). Numpy only; patched weights agree in fp32 to
+rtol 1e-5, atol 1e-6."""
 
 import numpy as np
 import pytest
 
-from jaxlora.adapters.flux_files import flux_export_tensors, fuse_flux_groups
 from jaxlora.adapters.formats import group_keys
-from jaxlora.models.flux_names import STYLES, import_aliases
+from jaxlora.adapters.row_slices import layer_tensors, split_export
+from jaxlora.models.family import STYLES
+from jaxlora.models.flux_names import export_names, import_aliases
 from tests.adapters import comfy_loader
 from tests.models.flux_layer_shapes import (
     H,
@@ -16,6 +18,9 @@ from tests.models.flux_layer_shapes import (
     random_loras,
     state_dict,
 )
+
+# canonical tensor name -> the suffix ComfyUI's own files use
+COMFYUI_SUFFIXES = {"up": "lora_up.weight", "down": "lora_down.weight", "alpha": "alpha", "diff_b": "diff_b"}
 
 
 def style_parts(up, down, alpha, style):
@@ -32,15 +37,21 @@ def exported(layers, style, seed=2):
     tensors = {}
     for path, (up, down, alpha) in loras.items():
         parts = style_parts(up, down, alpha, style) | {"diff_b": bias_diffs[path]}
-        tensors.update(flux_export_tensors(path, H, style, parts))
+        tensors.update(split_export(path, export_names(path, H, style), parts))
     return tensors, expected_weights(state_dict(layers), loras, bias_diffs)
 
 
 def imported(layers, tensors):
+    """Read a file as the importer does, and write each layer's tensors back under ComfyUI's own names."""
     aliases = import_aliases(layers, H)
-    groups, unmatched = group_keys(tensors, {alias: alias for alias in aliases})
+    groups, unmatched = group_keys(tensors, aliases)
     assert unmatched == []
-    return fuse_flux_groups(groups, tensors, aliases, {path: shape[0] for path, shape in layers.items()})
+    per_layer = layer_tensors(groups, tensors, aliases, {path: shape[0] for path, shape in layers.items()})
+    return {
+        f"diffusion_model.{path}.{COMFYUI_SUFFIXES[name]}": value
+        for path, f in per_layer.items()
+        for name, value in f.tensors.items()
+    }
 
 
 def comfyui(layers, tensors):
@@ -126,4 +137,5 @@ def test_two_spellings_of_one_slice_are_refused():
 
 def test_a_non_lora_adapter_cannot_be_cut_into_slices():
     with pytest.raises(ValueError, match=r"double_blocks\.0\.img_attn\.qkv: only a LoRA can be written"):
-        flux_export_tensors("double_blocks.0.img_attn.qkv", H, "peft", {"hada_w1_a": np.zeros((3 * H, 2))})
+        path = "double_blocks.0.img_attn.qkv"
+        split_export(path, export_names(path, H, "peft"), {"hada_w1_a": np.zeros((3 * H, 2))})

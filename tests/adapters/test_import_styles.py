@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlora.adapters.attach import attach_adapters
-from jaxlora.adapters.formats import AdapterFileError, attach_imported, export_adapter, import_adapter
+from jaxlora.adapters.attach import attach_adapters, attach_imported
+from jaxlora.adapters.formats import AdapterFileError, export_adapter, import_adapter
 from tests.adapters import comfy_loader
 from tests.adapters.conftest import effective_state_dict, randomize_adapters
 from tests.models.tiny_unets import FAMILIES
@@ -102,7 +102,7 @@ def comfyui_weights(base, tensors):
 
 
 def jaxlora_weights(model, tensors):
-    attach_imported(model.network, import_adapter(model.network, tensors, jnp.float32))
+    attach_imported(model.network, import_adapter(model, tensors, jnp.float32))
     return effective_state_dict(model.network)
 
 
@@ -124,16 +124,33 @@ def test_lycoris_tucker_decomposed_and_diff_forms_apply_as_in_comfyui(tiny_model
     assert_same_weights(jaxlora_weights(model, tensors), comfyui_weights(base, tensors))
 
 
+def lokr_conv_with_flattened_kernel(rng) -> dict[str, np.ndarray]:
+    """LoKr on the [32, 32, 3, 3] conv as ComfyUI's trainer wrote it up to Oct 2025 at rank 3: in*kh*kw = 288
+    factorised as (3, 96), so lokr_w2 is 2-D [16, 96] and its columns cut across input channels (96 / 9 is not
+    whole); the loader reshapes kron(w1, w2) [32, 288] to the weight."""
+    g = f"diffusion_model.{CONV}"
+    return {g + ".lokr_w1": rand(rng, 2, 3), g + ".lokr_w2": rand(rng, 16, 96), g + ".alpha": np.float32(1.0)}
+
+
+def test_lokr_conv_with_flattened_kernel_applies_and_exports_as_in_comfyui(tiny_model):
+    model, base = tiny_model("sd1")
+    tensors = lokr_conv_with_flattened_kernel(np.random.default_rng(0))
+    assert_same_weights(jaxlora_weights(model, tensors), comfyui_weights(base, tensors))
+    exported = export_adapter(model.network, "sd1", "comfyui", jnp.float32)
+    assert exported[f"diffusion_model.{CONV}.lokr_w2"].shape == (16, 96)
+    assert_same_weights(effective_state_dict(model.network), comfyui_weights(base, exported))
+
+
 @pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr", "OFT"])
 @pytest.mark.parametrize("style", ["comfyui", "kohya"])
 def test_export_import_export_is_lossless(tiny_model, algorithm, style):
     model, _ = tiny_model("sd1")
     attach_adapters(model.network, algorithm, rank=4, seed=0, lora_dtype=jnp.float32)
     randomize_adapters(model.network)
-    first = export_adapter(model.network, "sd1", style, jnp.float32)
+    first = export_adapter(model, style, jnp.float32)
     reloaded, _ = tiny_model("sd1")
-    attach_imported(reloaded.network, import_adapter(reloaded.network, first, jnp.float32))
-    second = export_adapter(reloaded.network, "sd1", style, jnp.float32)
+    attach_imported(reloaded.network, import_adapter(reloaded, first, jnp.float32))
+    second = export_adapter(reloaded, style, jnp.float32)
     assert first.keys() == second.keys()
     for key in first:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
@@ -147,7 +164,7 @@ def test_keys_that_match_no_layer_are_named(tiny_model):
         "diffusion_model.out.2.unknown_suffix": np.zeros(2, np.float32),
     }
     with pytest.raises(AdapterFileError, match=r"3 keys match no layer.*input_blocks\.99.*lora_te_text_model"):
-        import_adapter(model.network, tensors)
+        import_adapter(model, tensors)
 
 
 def test_factors_of_the_wrong_shape_are_named(tiny_model):
@@ -157,7 +174,7 @@ def test_factors_of_the_wrong_shape_are_named(tiny_model):
         f"diffusion_model.{LINEAR}.lora_down.weight": np.zeros((4, 32), np.float32),
     }
     with pytest.raises(AdapterFileError, match=r"attn2\.to_k.*down \(4, 32\) do not fit the weight \(32, 768\)"):
-        import_adapter(model.network, tensors)
+        import_adapter(model, tensors)
 
 
 def dora_file(rng):
@@ -176,8 +193,8 @@ def test_dora_applies_as_in_comfyui(tiny_model):
 
 def test_dora_survives_export_and_loads_in_comfyui(tiny_model):
     model, base = tiny_model("sd1")
-    attach_imported(model.network, import_adapter(model.network, dora_file(np.random.default_rng(1)), jnp.float32))
-    exported = export_adapter(model.network, "sd1", "comfyui", jnp.float32)
+    attach_imported(model.network, import_adapter(model, dora_file(np.random.default_rng(1)), jnp.float32))
+    exported = export_adapter(model, "comfyui", jnp.float32)
     assert f"diffusion_model.{CONV}.dora_scale" in exported
     assert_same_weights(effective_state_dict(model.network), comfyui_weights(base, exported))
 
@@ -187,4 +204,4 @@ def test_dora_scale_of_the_wrong_shape_is_named(tiny_model):
     tensors = lora_file(np.random.default_rng(0), *STYLE_TABLE["comfyui"])
     tensors[f"diffusion_model.{LINEAR}.dora_scale"] = np.ones((5, 1), np.float32)
     with pytest.raises(AdapterFileError, match=r"to_k.*dora_scale of shape \(5, 1\) fits neither"):
-        import_adapter(model.network, tensors)
+        import_adapter(model, tensors)

@@ -79,8 +79,8 @@ def test_save_then_load_restores_the_adapter_in_lora_dtype(tiny_model, tmp_path)
     reloaded, _ = tiny_model("sd1")
     loaded = jaxlora.load_lora(reloaded, path)
     assert loaded.layers == 280 and loaded.metadata["algorithm"] == "OFT"
-    saved = export_adapter(model.network, "sd1", "comfyui", jnp.bfloat16)
-    again = export_adapter(reloaded.network, "sd1", "comfyui", jnp.bfloat16)
+    saved = export_adapter(model, "comfyui", jnp.bfloat16)
+    again = export_adapter(reloaded, "comfyui", jnp.bfloat16)
     for key in saved:
         np.testing.assert_array_equal(saved[key], again[key], err_msg=key)
 

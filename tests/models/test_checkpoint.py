@@ -6,14 +6,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from jaxlora import load_model
-from jaxlora.models.checkpoint import (
-    CheckpointError,
-    KeyMismatchError,
-    ShapeMismatchError,
-    UnknownLayoutError,
-    torch_parameters,
-)
+from jaxlora.models.checkpoint import KeyMismatchError, ShapeMismatchError, torch_parameters
 from jaxlora.models.demo import random_tensors
+from jaxlora.models.family import CheckpointError, UnknownLayoutError
 from jaxlora.models.unet import UNetConfig
 from tests.models.tiny_unets import FAMILIES
 
@@ -67,7 +62,7 @@ def test_weights_arrive_in_flax_layout_with_the_requested_dtype(tmp_path, sd1_te
 def test_family_config_and_parameter_count_are_inferred(tiny_checkpoint):
     for name, family in FAMILIES.items():
         model = load_model(tiny_checkpoint(name), dtype="fp32")
-        assert model.family.name == name
+        assert model.variant.name == name
         assert model.config == family.config
         assert model.param_count == sum(v.size for v in random_tensors(family.config).values())
     assert load_model(tiny_checkpoint("sdxl"), dtype="fp32").latent_format.scale_factor == 0.13025
@@ -106,7 +101,7 @@ def test_sd2_v_prediction_is_detected_from_weight_statistics_like_comfyui(tmp_pa
     key = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
     tensors[key] = (spread * np.random.default_rng(0).standard_normal(tensors[key].shape)).astype(np.float32)
     model = load_model(write(tmp_path, tensors))
-    assert model.family.name == "sd2"
+    assert model.variant.name == "sd2"
     assert model.sampling.prediction == expected
 
 

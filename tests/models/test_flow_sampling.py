@@ -6,14 +6,15 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.models.families import FLUX_DEV_FAMILY, FLUX_SCHNELL_FAMILY
-from jaxlora.models.sampling import (
+from jaxlora.models.flux_family import (
+    FLUX_DEV,
     FLUX_LATENT,
-    ModelSampling,
-    discrete_flow_schedule,
+    FLUX_SCHNELL,
     flux_resolution_shift,
+    flux_sampling,
     flux_schedule,
 )
+from jaxlora.models.sampling import ModelSampling, discrete_flow_schedule
 
 
 def flux_time_shift(mu, t):
@@ -38,7 +39,7 @@ def test_const_parameterisation_formulas():
 
 
 def test_flux_dev_sampling_is_model_sampling_flux_with_shift_1_15():
-    sampling = FLUX_DEV_FAMILY.sampling
+    sampling = flux_sampling(FLUX_DEV)
     percents = np.array([1e-6, 0.1, 0.5, 0.9, 0.999], np.float32)
     expected = [flux_time_shift(1.15, 1 - p) for p in percents.astype(np.float64)]
     np.testing.assert_allclose(sampling.percent_to_sigma(percents), expected, rtol=1e-6)
@@ -49,7 +50,7 @@ def test_flux_dev_sampling_is_model_sampling_flux_with_shift_1_15():
 
 
 def test_schnell_sampling_is_discrete_flow_with_shift_1():
-    sampling = FLUX_SCHNELL_FAMILY.sampling
+    sampling = flux_sampling(FLUX_SCHNELL)
     percents = np.array([0.01, 0.25, 0.8], np.float32)
     np.testing.assert_allclose(sampling.percent_to_sigma(percents), 1 - percents, rtol=1e-6)
     np.testing.assert_array_equal(sampling.timestep(jnp.asarray(percents)), percents)
@@ -73,7 +74,7 @@ def test_flux_latent_format():
 
 
 def test_family_sampling_with_another_shift():
-    shifted = FLUX_DEV_FAMILY.sampling_with_shift(0.5)
+    shifted = flux_sampling(FLUX_DEV, 0.5)
     np.testing.assert_allclose(shifted.percent_to_sigma(0.3), flux_time_shift(0.5, 0.7), rtol=1e-6)
-    schnell = FLUX_SCHNELL_FAMILY.sampling_with_shift(3.0)
+    schnell = flux_sampling(FLUX_SCHNELL, 3.0)
     np.testing.assert_allclose(schnell.percent_to_sigma(0.5), 3 * 0.5 / (1 + 2 * 0.5), rtol=1e-6)

@@ -13,9 +13,10 @@ import pytest
 from safetensors.numpy import save_file
 
 from jaxlora.models.checkpoint import KeyMismatchError, ShapeMismatchError, torch_parameters
-from jaxlora.models.demo import TINY_FLUX_DEV, TINY_FLUX_SCHNELL, random_tensors, write_random_checkpoint
+from jaxlora.models.demo import random_tensors, write_random_checkpoint
 from jaxlora.models.diffusion import load_model
 from jaxlora.models.flux import FLUX_DEV, FLUX_SCHNELL, Flux
+from jaxlora.models.flux_family import TINY_FLUX_DEV, TINY_FLUX_SCHNELL
 
 
 def diffusers_config(config) -> dict:
@@ -134,7 +135,7 @@ def test_schnell_config_is_inferred_under_every_prefix(tmp_path, prefix):
     path = write_random_checkpoint(TINY_FLUX_SCHNELL, tmp_path / "f.safetensors", prefix=prefix)
     model = load_model(path, weights=False)
     assert model.config == TINY_FLUX_SCHNELL
-    assert model.family.name == "flux-schnell"
+    assert model.variant.name == "flux-schnell"
     assert model.sampling.prediction == "const"
 
 

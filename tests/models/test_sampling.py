@@ -3,14 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlora.models.sampling import (
-    SD15_LATENT,
-    SDXL_LATENT,
-    LatentFormat,
-    ModelSampling,
-    scaled_linear_schedule,
-    sdxl_vector,
-)
+from jaxlora.models.sampling import LatentFormat, ModelSampling, scaled_linear_schedule
+from jaxlora.models.unet_family import SD15_LATENT, SDXL_LATENT, sdxl_vector
 
 SCHEDULE = scaled_linear_schedule()
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlora.models.checkpoint import infer_unet_config, torch_parameters
+from jaxlora.models.checkpoint import torch_parameters
 from jaxlora.models.unet import SD15, SD21, SDXL, UNet
+from jaxlora.models.unet_family import infer_unet_config
 from tests.models.tiny_unets import FAMILIES, MINIMAL, loaded_unet
 
 

@@ -11,7 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from jaxlora import load_model
-from jaxlora.models.sampling import sdxl_vector
+from jaxlora.models.unet_family import sdxl_vector
 from tests.models.tiny_unets import FAMILIES
 
 RELATIVE_TOLERANCE = 1e-4
@@ -72,7 +72,7 @@ def jaxlora_output(model, inputs):
 def test_unet_output_matches_diffusers_single_file_model(family, height, width, tiny_checkpoint, tmp_path):
     checkpoint = tiny_checkpoint(family)
     model = load_model(checkpoint, dtype="fp32")
-    assert model.family.name == family
+    assert model.variant.name == family
     inputs = random_inputs(model.config, height, width)
     expected = diffusers_output(diffusers_unet(family, checkpoint, tmp_path), inputs)
     actual = jaxlora_output(model, inputs)

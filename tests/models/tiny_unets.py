@@ -10,8 +10,9 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jaxlora.models.checkpoint import set_parameter, torch_parameters
-from jaxlora.models.demo import DEMO_UNET, TINY_SD1, random_tensors
+from jaxlora.models.demo import random_tensors
 from jaxlora.models.unet import UNet, UNetConfig
+from jaxlora.models.unet_family import DEMO_UNET, TINY_SD1
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import pytest
 from safetensors import safe_open
 
 import jaxlora.train.__main__ as cli
-from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
+from jaxlora.models.demo import demo_dataset, write_random_checkpoint
+from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train import config as config_module
 from jaxlora.train.__main__ import NODE_INPUTS, build_parser, main, resolve_settings
 from jaxlora.train.config import (
@@ -125,7 +126,7 @@ def test_dataset_for_another_model_is_refused(files, tmp_path, capsys):
         main(["--model", str(model), "--dataset", str(dataset), "--output-dir", str(tmp_path), "--no-compile-cache"])
         == 2
     )
-    assert "c_crossattn is 2048-d, the model's text input takes 768-d" in capsys.readouterr().err
+    assert "needs c_crossattn (768-d), found 2048-d" in capsys.readouterr().err
 
 
 def test_model_without_dataset_is_a_usage_error(files, capsys):
@@ -152,7 +153,7 @@ def test_help_shows_every_flag_with_default_choices_and_meaning_grouped_and_the_
 
 def test_choices_are_the_registries_names():
     from jaxlora.adapters.attach import ALGORITHMS, BYPASS_ALGORITHMS
-    from jaxlora.adapters.formats import STYLES
+    from jaxlora.models.family import STYLES
     from jaxlora.train.optim import LOSSES, OPTIMIZERS
 
     assert CHOICES["algorithm"] == tuple(ALGORITHMS) and set(BYPASS_ALGORITHMS) == set(config_module.BYPASS_ALGORITHMS)
@@ -269,7 +270,7 @@ def stop_before_training(monkeypatch):
     monkeypatch.setattr("jaxlora.train.loop.run_training", refuse)
 
 
-@pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "OFT"])
+@pytest.mark.parametrize("algorithm", ["LoHa", "LoKr", "OFT"])
 def test_peft_that_cannot_name_the_layers_is_refused_before_training(files, tmp_path, capsys, monkeypatch, algorithm):
     stop_before_training(monkeypatch)
     model, dataset = files
@@ -280,39 +281,40 @@ def test_peft_that_cannot_name_the_layers_is_refused_before_training(files, tmp_
 
 
 def test_check_style_accepts_what_the_style_can_name(files, tmp_path):
-    from jaxlora.models.demo import TINY_FLUX_DEV
     from jaxlora.models.diffusion import load_model
+    from jaxlora.models.flux_family import TINY_FLUX_DEV
     from jaxlora.train.report import check_style
 
     unet = load_model(files[0], weights=False)
-    check_style(unet, TrainConfig(algorithm="LoHa"), "kohya")
-    check_style(unet, TrainConfig(algorithm="OFT"), "comfyui")
+    check_style(unet, TrainConfig(), "peft", None)
+    check_style(unet, TrainConfig(algorithm="LoHa"), "kohya", None)
+    check_style(unet, TrainConfig(algorithm="OFT"), "comfyui", None)
     flux = load_model(write_random_checkpoint(TINY_FLUX_DEV, tmp_path / "flux.safetensors"), weights=False)
-    check_style(flux, TrainConfig(), "peft")  # Flux's LoRA has diffusers names
+    check_style(flux, TrainConfig(), "peft", None)  # Flux's LoRA has diffusers names
     with pytest.raises(ValueError, match="have no 'peft' name"):
-        check_style(flux, TrainConfig(algorithm="LoKr"), "peft")
+        check_style(flux, TrainConfig(algorithm="LoKr"), "peft", None)
 
 
 def test_swapped_model_and_dataset_are_named_as_such(files, capsys):
     model, dataset = files
     assert main(["--model", str(dataset), "--dataset", str(model)]) == 2
-    assert "looks like a dataset (it has `latents`), not a model: are --model and --dataset swapped?" in (
+    assert "looks like a training dataset (it has `latents`), not a model: pass it as the dataset" in (
         capsys.readouterr().err
     )
     assert main(["--model", str(model), "--dataset", str(model)]) == 2
     err = capsys.readouterr().err
-    assert "has no `latents` tensor (208 keys: " in err and "looks like a model checkpoint" in err
+    assert ", ... (208 in all))" in err and "it looks like a unet checkpoint, not a dataset" in err
     assert len(err) < 600  # the key list is capped, not all 208 names
 
 
 def test_batch_larger_than_the_dataset_and_continued_adapter_are_announced(files, tmp_path, capsys, monkeypatch):
     from jaxlora import attach_adapters, load_model, save_lora
-    from jaxlora.adapters.lora_files import describe_adapters
+    from jaxlora.adapters.metadata import adapter_info
 
     model, dataset = files
     adapted = load_model(model, "fp32")
     attach_adapters(adapted.network, "LoRA", rank=2, seed=1)
-    info = describe_adapters(adapted, "bf16", steps=40)
+    info = adapter_info(adapted, "bf16", steps=40)
     existing = save_lora(adapted, tmp_path / "mine.safetensors", info=info)
     stop_before_training(monkeypatch)
     argv = ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(tmp_path)]
@@ -336,7 +338,7 @@ def test_a_large_dataset_file_without_latents_is_refused_from_its_header(tmp_pat
     os.truncate(path, 8 + len(header) + 2**31)
     tracemalloc.start()
     try:
-        with pytest.raises(DatasetError, match=r"has no `latents` tensor \(1 key: weight\)"):
+        with pytest.raises(DatasetError, match=r"has no `latents` tensor \(keys: weight\)"):
             load_dataset(path)
         assert tracemalloc.get_traced_memory()[1] < 2**20
     finally:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxlora import load_model
-from jaxlora.models.demo import TINY_FLUX_DEV, TINY_FLUX_SCHNELL, write_random_checkpoint
+from jaxlora.models.demo import write_random_checkpoint
+from jaxlora.models.flux_family import TINY_FLUX_DEV, TINY_FLUX_SCHNELL
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import DatasetError, device_arrays, make_dataset
 from jaxlora.train.loop import adapted_network, preflight, run_training

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxlora.train.report import output_stem, parse_steps_from_name, render_loss_plot, write_loss_history
+from jaxlora.adapters.metadata import parse_steps_from_name
+from jaxlora.train.report import output_stem, render_loss_plot, write_loss_history
 
 PLOT_AREA = (41, 41, 799, 479)  # inside the axes: x0, y0, x1, y1 (exclusive) of ComfyUI's 800x480 area
 

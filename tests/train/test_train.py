@@ -14,8 +14,9 @@ from jaxlora import load_model, save_lora
 from jaxlora.adapters.base import AdapterParam
 from jaxlora.adapters.metadata import AdapterInfo
 from jaxlora.models.checkpoint import torch_parameters
-from jaxlora.models.demo import DEMO_UNET, demo_dataset, write_random_checkpoint
+from jaxlora.models.demo import demo_dataset, write_random_checkpoint
 from jaxlora.models.unet import UNetConfig
+from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.checkpoints import Checkpoints
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import DatasetError, device_arrays, make_dataset
@@ -240,7 +241,7 @@ def test_diverging_run_stops_with_the_step_number(model, tmp_path):
     ("latents", "context", "message"),
     [
         (np.zeros((2, 3, 8, 8)), np.zeros((1, 4, 768)), "latents have 3 channels, the model takes 4"),
-        (np.zeros((2, 4, 8, 8)), np.zeros((1, 4, 1024)), "c_crossattn is 1024-d"),
+        (np.zeros((2, 4, 8, 8)), np.zeros((1, 4, 1024)), "c_crossattn \\(768-d\\), found 1024-d"),
         (np.zeros((3, 4, 8, 8)), np.zeros((2, 4, 768)), "`c_crossattn` has 2 entries for 3 latents"),
         (np.zeros((4, 8, 8)), np.zeros((1, 4, 768)), r"latents must be \[N, C, H, W\]"),
         (np.full((1, 4, 8, 8), np.nan), np.zeros((1, 4, 768)), "NaN or infinite"),

@@ -1,0 +1,161 @@
+"""The Flux.1 family: dev (guidance-distilled: a guidance embedding, ModelSamplingFlux with mu 1.15) and schnell
+(no guidance input, discrete flow with shift 1), told apart by `guidance_in`. Both predict a flow velocity
+(CONST) on 16-channel latents of the Flux VAE, conditioned on T5-XXL hidden states and the pooled CLIP-L output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import jax.numpy as jnp
+
+from jaxlora.models.family import (
+    STYLES,
+    AdapterNames,
+    ConditioningField,
+    ModelFamily,
+    UnknownLayoutError,
+    Variant,
+    key_indices,
+)
+from jaxlora.models.flux import Flux, FluxConfig
+from jaxlora.models.flux_names import export_names, import_aliases
+from jaxlora.models.sampling import FlowSchedule, LatentFormat, ModelSampling, discrete_flow_schedule
+
+FLUX_LATENT = LatentFormat(scale_factor=0.3611, shift=0.1159)
+FLUX_SHIFT = 1.15  # ModelSamplingFlux's default mu
+DEFAULT_GUIDANCE = 3.5  # ComfyUI's Flux guidance when the conditioning carries none
+FLUX_DEV = Variant("flux-dev", "Flux.1 dev", FLUX_LATENT, "flux1", "flux-1-dev/lora")
+FLUX_SCHNELL = Variant("flux-schnell", "Flux.1 schnell", FLUX_LATENT, "flux1", "flux-1-schnell/lora")
+
+# Flux with every block kind at a size that compiles in seconds. The head width is fixed by the RoPE axes
+# (16 + 56 + 56 = 128), so two heads make a 256-wide model; text and pooled widths are the real T5/CLIP-L ones.
+TINY_FLUX_DEV = FluxConfig(hidden_size=256, num_heads=2, mlp_hidden=1024, depth=2, depth_single_blocks=2)
+TINY_FLUX_SCHNELL = replace(TINY_FLUX_DEV, guidance_embed=False)
+
+
+def flux_schedule(shift: float = FLUX_SHIFT) -> FlowSchedule:
+    """ModelSamplingFlux: flux_time_shift(mu, 1, t) = e^mu / (e^mu + 1/t - 1), i.e. time_snr_shift(e^mu, t)."""
+    return FlowSchedule(alpha=math.exp(shift))
+
+
+def flux_resolution_shift(
+    width: int, height: int, max_shift: float = 1.15, base_shift: float = 0.5, x1: int = 256, x2: int = 4096
+) -> float:
+    """The mu of ComfyUI's ModelSamplingFlux node for an image of width x height pixels: linear in the number
+    of 2x2 latent patches (w h / 256), base_shift at x1 patches, max_shift at x2."""
+    slope = (max_shift - base_shift) / (x2 - x1)
+    return (width * height / (8 * 8 * 2 * 2)) * slope + base_shift - slope * x1
+
+
+def flux_sampling(variant: Variant, shift: float | None = None) -> ModelSampling:
+    """Flow (CONST) sampling; dev: ModelSamplingFlux with mu `shift` (default 1.15), schnell: discrete flow with
+    `shift` (default 1)."""
+    if variant == FLUX_DEV:
+        return ModelSampling("const", flux_schedule(FLUX_SHIFT if shift is None else shift))
+    return ModelSampling("const", discrete_flow_schedule(1.0 if shift is None else shift))
+
+
+def infer_flux_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[FluxConfig, Variant]:
+    """Flux config from un-prefixed key shapes: widths from the embedders, depths from the block indices, the
+    head width from the QK-norm scale, dev (guidance embedding) or schnell from `guidance_in`."""
+    try:
+        hidden, patched_in = shapes["img_in.weight"]
+        context_dim = shapes["txt_in.weight"][1]
+        vec_in_dim = shapes["vector_in.in_layer.weight"][1]
+        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
+        patched_out = shapes["final_layer.linear.weight"][0]
+    except KeyError as error:
+        raise UnknownLayoutError(f"Flux key {error} is missing") from error
+    if hidden % head_dim:
+        raise UnknownLayoutError(f"hidden size {hidden} is not a multiple of the QK-norm width {head_dim}")
+    guidance = "guidance_in.in_layer.weight" in shapes
+    try:
+        config = FluxConfig(
+            hidden_size=hidden,
+            num_heads=hidden // head_dim,
+            mlp_hidden=mlp_hidden,
+            depth=len(key_indices(shapes, r"double_blocks\.(\d+)\.")),
+            depth_single_blocks=len(key_indices(shapes, r"single_blocks\.(\d+)\.")),
+            in_channels=patched_in // 4,
+            out_channels=patched_out // 4,
+            context_dim=context_dim,
+            vec_in_dim=vec_in_dim,
+            guidance_embed=guidance,
+        )
+    except ValueError as error:
+        raise UnknownLayoutError(f"unsupported Flux layout: {error}") from error
+    return config, FLUX_FAMILY.variant_of(config)
+
+
+class FluxFamily(ModelFamily):
+    name = "flux"
+    variants = (FLUX_DEV, FLUX_SCHNELL)
+    markers = ("img_in.weight",)
+    foreign_layouts = {
+        "single_transformer_blocks.": "a diffusers-format Flux transformer (convert it to the single-file BFL layout)"
+    }
+    number_fields = ("guidance",)  # dev's distilled guidance per sample
+    config_type = FluxConfig
+    demo_config = TINY_FLUX_DEV
+
+    def infer_config(self, shapes):
+        return infer_flux_config(shapes)
+
+    def variant_of(self, config: FluxConfig) -> Variant:
+        return FLUX_DEV if config.guidance_embed else FLUX_SCHNELL
+
+    def build(self, config: FluxConfig) -> Flux:
+        return Flux(config)
+
+    def load_sampling(self, variant, config, read_tensor, keys, prediction):
+        if prediction != "auto":
+            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        return flux_sampling(variant)
+
+    def run_sampling(self, variant, loaded, prediction, shift):
+        if prediction != "auto":
+            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        return loaded if shift is None else flux_sampling(variant, shift)
+
+    def conditioning(self, variant, config: FluxConfig):
+        return (
+            ConditioningField("c_crossattn", config.context_dim, "T5-XXL hidden states"),
+            ConditioningField("pooled_output", config.vec_in_dim, "pooled CLIP-L output"),
+        )
+
+    def input_names(self, variant, config: FluxConfig):
+        return ("context", "y", "guidance") if config.guidance_embed else ("context", "y")
+
+    def network_inputs(self, variant, config: FluxConfig, conditioning, latent_hw, dtype, guidance):
+        """Context, `y` (pooled CLIP-L) and, for dev, `guidance`: the data's, else `guidance`, else 3.5."""
+        inputs = {
+            "context": jnp.asarray(conditioning["c_crossattn"], dtype),
+            "y": jnp.asarray(conditioning["pooled_output"], dtype),
+        }
+        if config.guidance_embed:
+            default = [DEFAULT_GUIDANCE if guidance is None else guidance]
+            inputs["guidance"] = jnp.asarray(conditioning.get("guidance", default), jnp.float32)
+        return inputs
+
+    def adapter_names(self, variant, config: FluxConfig, layer_paths: Sequence[str]) -> AdapterNames:
+        """ComfyUI's Flux key map (spec 8.4); `peft` writes diffusers names, row slices of fused weights."""
+        hidden = config.hidden_size  # img_in's out features: diffusers' row-slice unit
+        exports = {
+            style: {path: names for path in layer_paths if (names := export_names(path, hidden, style))}
+            for style in STYLES
+        }
+        return AdapterNames(import_aliases(layer_paths, hidden), exports)
+
+    def describe(self, config: FluxConfig):
+        return [
+            ("blocks", f"{config.depth} double, {config.depth_single_blocks} single"),
+            ("width", f"{config.hidden_size}, {config.num_heads} heads of {config.head_dim}, mlp {config.mlp_hidden}"),
+            ("context", f"{config.context_dim}-d, y {config.vec_in_dim}-d, guidance {config.guidance_embed}"),
+        ]
+
+
+FLUX_FAMILY = FluxFamily()

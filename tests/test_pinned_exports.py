@@ -1,0 +1,199 @@
+"""What a short seeded training writes, pinned by hash: the exported tensors of every family and algorithm, in
+every key style that can name them. A refactor must leave these bytes unchanged; a deliberate change of what is
+trained or written updates the pinned digest in the same commit, with the reason in its message.
+
+The digest covers key names, dtypes, shapes and raw bytes of the tensors (not the metadata, whose software
+version and settings may change without changing the adapter)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from jaxlora import load_model
+from jaxlora.adapters.formats import AdapterFileError, export_adapter
+from jaxlora.models.demo import demo_dataset, write_random_checkpoint
+from jaxlora.models.family import STYLES
+from jaxlora.models.flux_family import TINY_FLUX_DEV, TINY_FLUX_SCHNELL
+from jaxlora.models.unet_family import DEMO_UNET
+from jaxlora.train.config import TrainConfig
+from jaxlora.train.data import make_dataset
+from jaxlora.train.loop import run_training
+from tests.models.tiny_unets import SD2, SDXL
+from tests.train.test_flux_train import flux_data
+
+ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")
+CONFIGS = {
+    "sd1": DEMO_UNET,
+    "sd2": SD2.config,
+    "sdxl": SDXL.config,
+    "flux-dev": TINY_FLUX_DEV,
+    "flux-schnell": TINY_FLUX_SCHNELL,
+}
+# (family, algorithm) -> {style: sha256 of the exported tensors}
+PINNED = {
+    ("sd1", "LoRA"): {
+        "comfyui": "073474a92dc9b0f162e15483c611c8a24cf731caa7859fdd10920d1047bb3d71",
+        "kohya": "f11edf3473fe33effb33cfa2f40fb93ce98b2a86cb948621f5c7e81d2b7068f3",
+        "peft": "refused",
+    },
+    ("sd1", "LoHa"): {
+        "comfyui": "7aade63caa771b6ecc4e5acccab9599a09b0b82963a82f169bc4720173c6ff9b",
+        "kohya": "352e820b233f6d0226e439ee2dc3a40ed0009c69d24298cbb4ed7aadd627100e",
+        "peft": "refused",
+    },
+    ("sd1", "LoKr"): {
+        "comfyui": "2f08f63ed1f9451032cc53d1eea67c7ca766f4875026031103779fd8fbd504c6",
+        "kohya": "15960e15526538c4d30ad092fd3d7bb3ad05c45f6fb254b01d426cf454e41533",
+        "peft": "refused",
+    },
+    ("sd1", "OFT"): {
+        "comfyui": "66df1ce443d01cdf7faa005b6f12962fee2ba46b8f646fa453ee233745fe6c1c",
+        "kohya": "f579134ba0bbf6dee682b9a27edadc1e7d047c86b41bb83c85919ea903c236c8",
+        "peft": "refused",
+    },
+    ("sd2", "LoRA"): {
+        "comfyui": "5fc824d2e5fde84268d64ca5264654c4687fe24d84789aec7c097caec32ea726",
+        "kohya": "286b36a490f68b1fa7da99b4d2e4591fde5a2c3d8e6b0bbb782c46c39136143f",
+        "peft": "refused",
+    },
+    ("sd2", "LoHa"): {
+        "comfyui": "246846b8125bcdbb6f3fd5377232ca7baf37166f693ec838abd1edfcfc935b42",
+        "kohya": "e3f003941e8bd688d03e9db4859dece3fb4a0d5efe6eea80a485e822c67924c4",
+        "peft": "refused",
+    },
+    ("sd2", "LoKr"): {
+        "comfyui": "f1e859cbf0c44c82383831c1aff407697ed833e8773d65cf122df8cbf5e52a58",
+        "kohya": "f8220c05ab38c0afa78e68cc6c98789ee8e4e5096e276c8b219a5abb2e4357e6",
+        "peft": "refused",
+    },
+    ("sd2", "OFT"): {
+        "comfyui": "69aa0065a8cddd18531183c01ec9fb61e5818e0d7cc5e3037efa0bfda06bd4f0",
+        "kohya": "30d660e8063dde876a80b6ee7f643e8067d1d0790b6bca97622c00960430c837",
+        "peft": "refused",
+    },
+    ("sdxl", "LoRA"): {
+        "comfyui": "f148801168f3d68920b608c9c57d6d50fe45a4aeb4b8ecf6ce5006b6f717ef33",
+        "kohya": "6a64acb38e38bb17e01541b4d3900709189caa5103bc4b5995f58f64ea6dcc34",
+        "peft": "refused",
+    },
+    ("sdxl", "LoHa"): {
+        "comfyui": "79adfa1ff655a458083872912d48e8dcdb3bcb136806b2077333a10ed7240599",
+        "kohya": "14d202c5fd65d7470a3463d562b3a4c524378cb4c7c30b54440387db0bec4bc9",
+        "peft": "refused",
+    },
+    ("sdxl", "LoKr"): {
+        "comfyui": "4702b915abf632fc7339d9c62e31b6d6496ac4bb2bcb6d59f1dcca89210e88cd",
+        "kohya": "1c6d2b918d50e1dc07f91992843dd79b668aee60c0ce661a941d184c9ab7a699",
+        "peft": "refused",
+    },
+    ("sdxl", "OFT"): {
+        "comfyui": "39caec1642358ed536fc3ed1d391c9e1df53560dd933f2737f03825ac576b1a9",
+        "kohya": "e1c5e6b380f72cc4260ff73cb8bc4116e8933e122f40120b3dc7cdbb45e15c3a",
+        "peft": "refused",
+    },
+    ("flux-dev", "LoRA"): {
+        "comfyui": "3e073423b395b1cbe92b2bb5ca50fad9b5563e5ada62d719407348deb1c90029",
+        "kohya": "ccbec57c695c00792361aaa2e0567ae9983ea9e52d80ae0d6068fafa487d7293",
+        "peft": "2b28e6bc2fd5ae2154f1d4127a618f59457871003dafad4b35d145cefa4d6406",
+    },
+    ("flux-dev", "LoHa"): {
+        "comfyui": "6701bf3d0abd15e3121c6db90621d053e8de722b593424196bdbdb37f5697d06",
+        "kohya": "85c97bbe6fc9c8c6af18c76dca8d7658ddd3833b90e98cb2f15cf319fdceb7e8",
+        "peft": "refused",
+    },
+    ("flux-dev", "LoKr"): {
+        "comfyui": "de99c4d22cef93fd1a62eea8382bd136a60be322623fcea5075c5fcb336b4fd8",
+        "kohya": "189f8333b26f2e89dac54c73f61c6dc4951447cf2695de5e4cdc986a130b69f7",
+        "peft": "refused",
+    },
+    ("flux-dev", "OFT"): {
+        "comfyui": "f9533e03fa9755c57d96421054c8505a3bff6d3083d7c1802196b5c979803660",
+        "kohya": "db8a0b407bf1d41ae16ae6ff88c0eed028110f812c1a1df4f3a909ac98bc2b1f",
+        "peft": "refused",
+    },
+    ("flux-schnell", "LoRA"): {
+        "comfyui": "40db1ccf566645379416dae90d1be25dae53113644c2d97a411cb7136d827862",
+        "kohya": "089ae6cc8524a6bf145f008f4258b3feb43313a0ab206d71deafc77f3d3048e6",
+        "peft": "d4707d048b833060732d62e6823e02d412db04e72ea31d7dbc95f732f6527c40",
+    },
+    ("flux-schnell", "LoHa"): {
+        "comfyui": "db790a8294157e975039028ee46a71b811780060e02dea9790f1339b2afabb13",
+        "kohya": "a866f3ff66b5776280e3fe58956908c3765fb4fe1f8b5eba13c4031f0845541f",
+        "peft": "refused",
+    },
+    ("flux-schnell", "LoKr"): {
+        "comfyui": "c098ebd98162fcba5da6603be4009ded82388e2548bd108dc2c94f42effbcb18",
+        "kohya": "c79bd11fdda3f4fd66a284a9825022bdc05af561cd6a1877348d5ab7530e0e5e",
+        "peft": "refused",
+    },
+    ("flux-schnell", "OFT"): {
+        "comfyui": "9fe6446c9f4f2a947050c1df384c2a992ab395678b9acf85068f30be8335c464",
+        "kohya": "562f7eec7c7be385ba657c4415650c67d22dc25e83f71cb1ff1ff8a926fba27b",
+        "peft": "refused",
+    },
+}
+# In CI: every algorithm on the cheapest UNet and LoRA on SDXL and Flux dev; the rest with `pytest -m slow`.
+IN_CI = {*(("sd1", a) for a in ALGORITHMS), ("sdxl", "LoRA"), ("flux-dev", "LoRA")}
+
+
+def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = np.ascontiguousarray(tensors[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def family_data(family: str):
+    if family.startswith("flux"):
+        latents, conditioning = flux_data(count=2, size=4)
+        return make_dataset(latents, conditioning)
+    latents, context = demo_dataset(count=2, size=8)
+    if family == "sdxl":
+        rng = np.random.default_rng(5)
+        return make_dataset(
+            latents, {"c_crossattn": rng.standard_normal((1, 8, 2048)), "pooled_output": rng.standard_normal((1, 1280))}
+        )
+    if family == "sd2":
+        return make_dataset(latents, np.random.default_rng(6).standard_normal((1, 8, 1024)).astype(np.float32))
+    return make_dataset(latents, context)
+
+
+def exported_digests(family: str, algorithm: str, folder) -> dict[str, str]:
+    """Train two AdamW steps (batch 2, rank 2, fp32) and hash the adapter in each style ("refused" where the
+    style cannot name it)."""
+    path = write_random_checkpoint(CONFIGS[family], folder / f"{family}.safetensors", seed=7)
+    model = load_model(path, dtype="fp32")
+    config = TrainConfig(
+        steps=2,
+        batch_size=2,
+        rank=2,
+        algorithm=algorithm,
+        learning_rate=0.01,
+        seed=11,
+        training_dtype="fp32",
+        lora_dtype="fp32",
+        gradient_checkpointing=False,
+    )
+    result = run_training(model, family_data(family), config, progress=lambda line: None)
+    digests = {}
+    for style in STYLES:
+        try:
+            tensors = export_adapter(result.model_with_lora, style, np.float32)
+        except AdapterFileError:
+            digests[style] = "refused"
+        else:
+            digests[style] = tensors_digest(tensors)
+    return digests
+
+
+@pytest.mark.parametrize(
+    "family,algorithm",
+    [(f, a) if (f, a) in IN_CI else pytest.param(f, a, marks=pytest.mark.slow) for f in CONFIGS for a in ALGORITHMS],
+)
+def test_exported_bytes_are_pinned(family, algorithm, tmp_path):
+    assert exported_digests(family, algorithm, tmp_path) == PINNED[(family, algorithm)]
