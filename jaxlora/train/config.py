@@ -91,9 +91,8 @@ def _fits(value: object, kind: str) -> bool:
     """Python's types as TOML and flags give them: a bool is no number, an int is a valid float."""
     if isinstance(value, bool):
         return kind == "bool"
-    return {"int": isinstance(value, int), "float": isinstance(value, int | float), "str": isinstance(value, str)}.get(
-        kind, False
-    )
+    accepted = {"int": int, "float": int | float, "str": str}.get(kind)
+    return accepted is not None and isinstance(value, accepted)
 
 
 def check_types(settings: object) -> None:
