@@ -136,7 +136,7 @@ def test_lokr_conv_with_flattened_kernel_applies_and_exports_as_in_comfyui(tiny_
     model, base = tiny_model("sd1")
     tensors = lokr_conv_with_flattened_kernel(np.random.default_rng(0))
     assert_same_weights(jaxlora_weights(model, tensors), comfyui_weights(base, tensors))
-    exported = export_adapter(model.network, "sd1", "comfyui", jnp.float32)
+    exported = export_adapter(model, "comfyui", jnp.float32)
     assert exported[f"diffusion_model.{CONV}.lokr_w2"].shape == (16, 96)
     assert_same_weights(effective_state_dict(model.network), comfyui_weights(base, exported))
 
