@@ -65,22 +65,50 @@ def test_form_holds_the_node_inputs_with_their_defaults_and_choices():
     assert form["key_style"] == ("comfyui", list(STYLES))
 
 
-def test_notebook_runs_headless_with_the_demo(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    notebook = with_parameters(read_notebook(), steps=3, checkpoint_every=2)
-    where = {"metadata": {"path": str(tmp_path)}}  # the kernel's working folder
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources=where).execute()
+def test_defaults_fit_together_and_the_install_source_is_documented():
+    form = form_fields(read_notebook())
+    assert 0 < form["checkpoint_every"][0] < form["steps"][0]  # a default run writes a checkpoint before its end
+    assert form["guidance"] == ("", '{type:"string"}') and form["flow_shift"] == ("", '{type:"string"}')
+    source = form["JAXLORA_SOURCE"][0]
+    assert f"`{source}`" in (NOTEBOOK.parent.parent / "README.md").read_text()
 
-    printed = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
-    assert "not on Colab" in printed and "backend cpu" in printed and "built-in demo" in printed
+
+def test_gitignore_covers_the_folders_the_headless_notebook_writes():
+    ignored = (NOTEBOOK.parent.parent / ".gitignore").read_text().splitlines()
+    source = "".join(cell.source for cell in read_notebook().cells)
+    for folder in ("output", "jaxlora_demo"):
+        assert f'WORK / "{folder}"' in source and f"{folder}/" in ignored
+
+
+def printed(notebook) -> str:
+    return "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+
+
+def test_notebook_runs_headless_with_the_demo_twice_the_second_resuming(tmp_path, monkeypatch):
+    """Run all, then Run all again in a fresh runtime with `resume` ticked and more steps, as after a
+    disconnect: the second run continues from the first one's checkpoint under the chosen output folder."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("JAXLORA_CACHE_DIR", str(tmp_path / "xla_cache"))  # the second run reuses the compile
+    where = {"metadata": {"path": str(tmp_path)}}  # the kernel's working folder
+    first = with_parameters(read_notebook(), steps=3, checkpoint_every=2)
+    NotebookClient(first, timeout=600, kernel_name="python3", resources=where).execute()
+    second = with_parameters(read_notebook(), steps=4, checkpoint_every=2, resume=True)
+    NotebookClient(second, timeout=600, kernel_name="python3", resources=where).execute()
+
+    assert "not on Colab" in printed(first) and "backend cpu" in printed(first) and "built-in demo" in printed(first)
+    assert "resumed from step 3" in printed(second)
     loras = tmp_path / "output" / "ComfyUI" / "models" / "loras"
-    stem = loras / "jaxlora_trained_lora_3_steps_00001_"
-    with safe_open(f"{stem}.safetensors", framework="numpy") as file:
-        keys = list(file.keys())
-        assert json.loads(file.metadata()["training_settings"])["steps"] == 3
-    assert keys and all(key.startswith("diffusion_model.") for key in keys)
-    losses = json.loads(Path(f"{stem}loss.json").read_text())["loss"]
-    assert len(losses) == 3 and np.isfinite(losses).all()
-    plots = [out for out in notebook.cells[-2].outputs if "image/png" in out.get("data", {})]
-    assert len(plots) == 1  # the loss plot, inline
-    assert (loras.parent / "jaxlora_checkpoints" / "jaxlora_trained_lora").is_dir()
+    histories = []
+    for steps, counter in ((3, 1), (4, 2)):
+        stem = loras / f"jaxlora_trained_lora_{steps}_steps_{counter:05}_"
+        with safe_open(f"{stem}.safetensors", framework="numpy") as file:
+            keys = list(file.keys())
+            assert json.loads(file.metadata()["training_settings"])["steps"] == steps
+        assert keys and all(key.startswith("diffusion_model.") for key in keys)
+        histories.append(json.loads(Path(f"{stem}loss.json").read_text())["loss"])
+    assert len(histories[1]) == 4 and np.isfinite(histories[1]).all()
+    assert histories[1][:3] == histories[0]  # the resumed run carries the first run's history on
+    for notebook in (first, second):
+        plots = [out for out in notebook.cells[-2].outputs if "image/png" in out.get("data", {})]
+        assert len(plots) == 1  # the loss plot, inline
+    assert (loras / "jaxlora_trained_lora_checkpoints").is_dir()  # inside the chosen output folder

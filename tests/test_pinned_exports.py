@@ -37,7 +37,7 @@ PINNED = {
     ("sd1", "LoRA"): {
         "comfyui": "073474a92dc9b0f162e15483c611c8a24cf731caa7859fdd10920d1047bb3d71",
         "kohya": "f11edf3473fe33effb33cfa2f40fb93ce98b2a86cb948621f5c7e81d2b7068f3",
-        "peft": "refused",
+        "peft": "8564426f6882f1e058bff7e9857d1909d3104ad693fc76ceac8051b2539e6b54",
     },
     ("sd1", "LoHa"): {
         "comfyui": "7aade63caa771b6ecc4e5acccab9599a09b0b82963a82f169bc4720173c6ff9b",
@@ -57,7 +57,7 @@ PINNED = {
     ("sd2", "LoRA"): {
         "comfyui": "5fc824d2e5fde84268d64ca5264654c4687fe24d84789aec7c097caec32ea726",
         "kohya": "286b36a490f68b1fa7da99b4d2e4591fde5a2c3d8e6b0bbb782c46c39136143f",
-        "peft": "refused",
+        "peft": "03513e6aa8b7b609c68d2758a0f5f11c48b125663fa61de193823f1691d6d54d",
     },
     ("sd2", "LoHa"): {
         "comfyui": "246846b8125bcdbb6f3fd5377232ca7baf37166f693ec838abd1edfcfc935b42",
@@ -77,7 +77,7 @@ PINNED = {
     ("sdxl", "LoRA"): {
         "comfyui": "f148801168f3d68920b608c9c57d6d50fe45a4aeb4b8ecf6ce5006b6f717ef33",
         "kohya": "6a64acb38e38bb17e01541b4d3900709189caa5103bc4b5995f58f64ea6dcc34",
-        "peft": "refused",
+        "peft": "16905e787c29aa3ab00a1df1c1738e31d9667b6f1b3942773ff935af728192e5",
     },
     ("sdxl", "LoHa"): {
         "comfyui": "79adfa1ff655a458083872912d48e8dcdb3bcb136806b2077333a10ed7240599",

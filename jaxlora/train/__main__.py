@@ -1,7 +1,10 @@
 """`python -m jaxlora.train`: train an adapter from the command line, with the node's settings as flags.
 
 With neither --model nor --dataset it runs the built-in demo: a tiny model with seeded random weights and a
-synthetic dataset, to show the whole path (training, adapter file, loss history and plot) in about a minute.
+synthetic dataset, to show the whole path (training, adapter file, loss history and plot) in a minute or two.
+
+The arguments, the TOML file and the output folder are checked before JAX is imported, so mistakes there are
+refused at once; the model's header, the dataset and the adapter style are checked before any weights are read.
 """
 
 from __future__ import annotations
@@ -11,130 +14,147 @@ import os
 import sys
 import time
 import tomllib
-from dataclasses import fields, replace
+from dataclasses import MISSING, Field, fields, replace
 from pathlib import Path
 
-import jax
+from jaxlora.train.config import (
+    CHOICES,
+    MEANINGS,
+    RunOptions,
+    SettingsError,
+    TrainConfig,
+    check_output_folder,
+)
 
-from jaxlora.files import FolderInUseError, remove_abandoned_partials, scratch_folder
-from jaxlora.models.demo import demo_dataset, write_random_checkpoint
-from jaxlora.models.diffusion import load_model
-from jaxlora.models.family import STYLES
-from jaxlora.models.registry import DEMO_FAMILY, supported_models
-from jaxlora.parallel import distributed
-from jaxlora.parallel.placement import is_writer
-from jaxlora.train.config import CHOICES, TrainConfig
-from jaxlora.train.data import load_dataset, make_dataset
-from jaxlora.train.loop import NonFiniteLossError, preflight, run_training, with_host_adapters
-from jaxlora.train.report import output_stem, write_run_outputs
-
-DEFAULT_PREFIX = "loras/jaxlora_trained_lora"
-RUN_FLAGS = {"model", "dataset", "output_dir", "prefix", "format", "checkpoint_every", "resume", "keep_checkpoints"}
+RUN_FLAGS = {spec.name for spec in fields(RunOptions)}
+CLI_ONLY = {"config", "no_compile_cache", "distributed"}  # flags that are not settings (not read from TOML)
+_TRAINING = [spec.name for spec in fields(TrainConfig)]
+NODE_INPUTS = ("model", "dataset", *_TRAINING[: _TRAINING.index("existing_lora") + 1])  # the rest: jaxlora's
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C
+DEMO_SETTINGS = {"steps": 60, "batch_size": 2, "learning_rate": 0.002, "rank": 4, "training_dtype": "fp32"}
+EPILOG = f"""\
+With neither --model nor --dataset: the built-in demo, a tiny model with random weights trained on a
+synthetic dataset in a minute or two on a CPU, with its own defaults:
+{", ".join(f"{k} {v}" for k, v in DEMO_SETTINGS.items())}.
+
+A --config TOML file holds any of these settings under their names (with - or _); flags given on the
+command line override it, and the defaults apply to what neither gives."""
 
 
-def enable_compilation_cache(directory: str | None = None) -> Path:
-    """JAX's persistent compilation cache in a per-user folder: a second run of the same shapes skips most of
-    the compile. The cache is trusted code; keep it private to the user."""
-    path = Path(directory or os.environ.get("JAXLORA_CACHE_DIR") or Path.home() / ".cache" / "jaxlora" / "xla")
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    return path
-
-
-def non_negative(text: str) -> int:
-    """An argparse type: a whole number of 0 or more (argparse names the flag in its error)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (0: only at the end and on Ctrl-C), not {value}")
-    return value
+def _setting_flag(group: argparse._ArgumentGroup, spec: Field) -> None:
+    """One flag per setting, with its choices, default and meaning in --help. Flags not given are absent from the
+    parsed namespace (argparse.SUPPRESS), so a TOML file's value is only replaced by a flag the user typed."""
+    flag = "--" + spec.name.replace("_", "-")
+    default = spec.default
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    elif default is None or default is MISSING:
+        default = "none"
+    help_text = f"{MEANINGS[spec.name]} (default: {default})"
+    kinds = spec.type.split(" | ")
+    if kinds == ["bool", "str"]:  # on by itself, or given a name (--resume, --resume run_00002)
+        group.add_argument(flag, nargs="?", const=True, metavar=spec.name.upper() + "_NAME", help=help_text)
+        return
+    if "bool" in kinds:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        return
+    choices = CHOICES.get(spec.name)
+    kind = {"int": int, "float": float}.get(kinds[0], str)
+    metavar = None if choices else {"int": "N", "float": "X"}.get(kinds[0], spec.name.upper())
+    group.add_argument(flag, type=kind, choices=choices, metavar=metavar, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxlora.train", description=__doc__.splitlines()[0])
-    run = parser.add_argument_group("run")
-    run.add_argument("--model", help=f".safetensors checkpoint ({supported_models()})")
-    run.add_argument("--dataset", help="dataset .safetensors file, folder of them, or ComfyUI dataset folder")
-    run.add_argument("--output-dir", default="output", help="where the adapter, loss history and plot go")
-    run.add_argument("--prefix", default=DEFAULT_PREFIX, help="file name prefix, may include subfolders")
-    run.add_argument("--format", default="comfyui", choices=STYLES, help="adapter key style")
-    run.add_argument(
-        "--checkpoint-every", type=non_negative, default=0, help="save a resumable checkpoint every N steps"
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxlora.train",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
-    run.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        metavar="RUN",
-        help="continue the latest unfinished run of this prefix, or the run named (run_00002)",
+    settings = {spec.name: spec for spec in (*fields(RunOptions), *fields(TrainConfig))}
+    node = parser.add_argument_group("the Train LoRA node's inputs")
+    for name in NODE_INPUTS:
+        _setting_flag(node, settings[name])
+    extra = parser.add_argument_group("jaxlora's additions")
+    for name, spec in settings.items():
+        if name not in NODE_INPUTS:
+            _setting_flag(extra, spec)
+    extra.add_argument("--config", type=Path, metavar="FILE.toml", help="TOML file with any of these settings")
+    extra.add_argument(
+        "--no-compile-cache", action="store_true", default=False, help="do not use the persistent compile cache"
     )
-    run.add_argument(
-        "--keep-checkpoints", action="store_true", default=None, help="keep the final checkpoint of a finished run"
-    )
-    run.add_argument("--config", type=Path, help="TOML file with these settings (flags override it)")
-    run.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compile cache")
-    run.add_argument(
+    extra.add_argument(
         "--distributed",
         action="store_true",
+        default=False,
         help="join a multi-process run (jax.distributed; found by itself on TPU slices, Slurm, Open MPI, or "
         "JAX_COORDINATOR_ADDRESS)",
     )
-    node = parser.add_argument_group("training settings (the Train LoRA node's inputs)")
-    for spec in fields(TrainConfig):
-        flag = "--" + spec.name.replace("_", "-")
-        if spec.type in ("bool", "bool | None"):
-            node.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float, "float | None": float}.get(spec.type, str)
-            node.add_argument(flag, type=kind, default=None, choices=CHOICES.get(spec.name), metavar=spec.name.upper())
     return parser
 
 
-def settings_from(args: argparse.Namespace) -> dict:
-    """TOML file values, then the flags given on the command line."""
-    settings = {}
-    if args.config is not None:
-        with open(args.config, "rb") as file:
-            settings = {key.replace("-", "_"): value for key, value in tomllib.load(file).items()}
-    for key, value in vars(args).items():
-        if value is not None and key not in ("config", "no_compile_cache", "distributed"):
-            settings[key] = value
+def read_toml(path: Path) -> dict:
+    """A --config file's settings (`-` in keys read as `_`), every key known; a missing or malformed file is a
+    SettingsError naming it."""
+    try:
+        with open(path, "rb") as file:
+            values = tomllib.load(file)
+    except FileNotFoundError:
+        raise SettingsError("config", f"--config {path}: no such file") from None
+    except OSError as error:
+        raise SettingsError("config", f"--config {path}: cannot read it ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError("config", f"{path} is not valid TOML: {error}") from None
+    settings = {key.replace("-", "_"): value for key, value in values.items()}
+    known = [spec.name for spec in (*fields(RunOptions), *fields(TrainConfig))]
+    for key in settings:
+        if key not in known:
+            raise SettingsError(key, f"{path}: unknown setting {key!r}; known: {', '.join(known)}")
     return settings
 
 
-def demo_inputs(scratch: Path, settings: dict) -> None:
-    print("No --model and --dataset given: running the built-in demo (a tiny model with random weights and a")
-    print("synthetic dataset). Pass --model CHECKPOINT --dataset DATA to train a real adapter.\n")
-    settings["model"] = str(write_random_checkpoint(DEMO_FAMILY.demo_config, scratch / "demo_model.safetensors"))
-    defaults = {"steps": 60, "batch_size": 2, "learning_rate": 0.002, "rank": 4, "training_dtype": "fp32"}
-    for key, value in defaults.items():
-        settings.setdefault(key, value)
+def flags_given(args: argparse.Namespace) -> dict:
+    """The settings typed on the command line (flags not given are absent: argparse.SUPPRESS)."""
+    return {key: value for key, value in vars(args).items() if key not in CLI_ONLY}
 
 
-def summary(result, stats, paths: dict[str, Path]) -> str:
-    rows = [
-        ("steps", f"{result.steps} ({stats.steps_run} run now)"),
-        ("compile", f"{stats.compile_seconds:.1f} s"),
-        ("per step", f"{stats.seconds_per_step:.3f} s"),
-        ("steps/s", f"{1 / stats.seconds_per_step:.2f}"),
-        ("samples/s", f"{stats.samples_per_second:.2f}"),
-    ]
-    mfu = stats.mfu(stats.train_seconds)
-    if mfu is not None:
-        achieved = stats.flops / stats.train_seconds
-        peak = f"{stats.peak_flops / 1e12:.3g} TFLOP/s, {stats.peak_source}"
-        rows.append(("MFU", f"{mfu:.1%} ({achieved / 1e12:.3g} of {peak})"))
-    if stats.peak_memory_bytes:
-        rows.append(("peak memory", f"{stats.peak_memory_bytes / 2**30:.2f} GiB"))
-    rows += [(name, str(path)) for name, path in paths.items()]
-    return "\n".join(f"  {name:<12}{value}" for name, value in rows)
+def settings_from(args: argparse.Namespace) -> dict:
+    """The TOML file's values, then the flags given on the command line over them."""
+    settings = read_toml(args.config) if getattr(args, "config", None) is not None else {}
+    return {**settings, **flags_given(args)}
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[RunOptions, TrainConfig, bool]:
+    """(run options, training settings, whether this is the demo), every value checked; an error in a value
+    that came from the TOML file (not replaced by a flag) names the file."""
+    settings = settings_from(args)
+    try:
+        run = RunOptions.from_dict({k: v for k, v in settings.items() if k in RUN_FLAGS})
+        demo = run.model is None and run.dataset is None
+        if not demo and (run.model is None or run.dataset is None):
+            raise SettingsError("model", "give both --model and --dataset (or neither, for the demo)")
+        training = {k: v for k, v in settings.items() if k not in RUN_FLAGS}
+        config = TrainConfig.from_dict({**DEMO_SETTINGS, **training} if demo else training)
+    except SettingsError as error:
+        if error.key in settings and error.key not in flags_given(args) and "config" in args:
+            raise type(error)(error.key, f"{args.config}: {error}") from None
+        raise
+    return run, config, demo
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, 1 (the loss diverged), 2 (bad input) or 130 (stopped by Ctrl-C: a run past its first step
+    saved its checkpoint; no adapter is written)."""
     args = build_parser().parse_args(argv)
     try:
-        return train(args)
+        run, config, demo = resolve_settings(args)
+        check_output_folder(run.output_dir, run.prefix)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return train(run, config, demo, distributed=args.distributed, compile_cache=not args.no_compile_cache)
     except KeyboardInterrupt:
         print(
             "\ninterrupted: no adapter was written; a run that had saved a checkpoint continues with --resume",
@@ -143,36 +163,27 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
 
 
-def train(args: argparse.Namespace) -> int:
-    """The command: check everything, train, write the outputs. Exit status 0, 1 (the loss diverged), 2 (bad
-    input) or 130 (stopped by Ctrl-C, checkpoint saved, no adapter written)."""
-    distributed.initialize(args.distributed, os.environ)
-    if not args.no_compile_cache:
+def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, compile_cache: bool) -> int:
+    """The run, once its settings are valid: JAX and the model code are imported here."""
+    from jaxlora.files import FolderInUseError, remove_abandoned_partials, scratch_folder
+    from jaxlora.parallel import distributed as processes
+    from jaxlora.parallel.placement import is_writer
+    from jaxlora.train.compile_cache import enable_compilation_cache
+    from jaxlora.train.loop import NonFiniteLossError, run_training, with_host_adapters
+    from jaxlora.train.report import output_stem, write_run_outputs
+
+    processes.initialize(distributed, os.environ)
+    if compile_cache:
         enable_compilation_cache()
-    settings = settings_from(args)
-    run = {key: settings.pop(key) for key in list(settings) if key in RUN_FLAGS}
     with scratch_folder("jaxlora-demo-") as scratch:
-        demo = "model" not in run and "dataset" not in run
-        if demo:
-            demo_inputs(scratch, settings)
-            run.setdefault("model", settings.pop("model"))
-        elif "model" not in run or "dataset" not in run:
-            print("give both --model and --dataset (or neither, for the demo)", file=sys.stderr)
-            return 2
         try:
-            config = TrainConfig.from_dict(settings)
-            dataset = make_dataset(*demo_dataset()) if demo else load_dataset(run["dataset"])
-            existing = preflight(load_model(run["model"], weights=False), dataset, config)
-            model = load_model(
-                run["model"], dtype=config.training_dtype, prediction=config.prediction, mesh=config.mesh
-            )
+            model, dataset, existing = load_inputs(run, config, demo, scratch)
         except (ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        output_dir = Path(run.get("output_dir", "output"))
-        prefix = run.get("prefix", DEFAULT_PREFIX)
-        if is_writer() and output_stem(output_dir, prefix, None).parent.is_dir():
-            remove_abandoned_partials(output_stem(output_dir, prefix, None).parent)
+        outputs = output_stem(run.output_dir, run.prefix, None).parent
+        if is_writer() and outputs.is_dir():
+            remove_abandoned_partials(outputs)
         print(
             f"training {config.algorithm} rank {config.rank} on {model.variant.description} ({model.source.name}), "
             f"{dataset.size} samples in {len(dataset.buckets)} bucket(s), {config.steps} steps"
@@ -183,9 +194,9 @@ def train(args: argparse.Namespace) -> int:
                 model,
                 dataset,
                 config,
-                checkpoint_dir=output_dir / f"{prefix}_checkpoints",
-                checkpoint_every=run.get("checkpoint_every", 0),
-                resume=run.get("resume", False),
+                checkpoint_dir=Path(run.output_dir) / f"{run.prefix}_checkpoints",
+                checkpoint_every=run.checkpoint_every,
+                resume=run.resume,
                 existing=existing,
             )
         except (ValueError, OSError, FolderInUseError) as error:
@@ -206,11 +217,65 @@ def train(args: argparse.Namespace) -> int:
         if not is_writer():  # on several processes, process 0 writes the outputs
             return 0
         paths = write_run_outputs(
-            result, config, output_dir, prefix, run.get("format", "comfyui"), run.get("keep_checkpoints", False)
+            result, config, run.output_dir, run.prefix, run.format, keep_checkpoints=run.keep_checkpoints
         )
     print(f"done in {time.perf_counter() - started:.1f} s" + (" (demo)" if demo else ""))
     print(summary(result, result.stats, paths))
     return 0
+
+
+def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path):
+    """The model, the dataset and the existing adapter file (None without one), after every check that needs no
+    weights: the files are what their flags say, the data fit the model, the existing adapter fits, and the
+    adapter style can name what is trained."""
+    from jaxlora.models.demo import demo_dataset, write_random_checkpoint
+    from jaxlora.models.diffusion import load_model
+    from jaxlora.models.registry import DEMO_FAMILY
+    from jaxlora.train.data import batch_size_warnings, load_dataset, make_dataset
+    from jaxlora.train.loop import preflight
+    from jaxlora.train.report import check_style
+
+    if demo:
+        print("No --model and --dataset given: running the built-in demo (a tiny model with random weights and a")
+        print("synthetic dataset). Pass --model CHECKPOINT --dataset DATA to train a real adapter.\n")
+        model_path = write_random_checkpoint(DEMO_FAMILY.demo_config, scratch / "demo_model.safetensors")
+    else:
+        model_path = Path(run.model)
+    header = load_model(model_path, weights=False)  # the header alone: cheaper than the dataset, so checked first
+    dataset = make_dataset(*demo_dataset()) if demo else load_dataset(run.dataset)
+    existing = preflight(header, dataset, config)
+    for warning in batch_size_warnings(dataset, config.batch_size):
+        print(f"warning: {warning}", file=sys.stderr)
+    if existing is not None:
+        print(
+            f"continuing {existing.path}: {existing.steps} steps trained so far, {config.steps} more now "
+            f"({existing.steps + config.steps} in all)"
+        )
+    try:
+        check_style(header, config, run.format, existing)
+    except ValueError as error:
+        raise ValueError(f"--format {run.format}: {error}") from error
+    model = load_model(model_path, config.training_dtype, config.prediction, mesh=config.mesh)
+    return model, dataset, existing
+
+
+def summary(result, stats, paths: dict[str, Path]) -> str:
+    rows = [
+        ("steps", f"{result.steps} ({stats.steps_run} run now)"),
+        ("compile", f"{stats.compile_seconds:.1f} s"),
+        ("per step", f"{stats.seconds_per_step:.3f} s"),
+        ("steps/s", f"{1 / stats.seconds_per_step:.2f}"),
+        ("samples/s", f"{stats.samples_per_second:.2f}"),
+    ]
+    mfu = stats.mfu(stats.train_seconds)
+    if mfu is not None:
+        achieved = stats.flops / stats.train_seconds
+        peak = f"{stats.peak_flops / 1e12:.3g} TFLOP/s, {stats.peak_source}"
+        rows.append(("MFU", f"{mfu:.1%} ({achieved / 1e12:.3g} of {peak})"))
+    if stats.peak_memory_bytes:
+        rows.append(("peak memory", f"{stats.peak_memory_bytes / 2**30:.2f} GiB"))
+    rows += [(name, str(path)) for name, path in paths.items()]
+    return "\n".join(f"  {name:<12}{value}" for name, value in rows)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,10 @@ class Checkpoints:
             for step in self.manager.all_steps():
                 shutil.rmtree(self.directory / str(step), ignore_errors=True)
 
+    def reopen(self) -> None:
+        """Mark a finished run running again: it is being trained further, and a crash now leaves it resumable."""
+        self._write_record(state="running", adapter=None)
+
     def discard(self) -> None:
         """Remove the folder of a run that stopped before its first checkpoint: there is nothing to resume."""
         if is_writer() and self.latest_step() is None:
@@ -260,9 +264,10 @@ def _quietly_read(folder: Path) -> dict | None:
         return read_record(folder)
 
 
-def resumable_run(parent: str | Path, fingerprint: dict, name: str | None = None) -> Checkpoints:
-    """The run to continue: the one named, or the latest unfinished run with a checkpoint that no process is
-    running. ResumeError says why there is none (finished: nothing to do; in use; nothing there)."""
+def resumable_run(parent: str | Path, fingerprint: dict, steps: int, name: str | None = None) -> Checkpoints:
+    """The run to continue to `steps`: the one named, or the latest run with a checkpoint that no process is
+    running and that is unfinished, or finished before `steps` with its checkpoints kept (trained further).
+    ResumeError says why there is none (finished: nothing to do; in use; nothing there)."""
     parent = Path(parent).absolute()
     if name is not None:
         folder = parent / name
@@ -277,7 +282,8 @@ def resumable_run(parent: str | Path, fingerprint: dict, name: str | None = None
         record = read_record(folder)
         if record is None:
             continue
-        if record.get("state") == "finished":
+        kept = (folder / str(record.get("step"))).is_dir()
+        if record.get("state") == "finished" and not (kept and record["step"] < steps):
             finished = finished or (folder, record)
         elif is_writer() and is_locked(folder):
             in_use = in_use or folder
@@ -287,9 +293,12 @@ def resumable_run(parent: str | Path, fingerprint: dict, name: str | None = None
         raise ResumeError(f"{in_use} is in use by another run: wait for it to end, or start a new run without --resume")
     if finished is not None:
         folder, record = finished
+        done = f"nothing to do: {folder.name} finished at step {record['step']} and wrote {record.get('adapter')}"
+        if (folder / str(record["step"])).is_dir():
+            raise ResumeError(f"{done}; resume it with more steps to train it further")
         raise ResumeError(
-            f"nothing to do: {folder.name} finished at step {record.get('step')} and wrote {record.get('adapter')}; "
-            "to train it further, start a new run with --existing-lora set to that file"
+            f"{done}; its checkpoints were deleted (--keep-checkpoints keeps them), so to train it further start a "
+            "new run with --existing-lora set to that file"
         )
     if name is not None:
         raise ResumeError(f"{parent / name} has no usable checkpoint (see the warning above); start a new run")
@@ -303,8 +312,10 @@ def open_run(parent: str | Path, fingerprint: dict, resume: bool | str, steps: i
         remove_dead_runs(Path(parent))
     if not resume:
         return new_run(parent, fingerprint)
-    run = resumable_run(parent, fingerprint, None if resume is True else str(resume))
+    run = resumable_run(parent, fingerprint, steps, None if resume is True else str(resume))
     run.check_fingerprint()
+    if is_writer() and run.record().get("state") == "finished":
+        run.reopen()
     if run.latest_step() > steps:
         step = run.latest_step()
         raise ResumeError(f"{run.directory} is at step {step}, past steps {steps}: resume it with more steps")

@@ -17,8 +17,10 @@ from __future__ import annotations
 import collections
 import io
 import json
+import math
 import os
 import pickle
+import pickletools
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,13 @@ _STORAGE_DTYPES = {  # torch.<X>Storage -> element dtype; UntypedStorage holds b
     "BoolStorage": "bool",
     "UntypedStorage": "uint8",
 }
+# Bounds on the work one shard may ask for. Pickles can share a value many times at the cost of a few bytes
+# each, and a tensor's size and strides are claims; without bounds a 248-byte shard asks for 10^9 visits, and a
+# 1-element storage with zero strides for terabytes. Real shards stay far below (tens of values per sample).
+MAX_VALUES = 1_000_000  # values in a shard, a shared value counted at every reference (the reader visits each)
+MAX_ELEMENTS = 2**32  # tensor elements in a shard, a shared tensor counted at every reference (each is copied)
+MAX_MEMO = 2**22  # pickle memo slots: the unpickler allocates up to the largest index a pickle names
+
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a non-zip torch.save stream
 _LEGACY_PROTOCOL = 1001
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -161,7 +170,7 @@ def _read_shard(path: Path) -> dict:
             magic = file.read(4)
             file.seek(0)
             shard = _load_torch_zip(file) if magic == _ZIP_MAGIC else _load_pickle_stream(file)
-            _check_plain(shard, "")
+            _check_plain(shard)
     except ComfyDatasetError as error:  # raised below without the file's name; UnsafePickleError stays itself
         raise type(error)(f"{path}: {error}") from error
     except (
@@ -189,20 +198,39 @@ def _read_shard(path: Path) -> dict:
     return shard
 
 
-def _check_plain(value, where: str) -> None:
-    """Only containers, strings, numbers, None and rebuilt tensors may come out of a shard."""
-    if isinstance(value, np.ndarray | str | int | float | type(None)):
-        return
-    if isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str | int):
-                raise ComfyDatasetError(f"unexpected dict key of type {type(key).__name__} at {where or 'top level'}")
-            _check_plain(item, f"{where}[{key!r}]")
-    else:
-        raise ComfyDatasetError(f"unexpected {type(value).__name__} at {where or 'top level'}")
+def _check_plain(shard) -> None:
+    """Only containers, strings, numbers, None and rebuilt tensors may come out of a shard, within MAX_VALUES
+    values and MAX_ELEMENTS tensor elements counted at every reference, as the reader will visit and copy them."""
+    counts = {"values": 0, "elements": 0}
+
+    def visit(value, where: str) -> None:
+        counts["values"] += 1
+        if counts["values"] > MAX_VALUES:
+            raise ComfyDatasetError(
+                f"more than {MAX_VALUES:,} values (shared ones counted at each reference); a dataset shard holds "
+                "tens per sample: refusing to read further"
+            )
+        if isinstance(value, np.ndarray):
+            counts["elements"] += value.size
+            if counts["elements"] > MAX_ELEMENTS:
+                raise ComfyDatasetError(
+                    f"more than {MAX_ELEMENTS:,} tensor elements (shared tensors counted at each reference): "
+                    "refusing to read further"
+                )
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                visit(item, f"{where}[{i}]")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str | int):
+                    raise ComfyDatasetError(
+                        f"unexpected dict key of type {type(key).__name__} at {where or 'top level'}"
+                    )
+                visit(item, f"{where}[{key!r}]")
+        elif not isinstance(value, str | int | float | type(None)):
+            raise ComfyDatasetError(f"unexpected {type(value).__name__} at {where or 'top level'}")
+
+    visit(shard, "")
 
 
 def _latent_samples(latent, where: str) -> list[np.ndarray]:
@@ -286,6 +314,11 @@ def _strided_view(storage, storage_offset, size, stride, dtype: np.dtype | None 
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= data.size:
         raise ComfyDatasetError(f"tensor of size {size} and stride {stride} reaches past its storage ({data.size})")
+    if math.prod(size) > data.size:
+        raise ComfyDatasetError(
+            f"tensor of size {size} and stride {stride} repeats elements of its storage ({data.size} elements): "
+            "a dataset tensor never does"
+        )
     strides = tuple(s * data.itemsize if n > 1 else 0 for n, s in zip(size, stride, strict=True))
     return np.lib.stride_tricks.as_strided(data[storage_offset:], size, strides, writeable=False)
 
@@ -331,7 +364,15 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def __init__(self, file: IO[bytes], storages=None):
         super().__init__(file)
+        self.file = file
         self.storages = storages
+
+    def load(self):
+        """Check the pickle's memo indices first (a scan of its opcodes), then unpickle it."""
+        start = self.file.tell()
+        _check_memo(self.file)
+        self.file.seek(start)
+        return super().load()
 
     def find_class(self, module: str, name: str):
         if module == "torch" and name in _DTYPES:
@@ -352,6 +393,14 @@ class _SafeUnpickler(pickle.Unpickler):
         if self.storages is None:
             raise ComfyDatasetError(f"a plain pickle cannot refer to storage {pid!r}")
         return self.storages(pid)
+
+
+def _check_memo(file: IO[bytes]) -> None:
+    """Refuse a pickle that names a memo slot beyond MAX_MEMO: the unpickler would allocate that many (a few
+    bytes of pickle can ask for gigabytes)."""
+    for opcode, argument, _position in pickletools.genops(file):
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(argument) >= MAX_MEMO:
+            raise ComfyDatasetError(f"pickle memo index {argument} is beyond {MAX_MEMO:,}")
 
 
 def _storage_id(pid, fields: int) -> tuple:
@@ -393,7 +442,11 @@ def _load_torch_zip(file: IO[bytes]):
                 member = f"{root}data/{key}"
                 if member not in names:
                     raise ComfyDatasetError(f"no archive member {member}")
-                raw = archive.read(member)
+                size = numel * storage_type.dtype.itemsize
+                if numel > MAX_ELEMENTS or archive.getinfo(member).file_size < size:
+                    raise ComfyDatasetError(f"storage {key} claims {numel} elements; {member} does not hold them")
+                with archive.open(member) as stored:
+                    raw = stored.read(size)
                 storages[key] = _Storage(_elements(raw, storage_type.dtype, numel, byteorder == "little", member))
             if storages[key].data.dtype != storage_type.dtype:
                 raise ComfyDatasetError(f"storage {key} is read as two dtypes")

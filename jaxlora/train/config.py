@@ -1,14 +1,21 @@
-"""The training settings: the Train LoRA node's inputs with its names, ranges and defaults, plus the options
-jaxlora adds. Validated once, before any data is read or anything compiled."""
+"""A run's settings: the Train LoRA node's inputs with its names, ranges and defaults plus the training options
+jaxlora adds (`TrainConfig`), and where a run reads and writes (`RunOptions`). Validated once, before any data is
+read or anything compiled.
+
+This module imports no JAX, so that a bad flag, TOML value or output folder is refused in a fraction of a second.
+The registries' names are therefore spelled out here (tests check them against `adapters.attach.ALGORITHMS`,
+`train.optim.OPTIMIZERS` and `LOSSES`, and `models.family.STYLES`).
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path, PurePath
 
-from jaxlora.adapters.attach import ALGORITHMS, BYPASS_ALGORITHMS
 from jaxlora.dtypes import PREDICTIONS, TRAINING_DTYPES
-from jaxlora.parallel.mesh import parse_mesh
-from jaxlora.train.optim import LOSSES, OPTIMIZERS
 
 # field -> (lowest, highest), the node's ranges (spec section 1)
 RANGES = {
@@ -20,15 +27,95 @@ RANGES = {
     "seed": (0, 2**64 - 1),
 }
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+BYPASS_ALGORITHMS = ("LoRA",)  # algorithms with an activation form y = x W + h(x)
+STYLES = ("comfyui", "kohya", "peft")  # adapter key styles
 CHOICES = {
-    "optimizer": tuple(OPTIMIZERS),
-    "loss_function": tuple(LOSSES),
+    "optimizer": ("AdamW", "Adam", "SGD", "RMSprop"),
+    "loss_function": ("MSE", "L1", "Huber", "SmoothL1"),
     "training_dtype": TRAINING_DTYPES,
     "lora_dtype": TRAINING_DTYPES,
-    "algorithm": tuple(ALGORITHMS),
+    "algorithm": ("LoRA", "LoHa", "LoKr", "OFT"),
     "remat_policy": REMAT_POLICIES,
     "prediction": PREDICTIONS,
+    "format": STYLES,
 }
+
+# One line of meaning per setting, for --help and the notebook's form.
+MEANINGS = {
+    "model": ".safetensors checkpoint of a supported model (the README lists them; jaxlora.inspect checks one)",
+    "dataset": "SaveTrainingDataset folder, or a .safetensors dataset file or folder of them",
+    "batch_size": "samples per micro-step",
+    "grad_accumulation_steps": "micro-steps whose gradients make one optimizer step",
+    "steps": "optimizer steps to train in this run",
+    "learning_rate": "the optimizer's step size",
+    "rank": "adapter rank (OFT: block size)",
+    "optimizer": "torch's optimizer of that name, with torch's defaults",
+    "loss_function": "loss between the denoised and the clean latents",
+    "seed": "seeds noise, timesteps, batches and adapter initialisation",
+    "training_dtype": "dtype of the frozen weights and activations",
+    "lora_dtype": "adapter compute rounding and file dtype (optimizer state stays fp32)",
+    "algorithm": "adapter algorithm",
+    "gradient_checkpointing": "recompute each block's activations in the backward pass (saves memory)",
+    "existing_lora": "adapter file to continue training (any key style ComfyUI loads)",
+    "remat_policy": "what a recomputed block keeps (jax.checkpoint_policies)",
+    "bypass": "LoRA in activation form (on for LoRA unless --no-bypass)",
+    "prediction": "eps or v for checkpoints whose prediction type the weights do not show",
+    "mesh": "device mesh such as data=2,fsdp=4 (-1: the devices left); none: one device",
+    "guidance": "models with a guidance input (guidance-distilled): guidance for samples whose data carries none",
+    "flow_shift": "flow-matching models: the sampling shift (none: the model's own)",
+    "output_dir": "folder for the adapter, loss history and plot",
+    "prefix": "file name prefix inside the output folder, may include sub-folders",
+    "format": "adapter key style: comfyui, kohya (A1111/Forge) or peft (LoRA only)",
+    "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
+    "resume": "continue the latest unfinished run of this output folder and prefix, or the run named (run_00002)",
+    "keep_checkpoints": "keep a finished run's checkpoints (by default deleted once the adapter is written)",
+}
+
+
+class SettingsError(ValueError):
+    """A setting out of its range, not among its choices, or unknown; `key` names it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+class SettingTypeError(SettingsError, TypeError):
+    """A setting of the wrong type, e.g. `learning_rate = "1e-4"` in a TOML file (a string, not a number)."""
+
+
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+_FOUND = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "a table", list: "an array"}
+
+
+def _fits(value: object, kind: str) -> bool:
+    """Python's types as TOML and flags give them: a bool is no number, an int is a valid float."""
+    if isinstance(value, bool):
+        return kind == "bool"
+    accepted = {"int": int, "float": int | float, "str": str}.get(kind)
+    return accepted is not None and isinstance(value, accepted)
+
+
+def check_types(settings: object) -> None:
+    """Refuse a dataclass field whose value does not fit its annotation, before any range is checked, so that a
+    string where a number belongs reads as a type error naming the key."""
+    for spec in fields(settings):
+        value = getattr(settings, spec.name)
+        kinds = spec.type.split(" | ")
+        if value is None and "None" in kinds:
+            continue
+        if not any(_fits(value, kind) for kind in kinds):
+            expected = " or ".join(_KINDS[kind] if kind != "None" else "unset" for kind in kinds)
+            found = _FOUND.get(type(value), type(value).__name__)
+            raise SettingTypeError(spec.name, f"{spec.name} must be {expected}, got {value!r} ({found})")
+
+
+def check_choices(settings: object) -> None:
+    """Refuse a value that is not among its field's CHOICES."""
+    for spec in fields(settings):
+        value = getattr(settings, spec.name)
+        if spec.name in CHOICES and value not in CHOICES[spec.name]:
+            raise SettingsError(spec.name, f"{spec.name} must be one of {list(CHOICES[spec.name])}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,26 +144,22 @@ class TrainConfig:
     flow_shift: float | None = None  # flow models: the sampling shift (None: the family's default)
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name, (low, high) in RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-                raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
-        for name in ("batch_size", "grad_accumulation_steps", "steps", "rank", "seed"):
-            if not isinstance(getattr(self, name), int):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+            if not low <= value <= high:
+                raise SettingsError(name, f"{name} must be between {low} and {high}, got {value!r}")
+        check_choices(self)
         for name in ("guidance", "flow_shift"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
-                raise ValueError(f"{name} must be a number of at least 0, got {value!r}")
-        if self.bypass is not None and not isinstance(self.bypass, bool):
-            raise ValueError(f"bypass must be true or false, got {self.bypass!r}")
+            if value is not None and value < 0:
+                raise SettingsError(name, f"{name} must be a number of at least 0, got {value!r}")
         if self.mesh is not None:
+            from jaxlora.parallel.mesh import parse_mesh  # imports JAX: only when a mesh is asked for
+
             parse_mesh(self.mesh)
         if self.bypass and self.algorithm not in BYPASS_ALGORITHMS:
-            raise ValueError(f"bypass is available for {sorted(BYPASS_ALGORITHMS)}, not {self.algorithm}")
+            raise SettingsError("bypass", f"bypass is available for {list(BYPASS_ALGORITHMS)}, not {self.algorithm}")
 
     @property
     def uses_bypass(self) -> bool:
@@ -86,9 +169,65 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+    def from_dict(cls, values: Mapping[str, object]) -> TrainConfig:
+        return cls(**_known(cls, values, "training settings"))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where a run reads and writes: the command line's and TOML file's keys that are not training settings."""
+
+    model: str | None = None
+    dataset: str | None = None
+    output_dir: str = "output"
+    prefix: str = "loras/jaxlora_trained_lora"
+    format: str = "comfyui"
+    checkpoint_every: int = 0
+    resume: bool | str = False  # True: the latest unfinished run; a name: that run
+    keep_checkpoints: bool = False
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_choices(self)
+        if self.checkpoint_every < 0:
+            raise SettingsError("checkpoint_every", f"checkpoint_every must be 0 or more, got {self.checkpoint_every}")
+        check_prefix(self.prefix)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, object]) -> RunOptions:
+        return cls(**_known(cls, values, "run options"))
+
+
+def _known(cls: type, values: Mapping[str, object], what: str) -> dict[str, object]:
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SettingsError(unknown[0], f"unknown {what} {unknown}; known: {known}")
+    return dict(values)
+
+
+def check_prefix(prefix: str) -> None:
+    """A prefix names a file inside the output folder, as ComfyUI's does: sub-folders (`loras/x`) are fine, an
+    absolute path or `..` (which would write outside it) are not."""
+    path = PurePath(prefix)
+    if path.is_absolute() or ".." in path.parts or not path.name or prefix.endswith(("/", os.sep)):
+        raise SettingsError(
+            "prefix", f"prefix {prefix!r} must name a file inside the output folder, like 'loras/my_lora' (no '..')"
+        )
+
+
+def check_output_folder(output_dir: str | Path, prefix: str) -> None:
+    """Refuse, before anything is loaded, an output folder the run could not write into: one that is a file,
+    lies under a file, or is not writable (probed by creating and removing a temporary file in the nearest
+    folder that exists, which also catches read-only file systems)."""
+    folder = Path(output_dir) / PurePath(prefix).parent
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SettingsError("output_dir", f"cannot write into {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise SettingsError("output_dir", f"cannot write into {existing}: {error.strerror}") from error

@@ -24,6 +24,8 @@ from safetensors.numpy import save
 
 from jaxlora.files import write_new_file
 from jaxlora.models.diffusion import DiffusionModel
+from jaxlora.models.family import UnknownLayoutError
+from jaxlora.models.registry import describe_keys, find_family
 
 SEQUENCE_FIELDS = {"c_crossattn": 3, "pooled_output": 2}  # name -> rank with the sample axis
 
@@ -148,15 +150,28 @@ def make_dataset(latents, positive) -> Dataset:
 
 
 def _read_safetensors(path: Path) -> Bucket:
+    """The file's header is checked before any tensor is read, so a wrong file (a model checkpoint) is refused
+    at once whatever its size."""
     try:
         with safe_open(path, framework="numpy") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            keys = list(f.keys())
+            if "latents" not in keys:
+                raise _not_a_dataset(path, keys)
+            tensors = {key: f.get_tensor(key) for key in keys}
     except (SafetensorError, OSError) as error:
         raise DatasetError(f"{path} is not a readable .safetensors file: {error}") from error
-    if "latents" not in tensors:
-        raise DatasetError(f"{path} has no `latents` tensor (keys: {sorted(tensors)})")
     latents = tensors.pop("latents")
     return make_bucket(latents, tensors, str(path))
+
+
+def _not_a_dataset(path: Path, keys: list[str]) -> DatasetError:
+    """The error for a file without `latents`: its keys in short, and what it is when it is a model."""
+    try:
+        family, _ = find_family(keys)
+        hint = f"; it looks like a {family.name} checkpoint, not a dataset (are the model and dataset swapped?)"
+    except UnknownLayoutError:
+        hint = ""
+    return DatasetError(f"{path} has no `latents` tensor (keys: {describe_keys(keys, 4)}){hint}")
 
 
 def _read_comfy_folder(folder: Path) -> list[Bucket]:
@@ -220,6 +235,17 @@ def check_dataset(dataset: Dataset, model: DiffusionModel) -> None:
         for name, values in {"latents": bucket.latents, **bucket.conditioning}.items():
             if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                 raise DatasetError(f"{bucket.source}: {name} contains NaN or infinite values")
+
+
+def batch_size_warnings(dataset: Dataset, batch_size: int) -> list[str]:
+    """Buckets smaller than the batch train on all their samples each step, fewer than asked: say so, rather
+    than train silently on smaller batches."""
+    return [
+        f"batch_size {batch_size} is larger than the {bucket.size} samples of {bucket.source} (latents "
+        f"{list(bucket.shape)}): its batches hold {bucket.size}"
+        for bucket in dataset.buckets
+        if bucket.size < batch_size
+    ]
 
 
 def device_arrays(

@@ -240,12 +240,13 @@ def stop_requests():
 def progress_line(
     done: int, total: int, loss: float, rate: float, samples_rate: float, mfu: float | None, width: int = 24
 ) -> str:
+    """One line of progress; `loss` is the mean over the micro-steps since the previous line."""
     filled = round(width * done / total)
     eta = (total - done) / rate if rate > 0 else 0.0
     bar = "#" * filled + "." * (width - filled)
     utilisation = "" if mfu is None else f"  MFU {mfu:.1%}"
     return (
-        f"step {done}/{total} [{bar}] loss {loss:.4f}  {rate:.2f} steps/s  {samples_rate:.2f} samples/s"
+        f"step {done}/{total} [{bar}] mean loss {loss:.4f}  {rate:.2f} steps/s  {samples_rate:.2f} samples/s"
         f"{utilisation}  eta {eta:.0f} s"
     )
 
@@ -304,12 +305,16 @@ def _train(
     start, history = 0, []
     if checkpoints is not None and checkpoints.latest_step() is not None:
         start, adapters, opt_state, history = checkpoints.restore(adapters, opt_state)
-        progress(f"resumed {checkpoints.name} from step {start} ({checkpoints.directory})")
+        progress(f"resumed from step {start} of {checkpoints.name} ({checkpoints.directory})")
 
     micro = config.grad_accumulation_steps
     stats = RunStats()
     compiled = []
-    for bucket in data:
+    for shape, bucket in zip([b.shape for b in dataset.buckets], data, strict=True):
+        progress(
+            f"compiling the train step for latents {list(shape)}, batch {config.batch_size} x {micro} micro-step(s) "
+            "(once per latent shape; seconds to minutes)"
+        )
         begin = time.perf_counter()
         lowered = compile_step(graph, settings, layout).lower(
             adapters, opt_state, base, bucket, noise_key_data(config.seed, 0, micro), perm_key, 0
@@ -334,7 +339,7 @@ def _train(
             history.extend(values)
         pending.clear()
 
-    done = start
+    done, logged = start, len(history)
     began, last_log = time.perf_counter(), time.perf_counter()
     with stop_requests() as stop:
         for step in range(start, config.steps):
@@ -361,7 +366,9 @@ def _train(
                 last_log = time.perf_counter()
                 elapsed = last_log - began
                 rate, samples_rate = stats.steps_run / elapsed, stats.samples / elapsed
-                progress(progress_line(done, config.steps, history[-1], rate, samples_rate, stats.mfu(elapsed)))
+                interval_loss = float(np.mean(history[logged:]))  # every micro-step since the last line
+                logged = len(history)
+                progress(progress_line(done, config.steps, interval_loss, rate, samples_rate, stats.mfu(elapsed)))
             if stop:
                 stats.interrupted = done < config.steps  # Ctrl-C during the last step stops nothing
                 break

@@ -14,19 +14,25 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
+from jaxlora.adapters.attach import attach_adapters, attach_imported
+from jaxlora.adapters.formats import export_adapter, import_adapter
 from jaxlora.adapters.lora_files import save_lora
 from jaxlora.adapters.metadata import adapter_info
 from jaxlora.files import write_new_file
 
 if TYPE_CHECKING:
+    from jaxlora.models.diffusion import DiffusionModel
     from jaxlora.train.config import TrainConfig
-    from jaxlora.train.loop import TrainResult
+    from jaxlora.train.loop import ExistingAdapter, TrainResult
 
 # ComfyUI's LossGraphNode geometry: an 800x480 plot area inside 40 px margins.
 WIDTH, HEIGHT, MARGIN = 840, 520, 40
@@ -238,3 +244,18 @@ def _vertical_text(
     label = label.rotate(90, expand=True)
     y = {"top": at[1], "middle": at[1] - label.height // 2, "bottom": at[1] - label.height}[align]
     image.paste(label, (at[0] - label.width // 2, y))
+
+
+def check_style(model: DiffusionModel, config: TrainConfig, style: str, existing: ExistingAdapter | None) -> None:
+    """Refuse, before any weights are read, a key style that cannot name every layer the run will train (PEFT
+    has no names for LoHa, LoKr, OFT or DoRA), instead of failing after the last step.
+
+    `model` is loaded with `weights=False`; a copy of its network gets the adapters the run would attach (the
+    `existing` adapter as `preflight` read it, then fresh ones at rank 1: names do not depend on the rank), which
+    are exported and dropped.
+    """
+    probe = replace(model, network=nnx.clone(model.network))
+    if existing is not None:
+        attach_imported(probe.network, import_adapter(probe, existing.tensors))
+    attach_adapters(probe.network, config.algorithm, 1, config.seed, jnp.float32, bypass=config.uses_bypass)
+    export_adapter(probe, style)

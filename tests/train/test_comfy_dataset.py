@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import zipfile
 from collections import OrderedDict
 
 import ml_dtypes
@@ -248,3 +249,68 @@ def test_reading_never_imports_torch(tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def write_raw_shard(folder, data: bytes):
+    folder.mkdir()
+    (folder / "shard_0000.pkl").write_bytes(data)
+    return folder
+
+
+def test_a_tiny_shard_of_a_billion_shared_references_is_refused_not_walked(tmp_path):
+    nested = []
+    for _ in range(9):  # ten references to the level below, nine times: 10^9 leaves from a few hundred bytes
+        nested = [nested] * 10
+    folder = write_raw_shard(tmp_path / "ds", pickle.dumps({"latents": nested, "conditioning": nested}, protocol=4))
+    assert (folder / "shard_0000.pkl").stat().st_size < 300
+    with pytest.raises(ComfyDatasetError, match="more than 1,000,000 values"):
+        read_comfy_dataset(folder)
+
+
+class RepeatsOneElement:
+    """A [2^20, 2^20, 4, 1] tensor with zero strides over a 1-element storage: 16 TiB once copied."""
+
+    def __reduce__(self):
+        storage = torch.zeros(1).untyped_storage()
+        return (
+            torch._utils._rebuild_tensor_v3,
+            (storage, 0, (2**20, 2**20, 4, 1), (0, 0, 0, 0), False, OrderedDict(), torch.float32),
+        )
+
+
+@pytest.mark.parametrize("fmt", ["pickle.dump", "torch.save"])
+def test_a_zero_stride_tensor_claiming_terabytes_is_refused_before_any_copy(tmp_path, fmt):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_shard(folder / "shard_0000.pkl", {"latents": [{"samples": RepeatsOneElement()}], "conditioning": [[]]}, fmt)
+    with pytest.raises(ComfyDatasetError, match=r"repeats elements of its storage \(1 elements\)"):
+        read_comfy_dataset(folder)
+
+
+def test_a_storage_claiming_more_than_its_archive_member_holds_is_refused_before_reading(tmp_path):
+    claim = object()
+
+    class ClaimingPickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", 2**40) if obj is claim else None
+
+    class Tensor:
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (claim, 0, (1, 4, 8, 8), (256, 64, 8, 1), False, OrderedDict())
+
+    data = io.BytesIO()
+    ClaimingPickler(data, protocol=2).dump({"latents": [{"samples": Tensor()}], "conditioning": [[]]})
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "shard_0000.pkl", "w") as archive:
+        archive.writestr("archive/data.pkl", data.getvalue())
+        archive.writestr("archive/data/0", bytes(16))
+    with pytest.raises(ComfyDatasetError, match="storage 0 claims 1099511627776 elements"):
+        read_comfy_dataset(folder)
+
+
+def test_a_pickle_asking_for_a_huge_memo_is_refused(tmp_path):
+    # PROTO 4, EMPTY_DICT, LONG_BINPUT 2^31 (the unpickler would size its memo to that), STOP
+    folder = write_raw_shard(tmp_path / "ds", b"\x80\x04}r" + (2**31).to_bytes(4, "little") + b".")
+    with pytest.raises(ComfyDatasetError, match="memo index 2147483648"):
+        read_comfy_dataset(folder)

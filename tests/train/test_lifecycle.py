@@ -99,6 +99,11 @@ def test_the_same_command_twice_makes_two_identical_readable_adapters(inputs, tm
     capsys.readouterr()
     assert main(command(inputs, tmp_path, "--resume")) == 2
     assert "nothing to do: run_00002 finished at step 3" in capsys.readouterr().err
+    assert main(command(inputs, tmp_path, "--resume", "run_00001", "--steps", "4")) == 2
+    assert "its checkpoints were deleted (--keep-checkpoints keeps them)" in capsys.readouterr().err
+    assert main(command(inputs, tmp_path, "--resume", "--steps", "4")) == 0  # a kept run trains further
+    assert "resumed from step 3 of run_00002" in capsys.readouterr().err
+    assert (tmp_path / "loras" / "style_4_steps_00003_.safetensors").is_file()
 
 
 def test_resume_with_nothing_to_resume_is_refused(inputs, tmp_path, capsys):
@@ -184,7 +189,7 @@ def test_corrupt_checkpoint_is_named_and_the_one_before_it_used(inputs, tmp_path
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated by a crash
     with pytest.warns(UserWarning, match=rf"checkpoint {run / '2'} is unreadable"):
         assert main(command(inputs, tmp_path, "--resume")) == 0
-    assert "resumed run_00001 from step 1" in capsys.readouterr().err
+    assert "resumed from step 1 of run_00001" in capsys.readouterr().err
     assert (tmp_path / "loras" / "style_3_steps_00001_.safetensors").is_file()
 
 
@@ -194,7 +199,7 @@ def test_empty_run_record_is_named_and_blocks_nothing(tmp_path):
     (parent / "run_00001" / RUN_FILE).write_bytes(b"")
     with pytest.warns(UserWarning, match=r"run_00001/run.json is unreadable or corrupt"):
         with pytest.raises(ResumeError, match="nothing to resume"):
-            resumable_run(parent, {})
+            resumable_run(parent, {}, steps=1)
     assert new_run(parent, {}).name == "run_00002"
 
 
@@ -300,5 +305,5 @@ def test_killed_run_blocks_nothing_and_resumes(tmp_path):
     resume = demo_command(out, "--resume", "--checkpoint-every", "0")  # the interval may change on resume
     resumed = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed run_00001 from step" in resumed.stderr
+    assert "resumed from step" in resumed.stderr
     assert (out / "loras" / "jaxlora_trained_lora_100_steps_00002_.safetensors").is_file()
