@@ -84,31 +84,37 @@ def printed(notebook) -> str:
     return "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
 
 
-def test_notebook_runs_headless_with_the_demo_twice_the_second_resuming(tmp_path, monkeypatch):
-    """Run all, then Run all again in a fresh runtime with `resume` ticked and more steps, as after a
-    disconnect: the second run continues from the first one's checkpoint under the chosen output folder."""
+def test_notebook_runs_headless_twice_as_it_is_then_resumes(tmp_path, monkeypatch):
+    """Run all, Run all again unchanged (a second, independent run: the next file counter, the same losses), then
+    Run all in a fresh runtime with `resume` ticked and more steps, as after a disconnect: it continues the latest
+    run from its checkpoint under the chosen output folder."""
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAXLORA_CACHE_DIR", str(tmp_path / "xla_cache"))  # the second run reuses the compile
+    monkeypatch.setenv("JAXLORA_CACHE_DIR", str(tmp_path / "xla_cache"))  # later runs reuse the compile
     where = {"metadata": {"path": str(tmp_path)}}  # the kernel's working folder
-    first = with_parameters(read_notebook(), steps=3, checkpoint_every=2)
-    NotebookClient(first, timeout=600, kernel_name="python3", resources=where).execute()
-    second = with_parameters(read_notebook(), steps=4, checkpoint_every=2, resume=True)
-    NotebookClient(second, timeout=600, kernel_name="python3", resources=where).execute()
+    runs = [
+        with_parameters(read_notebook(), steps=3, checkpoint_every=2),
+        with_parameters(read_notebook(), steps=3, checkpoint_every=2),
+        with_parameters(read_notebook(), steps=4, checkpoint_every=2, resume=True),
+    ]
+    for notebook in runs:
+        NotebookClient(notebook, timeout=600, kernel_name="python3", resources=where).execute()
 
+    first, _, resumed = runs
     assert "not on Colab" in printed(first) and "backend cpu" in printed(first) and "built-in demo" in printed(first)
-    assert "resumed from step 3" in printed(second)
+    assert "resumed from step 3" in printed(resumed)
     loras = tmp_path / "output" / "ComfyUI" / "models" / "loras"
     histories = []
-    for steps, counter in ((3, 1), (4, 2)):
+    for steps, counter in ((3, 1), (3, 2), (4, 3)):
         stem = loras / f"jaxlora_trained_lora_{steps}_steps_{counter:05}_"
         with safe_open(f"{stem}.safetensors", framework="numpy") as file:
             keys = list(file.keys())
             assert json.loads(file.metadata()["training_settings"])["steps"] == steps
         assert keys and all(key.startswith("diffusion_model.") for key in keys)
         histories.append(json.loads(Path(f"{stem}loss.json").read_text())["loss"])
-    assert len(histories[1]) == 4 and np.isfinite(histories[1]).all()
-    assert histories[1][:3] == histories[0]  # the resumed run carries the first run's history on
-    for notebook in (first, second):
+    assert histories[1] == histories[0]  # the same settings train the same run again
+    assert len(histories[2]) == 4 and np.isfinite(histories[2]).all()
+    assert histories[2][:3] == histories[1]  # the resumed run carries the latest run's history on
+    for notebook in runs:
         plots = [out for out in notebook.cells[-2].outputs if "image/png" in out.get("data", {})]
         assert len(plots) == 1  # the loss plot, inline
     assert (loras / "jaxlora_trained_lora_checkpoints").is_dir()  # inside the chosen output folder
