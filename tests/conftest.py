@@ -7,7 +7,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llv
 # before: unsharded programs are placed on one device, and the others stay idle.
 os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 
+import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from safetensors.numpy import load_file
 
 from jaxlora import load_model
@@ -39,3 +41,17 @@ def tiny_model(tiny_checkpoint):
         return load_model(path, dtype="fp32"), base
 
     return make
+
+
+@pytest.fixture(scope="module")
+def module_compile_cache(tmp_path_factory):
+    """A persistent compilation cache for one test module whose runs train the same shapes (or resume each
+    other), so only the first compiles; the previous cache settings come back afterwards."""
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    compilation_cache.reset_cache()

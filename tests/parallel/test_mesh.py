@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
 
 from jaxlora import load_model
@@ -20,6 +19,9 @@ from jaxlora.train.config import TrainConfig
 from jaxlora.train.loop import train_lora
 from tests.train.test_train import ONE_LEVEL
 
+# every run here trains the same shapes: later runs read the first one's compile back
+pytestmark = pytest.mark.usefixtures("module_compile_cache")
+
 MESHES = ["data=8", "fsdp=8", "data=2,fsdp=4"]
 # SGD moves the adapter linearly in the gradient, so a difference in the result is a difference in the gradient.
 # (Adam's first steps are close to lr * sign(g) and would magnify fp32 rounding of near-zero gradients.)
@@ -27,20 +29,6 @@ RUN = dict(
     steps=2, batch_size=8, rank=2, optimizer="SGD", learning_rate=0.01, gradient_checkpointing=False,
     training_dtype="fp32", lora_dtype="fp32", progress=lambda line: None,
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: a resumed run compiles the very program an earlier test
-    compiled for the same mesh, so it is read back instead of compiled again."""
-    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,8 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from safetensors import safe_open
 
 from jaxlora import files
@@ -33,21 +31,10 @@ from jaxlora.train.data import load_dataset, save_dataset
 from jaxlora.train.loop import RunStats, TrainResult
 from jaxlora.train.report import RunInterruptedError, write_run_outputs
 
+# every run here trains the same shapes: later runs read the first one's compile back
+pytestmark = pytest.mark.usefixtures("module_compile_cache")
+
 PREFIX = "loras/style"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: every run here trains the same shapes, so only the first
-    compiles."""
-    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
