@@ -133,17 +133,16 @@ def preflight(
 ) -> ExistingAdapter | None:
     """Every check that needs no weights: the data against the model, the settings against the model's family,
     the batch against the mesh, and the existing adapter's keys and shapes. Works on a model loaded with
-    `weights=False`, before the checkpoint's tensors are read. Returns the existing adapter file, read once
-    (pass it on to `prepare_run`)."""
+    `weights=False`, before the checkpoint's tensors are read. Returns the existing adapter file, read and
+    checked once (pass it on to `prepare_run`, which then does not check it again)."""
     check_dataset(dataset, model)
     if config.mesh is not None:
         check_batch(config.mesh, config.batch_size, [b.size for b in dataset.buckets], jax.device_count())
     if config.guidance is not None and "guidance" not in model.network_input_names:
         raise ValueError(f"guidance applies to models with a guidance input, not {model.variant.description}")
     model.run_sampling(config.prediction, config.flow_shift)
-    existing = existing or read_existing(config)
-    if existing is not None:
-        import_adapter(model, existing.tensors)
+    if existing is None and (existing := read_existing(config)) is not None:
+        import_adapter(model, existing.tensors)  # checked once, where the file is read
     return existing
 
 
