@@ -70,9 +70,9 @@ FLUX_SCHNELL = FluxConfig(guidance_embed=False)
 
 
 class MLPEmbedder(nnx.Module):
-    def __init__(self, in_dim: int, hidden: int):
-        self.in_layer = Linear(in_dim, hidden)
-        self.out_layer = Linear(hidden, hidden)
+    def __init__(self, in_dim: int, hidden: int, *, bias: bool = True):
+        self.in_layer = Linear(in_dim, hidden, bias=bias)
+        self.out_layer = Linear(hidden, hidden, bias=bias)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.out_layer(jax.nn.silu(self.in_layer(x)))
@@ -81,8 +81,8 @@ class MLPEmbedder(nnx.Module):
 class Modulation(nnx.Module):
     """`count` [B, 1, hidden] vectors from the conditioning vector: (shift, scale, gate) per group of three."""
 
-    def __init__(self, hidden: int, count: int):
-        self.lin = Linear(hidden, count * hidden)
+    def __init__(self, hidden: int, count: int, *, bias: bool = True):
+        self.lin = Linear(hidden, count * hidden, bias=bias)
         self.count = count
 
     def __call__(self, vec: jax.Array) -> list[jax.Array]:
@@ -98,11 +98,11 @@ class QKNorm(nnx.Module):
 class SelfAttention(nnx.Module):
     """The fused qkv projection, its QK-norm and the output projection (attention itself runs jointly)."""
 
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, *, bias: bool = True):
         self.heads = heads
-        self.qkv = Linear(hidden, 3 * hidden)
+        self.qkv = Linear(hidden, 3 * hidden, bias=bias)
         self.norm = QKNorm(hidden // heads)
-        self.proj = Linear(hidden, hidden)
+        self.proj = Linear(hidden, hidden, bias=bias)
 
     def split_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """qkv(x) [B, L, 3*hidden] -> normalised q, k and v [B, L, heads, head_dim] ("B L (K H D)")."""
@@ -112,13 +112,20 @@ class SelfAttention(nnx.Module):
         return self.norm.query_norm(q), self.norm.key_norm(k), v
 
 
-def rope_tables(img_hw: tuple[int, int], txt_len: int, axes_dim, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [txt_len + h*w, head_dim/2] for the token positions ComfyUI builds: text ids zero, image ids
-    (0, row, column). Computed in float64 and rounded to float32, as BFL's `rope`; static, so no trace cost."""
+def rope_tables(
+    img_hw: tuple[int, int], txt_len: int, axes_dim, theta: float, text_axis: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [txt_len + h*w, head_dim/2] for the token positions ComfyUI builds, one id per RoPE axis:
+    image ids (0, row, column, 0...), text ids zero except the text position on `text_axis` (Flux.2: axis 3).
+    Computed in float64 and rounded to float32, as BFL's `rope`; static, so no trace cost."""
     height, width = img_hw
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    img_ids = np.stack([np.zeros(height * width), rows.reshape(-1), cols.reshape(-1)], axis=-1)
-    ids = np.concatenate([np.zeros((txt_len, 3)), img_ids]).astype(np.float64)
+    img_ids = np.zeros((height * width, len(axes_dim)))
+    img_ids[:, 1], img_ids[:, 2] = rows.reshape(-1), cols.reshape(-1)
+    txt_ids = np.zeros((txt_len, len(axes_dim)))
+    if text_axis is not None:
+        txt_ids[:, text_axis] = np.arange(txt_len)
+    ids = np.concatenate([txt_ids, img_ids]).astype(np.float64)
     angles = []
     for axis, dim in enumerate(axes_dim):
         omega = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
@@ -146,8 +153,31 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return (1 + scale) * layer_norm(x, NORM_EPS) + shift
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def embed_time(
+    time_in: MLPEmbedder, guidance_in: MLPEmbedder | None, timesteps, guidance, dtype, model: str
+) -> jax.Array:
+    """The conditioning vector's time part: the sigma-valued timestep embedded (x1000) and, for a guidance-
+    distilled model, the guidance embedded the same way; `guidance` must be given exactly when it has one."""
+    if (guidance is None) != (guidance_in is None):
+        need = "needs a" if guidance_in is not None else "takes no"
+        raise ValueError(f"this {model} model {need} `guidance` value")
+    vec = time_in(sinusoidal_embedding(TIME_FACTOR * timesteps, EMBED_DIM).astype(dtype))
+    if guidance_in is not None:
+        vec = vec + guidance_in(sinusoidal_embedding(TIME_FACTOR * guidance, EMBED_DIM).astype(dtype))
+    return vec
+
+
 class DoubleStreamBlock(nnx.Module):
-    """Image and text streams with their own weights, attending jointly (text tokens first)."""
+    """Image and text streams with their own weights, attending jointly (text tokens first).
+
+    Subclasses (Flux.2) change `modulations` (where the six shift/scale/gate vectors per stream come from) and
+    `activation` (the MLP's nonlinearity); the block's math is otherwise this one."""
+
+    activation = staticmethod(gelu_tanh)
 
     def __init__(self, config: FluxConfig):
         hidden, heads, mlp = config.hidden_size, config.num_heads, config.mlp_hidden
@@ -156,8 +186,12 @@ class DoubleStreamBlock(nnx.Module):
             setattr(self, f"{stream}_attn", SelfAttention(hidden, heads))
             setattr(self, f"{stream}_mlp", nnx.Dict({"0": Linear(hidden, mlp), "2": Linear(mlp, hidden)}))
 
+    def modulations(self, vec) -> tuple[list[jax.Array], list[jax.Array]]:
+        """(image, text) modulation vectors, each six [B, 1, hidden]: from the block's own layers."""
+        return self.img_mod(vec), self.txt_mod(vec)
+
     def __call__(self, img, txt, vec, cos, sin) -> tuple[jax.Array, jax.Array]:
-        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
+        img_mod, txt_mod = self.modulations(vec)
         img_q, img_k, img_v = self.img_attn.split_heads(modulate(img, *img_mod[:2]))
         txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(txt, *txt_mod[:2]))
         joint = [jnp.concatenate(pair, axis=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
@@ -167,16 +201,19 @@ class DoubleStreamBlock(nnx.Module):
         txt = self._finish(txt, txt_out, txt_mod, self.txt_attn, self.txt_mlp)
         return img, txt
 
-    @staticmethod
-    def _finish(x, attn_out, mod, attn: SelfAttention, mlp: nnx.Dict) -> jax.Array:
+    def _finish(self, x, attn_out, mod, attn: SelfAttention, mlp: nnx.Dict) -> jax.Array:
         _, _, gate1, shift2, scale2, gate2 = mod
         x = x + gate1 * attn.proj(attn_out)
-        hidden = jax.nn.gelu(mlp["0"](modulate(x, shift2, scale2)), approximate=True)
+        hidden = self.activation(mlp["0"](modulate(x, shift2, scale2)))
         return x + gate2 * mlp["2"](hidden)
 
 
 class SingleStreamBlock(nnx.Module):
-    """One stream over the joint tokens: `linear1` yields qkv and the MLP input, `linear2` takes both."""
+    """One stream over the joint tokens: `linear1` yields qkv and the MLP input, `linear2` takes both.
+
+    Subclasses (Flux.2) change `modulation_of` and `activation`, as for `DoubleStreamBlock`."""
+
+    activation = staticmethod(gelu_tanh)
 
     def __init__(self, config: FluxConfig):
         hidden, mlp = config.hidden_size, config.mlp_hidden
@@ -186,21 +223,25 @@ class SingleStreamBlock(nnx.Module):
         self.norm = QKNorm(config.head_dim)
         self.modulation = Modulation(hidden, 3)
 
+    def modulation_of(self, vec) -> list[jax.Array]:
+        """(shift, scale, gate), each [B, 1, hidden]: from the block's own layer."""
+        return self.modulation(vec)
+
     def __call__(self, x, vec, cos, sin) -> tuple[jax.Array]:
-        shift, scale, gate = self.modulation(vec)
+        shift, scale, gate = self.modulation_of(vec)
         fused = self.linear1(modulate(x, shift, scale))
         hidden = x.shape[-1]
         qkv, mlp = fused[..., : 3 * hidden], fused[..., 3 * hidden :]
         q, k, v = jnp.moveaxis(qkv.reshape(*qkv.shape[:2], 3, self.heads, -1), 2, 0)
         out = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, cos, sin)
-        out = self.linear2(jnp.concatenate([out, jax.nn.gelu(mlp, approximate=True)], axis=-1))
+        out = self.linear2(jnp.concatenate([out, self.activation(mlp)], axis=-1))
         return (x + gate * out,)
 
 
 class LastLayer(nnx.Module):
-    def __init__(self, hidden: int, out_features: int):
-        self.linear = Linear(hidden, out_features)
-        self.adaLN_modulation = nnx.Dict({"1": Linear(hidden, 2 * hidden)})
+    def __init__(self, hidden: int, out_features: int, *, bias: bool = True):
+        self.linear = Linear(hidden, out_features, bias=bias)
+        self.adaLN_modulation = nnx.Dict({"1": Linear(hidden, 2 * hidden, bias=bias)})
 
     def __call__(self, x: jax.Array, vec: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaLN_modulation["1"](jax.nn.silu(vec))[:, None, :], 2, axis=-1)
@@ -251,16 +292,11 @@ class Flux(nnx.Module):
         y: jax.Array,
         guidance: jax.Array | None = None,
     ) -> jax.Array:
-        if (guidance is None) != (self.guidance_in is None):
-            need = "needs a" if self.guidance_in is not None else "takes no"
-            raise ValueError(f"this Flux model {need} `guidance` value (guidance embedding: dev yes, schnell no)")
         dtype = x.dtype
+        vec = embed_time(self.time_in, self.guidance_in, timesteps, guidance, dtype, "Flux (dev: yes, schnell: no)")
         batch, height, width, _ = x.shape
         padded = jnp.pad(x, ((0, 0), (0, -height % PATCH), (0, -width % PATCH), (0, 0)), mode="wrap")
         img = self.img_in(patchify(padded))
-        vec = self.time_in(sinusoidal_embedding(TIME_FACTOR * timesteps, EMBED_DIM).astype(dtype))
-        if self.guidance_in is not None:
-            vec = vec + self.guidance_in(sinusoidal_embedding(TIME_FACTOR * guidance, EMBED_DIM).astype(dtype))
         vec = vec + self.vector_in(y.astype(dtype))
         txt = self.txt_in(context.astype(dtype))
         cos, sin = (

@@ -94,7 +94,7 @@ def infer_flux_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[FluxConfig
 class FluxFamily(ModelFamily):
     name = "flux"
     variants = (FLUX_DEV, FLUX_SCHNELL)
-    markers = ("img_in.weight",)
+    markers = ("img_in.weight", "vector_in.in_layer.weight")  # Flux.2 has img_in but no vector_in
     foreign_layouts = {
         "single_transformer_blocks.": "a diffusers-format Flux transformer (convert it to the single-file BFL layout)"
     }

@@ -11,7 +11,8 @@ name. Weights are in torch layout [out, in]; slices and swaps act on output rows
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from jaxlora.models.family import STYLES, NameTarget
 
@@ -66,10 +67,22 @@ DOUBLE_BLOCK_IMPORT_ONLY = {
 }
 SINGLE_BLOCK_IMPORT_ONLY = {"attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None)}
 
-_BLOCKS = {
-    "double_blocks": ("transformer_blocks", DOUBLE_BLOCK, DOUBLE_BLOCK_IMPORT_ONLY),
-    "single_blocks": ("single_transformer_blocks", SINGLE_BLOCK, SINGLE_BLOCK_IMPORT_ONLY),
-}
+
+@dataclass(frozen=True)
+class DiffusersTables:
+    """diffusers module name -> (BFL module name, piece or None), per scope: inside a double block, inside a
+    single block, top level. One set per use: the names written, the names read (Flux.2 writes its own)."""
+
+    double: Mapping[str, tuple[str, str | None]]
+    single: Mapping[str, tuple[str, str | None]]
+    top: Mapping[str, tuple[str, str | None]]
+
+
+WRITTEN = DiffusersTables(DOUBLE_BLOCK, SINGLE_BLOCK, TOP_LEVEL)
+READ = DiffusersTables(
+    {**DOUBLE_BLOCK, **DOUBLE_BLOCK_IMPORT_ONLY}, {**SINGLE_BLOCK, **SINGLE_BLOCK_IMPORT_ONLY}, TOP_LEVEL
+)
+_BLOCK_PREFIXES = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
 _BLOCK_PATH = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
 
 
@@ -77,21 +90,18 @@ def _rows(piece: str | None, hidden_size: int) -> tuple[int, int] | None:
     return None if piece is None else tuple(hidden_size * i for i in PIECES[piece])
 
 
-def diffusers_names(path: str, hidden_size: int, include_import_only: bool = False) -> dict[str, NameTarget]:
-    """The diffusers module names that stand for (slices of) the BFL layer `path`, in row order; with
-    `include_import_only`, also the names ComfyUI reads but jaxlora never writes."""
+def diffusers_names(path: str, hidden_size: int, tables: DiffusersTables = WRITTEN) -> dict[str, NameTarget]:
+    """The diffusers module names of `tables` that stand for (slices of) the BFL layer `path`, in row order."""
     match = _BLOCK_PATH.match(path)
     if match:
         block, index, local = match.groups()
-        prefix, table, extra = _BLOCKS[block]
-        prefix = f"{prefix}.{index}."
+        prefix = f"{_BLOCK_PREFIXES[block]}.{index}."
+        table = tables.double if block == "double_blocks" else tables.single
     else:
-        prefix, table, extra, local = "", TOP_LEVEL, {}, path
-    tables = (table, extra) if include_import_only else (table,)
+        prefix, table, local = "", tables.top, path
     return {
         prefix + name: NameTarget(path, _rows(piece, hidden_size), prefix + name in SWAPPED)
-        for t in tables
-        for name, (bfl, piece) in t.items()
+        for name, (bfl, piece) in table.items()
         if bfl == local
     }
 
@@ -111,7 +121,7 @@ def import_aliases(paths: Iterable[str], hidden_size: int) -> dict[str, NameTarg
         named = {f"diffusion_model.{path}": whole, kohya_name(path): whole}
         if _BLOCK_PATH.match(path) and path.endswith(".linear1"):
             named[f"diffusion_model.{path}_qkv"] = NameTarget(path, _rows("qkv", hidden_size))
-        for name, target in diffusers_names(path, hidden_size, include_import_only=True).items():
+        for name, target in diffusers_names(path, hidden_size, READ).items():
             flat = name.replace(".", "_")
             for alias in (f"transformer.{name}", f"lycoris_{flat}", f"lora_transformer_{flat}", name):
                 named[alias] = target
@@ -119,14 +129,14 @@ def import_aliases(paths: Iterable[str], hidden_size: int) -> dict[str, NameTarg
     return aliases
 
 
-def export_names(path: str, hidden_size: int, style: str) -> dict[str, NameTarget]:
+def export_names(path: str, hidden_size: int, style: str, tables: DiffusersTables = WRITTEN) -> dict[str, NameTarget]:
     """The base names under which an adapter of the BFL layer `path` is written in `style`, each with the rows it
-    covers: one name for `comfyui` and `kohya`; for `peft`, `transformer.<diffusers name>` per row slice (none for
-    a layer diffusers does not have)."""
+    covers: one name for `comfyui` and `kohya`; for `peft`, `transformer.<diffusers name>` of `tables` per row
+    slice (none for a layer diffusers does not have)."""
     if style == "comfyui":
         return {f"diffusion_model.{path}": NameTarget(path)}
     if style == "kohya":
         return {kohya_name(path): NameTarget(path)}
     if style != "peft":
         raise ValueError(f"unknown adapter style {style!r}; use one of {STYLES}")
-    return {f"transformer.{name}": target for name, target in diffusers_names(path, hidden_size).items()}
+    return {f"transformer.{name}": target for name, target in diffusers_names(path, hidden_size, tables).items()}
