@@ -16,12 +16,14 @@ from jaxlora import load_model
 from jaxlora.adapters.formats import AdapterFileError, export_adapter
 from jaxlora.models.demo import demo_dataset, write_random_checkpoint
 from jaxlora.models.family import STYLES
+from jaxlora.models.flux2_family import TINY_FLUX2_KLEIN
 from jaxlora.models.flux_family import TINY_FLUX_DEV, TINY_FLUX_SCHNELL
 from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import run_training
 from tests.models.tiny_unets import SD2, SDXL
+from tests.train.test_flux2_train import flux2_data
 from tests.train.test_flux_train import flux_data
 
 ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")
@@ -31,6 +33,7 @@ CONFIGS = {
     "sdxl": SDXL.config,
     "flux-dev": TINY_FLUX_DEV,
     "flux-schnell": TINY_FLUX_SCHNELL,
+    "flux2-klein": TINY_FLUX2_KLEIN,
 }
 # (family, algorithm) -> {style: sha256 of the exported tensors}
 PINNED = {
@@ -149,6 +152,8 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
 
 
 def family_data(family: str):
+    if family.startswith("flux2"):
+        return make_dataset(*flux2_data(count=2, size=4))
     if family.startswith("flux"):
         latents, conditioning = flux_data(count=2, size=4)
         return make_dataset(latents, conditioning)
