@@ -29,8 +29,26 @@ EMBED_DIM = 256  # width of the timestep and guidance sinusoids
 NORM_EPS = 1e-6
 
 
+class HeadWidths:
+    """What Flux configs share: a hidden size that splits into heads, whose width is the sum of the RoPE axes."""
+
+    hidden_size: int
+    num_heads: int
+    axes_dim: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"RoPE axes {self.axes_dim} must add up to the head width {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(HeadWidths):
     """Everything that shapes the network; inferred from a checkpoint by `checkpoint.infer_flux_config`.
 
     `in_channels`/`out_channels` are latent channels (before the 2x2 patchify); the head width is the length
@@ -49,16 +67,6 @@ class FluxConfig:
     guidance_embed: bool = True
     axes_dim: tuple[int, ...] = (16, 56, 56)
     theta: float = 10000.0
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
-        if sum(self.axes_dim) != self.head_dim:
-            raise ValueError(f"RoPE axes {self.axes_dim} must add up to the head width {self.head_dim}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     @property
     def pooled_dim(self) -> int:

@@ -27,6 +27,7 @@ from flax import nnx
 from jaxlora.models.flux import (
     EMBED_DIM,
     DoubleStreamBlock,
+    HeadWidths,
     LastLayer,
     MLPEmbedder,
     Modulation,
@@ -47,7 +48,7 @@ MLP_RATIO = 3
 
 
 @dataclass(frozen=True)
-class Flux2Config:
+class Flux2Config(HeadWidths):
     """Everything that shapes the network; `in_channels`/`out_channels` are latent channels (one token each)."""
 
     hidden_size: int = 6144
@@ -61,16 +62,6 @@ class Flux2Config:
     guidance_embed: bool = True
     axes_dim: tuple[int, ...] = AXES_DIM
     theta: float = THETA
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
-        if sum(self.axes_dim) != self.head_dim:
-            raise ValueError(f"RoPE axes {self.axes_dim} must add up to the head width {self.head_dim}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
 
 FLUX2_DEV = Flux2Config()

@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 
 from jaxlora.models.family import (
-    STYLES,
     AdapterNames,
     ConditioningField,
     ModelFamily,
@@ -25,8 +24,8 @@ from jaxlora.models.family import (
 )
 from jaxlora.models.flux2 import HEAD_DIM, Flux2, Flux2Config
 from jaxlora.models.flux2_names import WRITTEN
-from jaxlora.models.flux_family import DEFAULT_GUIDANCE, flux_schedule
-from jaxlora.models.flux_names import export_names, import_aliases
+from jaxlora.models.flux_family import DEFAULT_GUIDANCE, block_rows, flux_schedule, refuse_prediction
+from jaxlora.models.flux_names import adapter_names
 from jaxlora.models.sampling import LatentFormat, ModelSampling
 
 FLUX2_LATENT = LatentFormat(scale_factor=1.0, shift=0.0)
@@ -85,11 +84,6 @@ def infer_flux2_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[Flux2Conf
     return config, FLUX2_FAMILY.variant_of(config)
 
 
-def refuse_prediction(variant: Variant, prediction: str) -> None:
-    if prediction != "auto":
-        raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
-
-
 class Flux2Family(ModelFamily):
     name = "flux2"
     variants = (FLUX2_DEV, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B)
@@ -141,19 +135,10 @@ class Flux2Family(ModelFamily):
 
     def adapter_names(self, variant, config: Flux2Config, layer_paths: Sequence[str]) -> AdapterNames:
         """ComfyUI's Flux key map (it loads Flux.2 through it); `peft` writes diffusers Flux.2 names."""
-        hidden = config.hidden_size
-        exports = {
-            style: {path: names for path in layer_paths if (names := export_names(path, hidden, style, WRITTEN))}
-            for style in STYLES
-        }
-        return AdapterNames(import_aliases(layer_paths, hidden), exports)
+        return adapter_names(layer_paths, config.hidden_size, WRITTEN)
 
     def describe(self, config: Flux2Config):
-        return [
-            ("blocks", f"{config.depth} double, {config.depth_single_blocks} single"),
-            ("width", f"{config.hidden_size}, {config.num_heads} heads of {config.head_dim}, mlp {config.mlp_hidden}"),
-            ("context", f"{config.context_dim}-d, guidance {config.guidance_embed}"),
-        ]
+        return [*block_rows(config), ("context", f"{config.context_dim}-d, guidance {config.guidance_embed}")]
 
 
 FLUX2_FAMILY = Flux2Family()

@@ -7,28 +7,19 @@ aliases serve as they are. What differs is what jaxlora writes in the `peft` sty
 
 from __future__ import annotations
 
-from jaxlora.models.flux_names import DiffusersTables
+from jaxlora.models.flux_names import (
+    DOUBLE_BLOCK,
+    DOUBLE_BLOCK_IMPORT_ONLY,
+    SINGLE_BLOCK_IMPORT_ONLY,
+    TOP_LEVEL,
+    DiffusersTables,
+)
 
+# Flux.1's diffusers tables, Flux.2's part: the attention names (q/k/v as row slices of the fused qkv), the
+# `linear_in/linear_out` feed-forward names, the fused single-block `to_qkv_mlp_proj`/`to_out`, and the
+# top-level layers Flux.2 has (x_embedder, context_embedder, norm_out.linear, proj_out).
 WRITTEN = DiffusersTables(
-    double={
-        "attn.to_q": ("img_attn.qkv", "q"),
-        "attn.to_k": ("img_attn.qkv", "k"),
-        "attn.to_v": ("img_attn.qkv", "v"),
-        "attn.add_q_proj": ("txt_attn.qkv", "q"),
-        "attn.add_k_proj": ("txt_attn.qkv", "k"),
-        "attn.add_v_proj": ("txt_attn.qkv", "v"),
-        "attn.to_out.0": ("img_attn.proj", None),
-        "attn.to_add_out": ("txt_attn.proj", None),
-        "ff.linear_in": ("img_mlp.0", None),
-        "ff.linear_out": ("img_mlp.2", None),
-        "ff_context.linear_in": ("txt_mlp.0", None),
-        "ff_context.linear_out": ("txt_mlp.2", None),
-    },
-    single={"attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None)},
-    top={
-        "x_embedder": ("img_in", None),
-        "context_embedder": ("txt_in", None),
-        "norm_out.linear": ("final_layer.adaLN_modulation.1", None),
-        "proj_out": ("final_layer.linear", None),
-    },
+    double={**{n: t for n, t in DOUBLE_BLOCK.items() if n.startswith("attn.")}, **DOUBLE_BLOCK_IMPORT_ONLY},
+    single=SINGLE_BLOCK_IMPORT_ONLY,
+    top={n: TOP_LEVEL[n] for n in ("x_embedder", "context_embedder", "norm_out.linear", "proj_out")},
 )

@@ -12,7 +12,6 @@ from dataclasses import replace
 import jax.numpy as jnp
 
 from jaxlora.models.family import (
-    STYLES,
     AdapterNames,
     ConditioningField,
     ModelFamily,
@@ -21,7 +20,7 @@ from jaxlora.models.family import (
     key_indices,
 )
 from jaxlora.models.flux import Flux, FluxConfig
-from jaxlora.models.flux_names import export_names, import_aliases
+from jaxlora.models.flux_names import adapter_names
 from jaxlora.models.sampling import FlowSchedule, LatentFormat, ModelSampling, discrete_flow_schedule
 
 FLUX_LATENT = LatentFormat(scale_factor=0.3611, shift=0.1159)
@@ -56,6 +55,20 @@ def flux_sampling(variant: Variant, shift: float | None = None) -> ModelSampling
     if variant == FLUX_DEV:
         return ModelSampling("const", flux_schedule(FLUX_SHIFT if shift is None else shift))
     return ModelSampling("const", discrete_flow_schedule(1.0 if shift is None else shift))
+
+
+def refuse_prediction(variant: Variant, prediction: str) -> None:
+    """Flux models predict a flow: a user's eps/v choice is an error naming the model."""
+    if prediction != "auto":
+        raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+
+
+def block_rows(config) -> list[tuple[str, str]]:
+    """The `inspect` rows on blocks and widths, shared by the Flux line."""
+    return [
+        ("blocks", f"{config.depth} double, {config.depth_single_blocks} single"),
+        ("width", f"{config.hidden_size}, {config.num_heads} heads of {config.head_dim}, mlp {config.mlp_hidden}"),
+    ]
 
 
 def infer_flux_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[FluxConfig, Variant]:
@@ -112,13 +125,11 @@ class FluxFamily(ModelFamily):
         return Flux(config)
 
     def load_sampling(self, variant, config, read_tensor, keys, prediction):
-        if prediction != "auto":
-            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        refuse_prediction(variant, prediction)
         return flux_sampling(variant)
 
     def run_sampling(self, variant, loaded, prediction, shift):
-        if prediction != "auto":
-            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        refuse_prediction(variant, prediction)
         return loaded if shift is None else flux_sampling(variant, shift)
 
     def conditioning(self, variant, config: FluxConfig):
@@ -143,17 +154,11 @@ class FluxFamily(ModelFamily):
 
     def adapter_names(self, variant, config: FluxConfig, layer_paths: Sequence[str]) -> AdapterNames:
         """ComfyUI's Flux key map (spec 8.4); `peft` writes diffusers names, row slices of fused weights."""
-        hidden = config.hidden_size  # img_in's out features: diffusers' row-slice unit
-        exports = {
-            style: {path: names for path in layer_paths if (names := export_names(path, hidden, style))}
-            for style in STYLES
-        }
-        return AdapterNames(import_aliases(layer_paths, hidden), exports)
+        return adapter_names(layer_paths, config.hidden_size)  # hidden size: diffusers' row-slice unit
 
     def describe(self, config: FluxConfig):
         return [
-            ("blocks", f"{config.depth} double, {config.depth_single_blocks} single"),
-            ("width", f"{config.hidden_size}, {config.num_heads} heads of {config.head_dim}, mlp {config.mlp_hidden}"),
+            *block_rows(config),
             ("context", f"{config.context_dim}-d, y {config.vec_in_dim}-d, guidance {config.guidance_embed}"),
         ]
 

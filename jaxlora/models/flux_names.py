@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from jaxlora.models.family import STYLES, NameTarget
+from jaxlora.models.family import STYLES, AdapterNames, NameTarget
 
 # Row slices of fused weights in units of the hidden size: [start, stop).
 PIECES = {"q": (0, 1), "k": (1, 2), "v": (2, 3), "mlp": (3, 7), "qkv": (0, 3)}
@@ -140,3 +140,14 @@ def export_names(path: str, hidden_size: int, style: str, tables: DiffusersTable
     if style != "peft":
         raise ValueError(f"unknown adapter style {style!r}; use one of {STYLES}")
     return {f"transformer.{name}": target for name, target in diffusers_names(path, hidden_size, tables).items()}
+
+
+def adapter_names(layer_paths: Iterable[str], hidden_size: int, tables: DiffusersTables = WRITTEN) -> AdapterNames:
+    """ComfyUI's Flux key map for the layers at `layer_paths` (import), and per style the names written, `peft`
+    with the diffusers names of `tables`."""
+    layer_paths = list(layer_paths)
+    exports = {
+        style: {path: names for path in layer_paths if (names := export_names(path, hidden_size, style, tables))}
+        for style in STYLES
+    }
+    return AdapterNames(import_aliases(layer_paths, hidden_size), exports)

@@ -8,17 +8,16 @@ from __future__ import annotations
 import re
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jaxlora.adapters.attach import attach_adapters, attach_imported
+from jaxlora.adapters.attach import attach_imported
 from jaxlora.adapters.formats import AdapterFileError, export_adapter, import_adapter
 from jaxlora.models.demo import random_tensors
 from jaxlora.models.diffusion import load_model
 from jaxlora.models.flux2_family import TINY_FLUX2_DEV
-from tests.adapters import comfy_loader
-from tests.adapters.conftest import effective_state_dict, randomize_adapters
+from tests.adapters.conftest import effective_state_dict
+from tests.adapters.test_flux_adapters import adapted, assert_same_weights, comfyui_patched
 
 # Layers whose diffusers Flux.2 names ComfyUI does not map: shared modulations and the time/guidance embedders.
 NO_PEFT_NAME = re.compile(r"^(double_stream_modulation_(img|txt)|single_stream_modulation|time_in|guidance_in)\.")
@@ -30,24 +29,6 @@ def flux2_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("flux2") / "flux2.safetensors"
     save_file(tensors, str(path))
     return path, tensors
-
-
-def adapted(flux2_file, algorithm, include=None, seed=0):
-    path, base = flux2_file
-    model = load_model(path, dtype="fp32")
-    attach_adapters(model.network, algorithm, rank=4, seed=seed, lora_dtype=jnp.float32, include=include)
-    randomize_adapters(model.network, seed=seed)
-    return model, base
-
-
-def comfyui_patched(base, tensors):
-    return comfy_loader.apply_file(base, tensors, comfy_loader.flux_key_map(base))
-
-
-def assert_same_weights(patched, expected):
-    assert patched.keys() == expected.keys()
-    for key in expected:
-        np.testing.assert_allclose(patched[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("style", ["comfyui", "kohya"])

@@ -30,10 +30,11 @@ def flux_file(tmp_path_factory):
     return path, {f"diffusion_model.{k}": v for k, v in tensors.items()}
 
 
-def adapted(flux_file, algorithm, seed=0):
+def adapted(flux_file, algorithm, seed=0, include=None):
+    """The model of a (path, base tensors) file with random adapters on the layers `include` accepts (all)."""
     path, base = flux_file
     model = load_model(path, dtype="fp32")
-    attach_adapters(model.network, algorithm, rank=4, seed=seed, lora_dtype=jnp.float32)
+    attach_adapters(model.network, algorithm, rank=4, seed=seed, lora_dtype=jnp.float32, include=include)
     randomize_adapters(model.network, seed=seed)
     return model, base
 
