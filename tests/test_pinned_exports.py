@@ -137,8 +137,30 @@ PINNED = {
         "kohya": "562f7eec7c7be385ba657c4415650c67d22dc25e83f71cb1ff1ff8a926fba27b",
         "peft": "refused",
     },
+    # Flux.2 klein: `peft` refused, the shared modulations and time embedder have no diffusers name ComfyUI maps.
+    ("flux2-klein", "LoRA"): {
+        "comfyui": "e619c24e249e7408675a6c1d64be23bfec3c188fbe09a1a81f22d2a4614a7606",
+        "kohya": "784aeebbd485ca46cd57713a7ed14bb97011562679163e10df05b8969df8d410",
+        "peft": "refused",
+    },
+    ("flux2-klein", "LoHa"): {
+        "comfyui": "b00d4d31b0433aa5d2952923069b5ed591cab0977ce82e19b95d358bf7565555",
+        "kohya": "54fbb80dc3cb113be5391c5e32112d36c296b24af61f943efc0f5e8b7ebae07b",
+        "peft": "refused",
+    },
+    ("flux2-klein", "LoKr"): {
+        "comfyui": "92b210203fb7811635411da5275290e02a9ad374a61ec800338f8170064b0869",
+        "kohya": "ba9626f3ae0311c61c914b04eeba76334dcfe1ea810e94ac88aa6c490d67abcf",
+        "peft": "refused",
+    },
+    ("flux2-klein", "OFT"): {
+        "comfyui": "4c0a30199978cc3152c43f7fb32fb276b4f2a6e6d63aa78becee5d9ee5ae4fa9",
+        "kohya": "b4f8ec16d19b5a2f228d049b95dc718315a94426b539995eba0ac60eda05ef28",
+        "peft": "refused",
+    },
 }
-# In CI: every algorithm on the cheapest UNet and LoRA on SDXL and Flux dev; the rest with `pytest -m slow`.
+# In CI: every algorithm on the cheapest UNet and LoRA on SDXL and Flux dev; the rest (Flux.2 klein: its
+# training test runs in CI) with `pytest -m slow`.
 IN_CI = {*(("sd1", a) for a in ALGORITHMS), ("sdxl", "LoRA"), ("flux-dev", "LoRA")}
 
 
