@@ -135,7 +135,11 @@ def flux_to_diffusers(hidden_size: int, depth: int, depth_single: int, prefix: s
 
 def flux_key_map(state_dict: dict[str, np.ndarray]):
     """`model_lora_keys_unet` for a Flux model (spec 8.4): the generic names, the diffusers names in four
-    spellings, and `linear1_qkv`. Hidden size and depths are read from the state dict, as ComfyUI detects them."""
+    spellings, and `linear1_qkv`. Hidden size and depths are read from the state dict, as ComfyUI detects them.
+
+    Also Flux.2's: ComfyUI's `model_base.Flux2` is a `model_base.Flux`, so `comfy/lora.py` maps it through the same
+    `flux_to_diffusers` (Flux.1's diffusers names; none for Flux.2's shared modulations or its
+    `time_guidance_embed`; `proj_mlp` fixed at 4 x hidden rows)."""
     key_map = model_key_map(state_dict, {})
     blocks = {
         kind: {int(k.split(".")[2]) for k in state_dict if k.startswith(f"diffusion_model.{kind}.")}
