@@ -139,23 +139,23 @@ PINNED = {
     },
     # Flux.2 klein: `peft` refused, the shared modulations and time embedder have no diffusers name ComfyUI maps.
     ("flux2-klein", "LoRA"): {
-        "comfyui": "e619c24e249e7408675a6c1d64be23bfec3c188fbe09a1a81f22d2a4614a7606",
-        "kohya": "784aeebbd485ca46cd57713a7ed14bb97011562679163e10df05b8969df8d410",
+        "comfyui": "5f28b175ebfe9adf6c410db1fb6812bec67598122f700a2377d5c4d2d1bd5723",
+        "kohya": "0ce06915840c6e4c010a298a3eeb71b031531157dd5104c5f5c630c98bc2264d",
         "peft": "refused",
     },
     ("flux2-klein", "LoHa"): {
-        "comfyui": "b00d4d31b0433aa5d2952923069b5ed591cab0977ce82e19b95d358bf7565555",
-        "kohya": "54fbb80dc3cb113be5391c5e32112d36c296b24af61f943efc0f5e8b7ebae07b",
+        "comfyui": "6ee84428a394c68d5a4a65b19a87b8342d9842717f20fe324314443d7137a9dd",
+        "kohya": "7e668d2878793e09675711d8699b876ff5af3932cd635e46ff7714ee43d15d3d",
         "peft": "refused",
     },
     ("flux2-klein", "LoKr"): {
-        "comfyui": "92b210203fb7811635411da5275290e02a9ad374a61ec800338f8170064b0869",
-        "kohya": "ba9626f3ae0311c61c914b04eeba76334dcfe1ea810e94ac88aa6c490d67abcf",
+        "comfyui": "b882047ac47650f139cd9cafbea28756ac954b6a27d1709be84b6afafaddb5c9",
+        "kohya": "01edb4326a99fadaf10ab84c2908be30bfc6e6f727ef580135b3fc93e750f974",
         "peft": "refused",
     },
     ("flux2-klein", "OFT"): {
-        "comfyui": "4c0a30199978cc3152c43f7fb32fb276b4f2a6e6d63aa78becee5d9ee5ae4fa9",
-        "kohya": "b4f8ec16d19b5a2f228d049b95dc718315a94426b539995eba0ac60eda05ef28",
+        "comfyui": "3cd171db974f4317b712e0ba9f2593922d7730086b566379719635876916f9a8",
+        "kohya": "d686ff7d4dcfaba664e1c314f4df8cf852226f6abe33865de1020ed2d19ef7c3",
         "peft": "refused",
     },
 }
