@@ -55,4 +55,3 @@ def load_vae(path: str | Path, dtype: str | jnp.dtype = "fp32") -> AutoencoderKL
     with safe_open(index.path, framework="numpy") as f:
         read_parameters(vae, f, prefix, resolve_dtype(dtype), mesh=None)
     return vae
-

@@ -10,8 +10,8 @@ One network serves SD1.x/SD2.x/SDXL (4 latent channels, `quant_conv` and `post_q
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
