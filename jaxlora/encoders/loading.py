@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from safetensors import safe_open
 
 from jaxlora.dtypes import resolve_dtype
+from jaxlora.encoders.clip import CLIPTextModel, infer_clip_config
 from jaxlora.encoders.vae import AutoencoderKL, infer_vae_config
 from jaxlora.models.checkpoint import check_keys, read_index, read_parameters
 from jaxlora.models.family import CheckpointError
@@ -55,3 +56,41 @@ def load_vae(path: str | Path, dtype: str | jnp.dtype = "fp32") -> AutoencoderKL
     with safe_open(index.path, framework="numpy") as f:
         read_parameters(vae, f, prefix, resolve_dtype(dtype), mesh=None)
     return vae
+
+
+# Where a transformers-layout CLIP tower sits in the files ComfyUI loads, first match wins: SD1.x checkpoints,
+# SDXL's first encoder, checkpoints ComfyUI saves (`text_encoders.<name>.`), bare clip_l / clip_g files.
+CLIP_PREFIXES = (
+    "cond_stage_model.transformer.",
+    "conditioner.embedders.0.transformer.",
+    "text_encoders.clip_l.transformer.",
+    "text_encoders.clip_g.transformer.",
+    "",
+)
+CLIP_MARKER = "text_model.embeddings.token_embedding.weight"
+CLIP_BUFFERS = ("text_model.embeddings.position_ids", "logit_scale")  # stored by some exports, not weights
+
+
+def load_clip(path: str | Path, dtype: str | jnp.dtype = "fp32", prefix: str | None = None) -> CLIPTextModel:
+    """A CLIP text tower from a checkpoint or text-encoder file (`prefix`: which one, when a file holds several;
+    the first of `CLIP_PREFIXES` present otherwise)."""
+    index = read_index(path)
+    candidates = CLIP_PREFIXES if prefix is None else (prefix,)
+    found = next((p for p in candidates if p + CLIP_MARKER in index.shapes), None)
+    if found is None:
+        raise MissingEncoderError(
+            f"{path} has no CLIP text encoder (no {CLIP_MARKER} under {', '.join(repr(p) for p in candidates)}): "
+            "pass the text-encoder file ComfyUI keeps in models/text_encoders/ (clip_l.safetensors, clip_g.safetensors)"
+        )
+    own = {
+        key: shape
+        for key, shape in index.shapes.items()
+        if key.startswith(found)
+        and key[len(found) :].split(".")[0] in ("text_model", "text_projection")
+        and key[len(found) :] not in CLIP_BUFFERS
+    }
+    model = CLIPTextModel(infer_clip_config({key[len(found) :]: shape for key, shape in own.items()}))
+    check_keys(model, own, found)
+    with safe_open(index.path, framework="numpy") as f:
+        read_parameters(model, f, found, resolve_dtype(dtype), mesh=None)
+    return model
