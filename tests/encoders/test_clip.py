@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 from jaxlora.encoders.clip import CLIPTextConfig, CLIPTextModel
 from jaxlora.encoders.loading import MissingEncoderError, load_clip
 from jaxlora.models.demo import random_network_tensors
+from jaxlora.models.family import CheckpointError
 
 # Width 768 is CLIP-L's (quick-GELU); 128 stands for the OpenCLIP towers (exact GELU) with a pooled projection.
 TINY_L = CLIPTextConfig(width=768, depth=3, mlp_width=256, vocab_size=1000)
@@ -103,3 +104,59 @@ def test_file_without_clip_names_what_to_pass(tmp_path):
     save_file({"encoder.conv_in.weight": np.zeros((8, 3, 3, 3), np.float32)}, str(path))
     with pytest.raises(MissingEncoderError, match="models/text_encoders/"):
         load_clip(path)
+
+
+def open_clip_layout(tensors: dict[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
+    """The same tower as OpenCLIP stores it (written from OpenCLIP's module names: fused in_proj, c_fc/c_proj,
+    ln_final, bare positional_embedding, text_projection as [width, out]), plus its logit_scale."""
+    t = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+    out = {
+        "token_embedding.weight": t["embeddings.token_embedding.weight"],
+        "positional_embedding": t["embeddings.position_embedding.weight"],
+        "ln_final.weight": t["final_layer_norm.weight"],
+        "ln_final.bias": t["final_layer_norm.bias"],
+        "text_projection": t["text_projection.weight"].T.copy(),
+        "logit_scale": np.float32(4.6)[None],
+    }
+    for i in range(depth):
+        layer, block = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for name in ("weight", "bias"):
+            out[f"{block}attn.in_proj_{name}"] = np.concatenate(
+                [t[f"{layer}self_attn.{p}_proj.{name}"] for p in "qkv"], axis=0
+            )
+            for ours, theirs in [
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("self_attn.out_proj", "attn.out_proj"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+            ]:
+                out[f"{block}{theirs}.{name}"] = t[f"{layer}{ours}.{name}"]
+    return out
+
+
+def test_open_clip_layout_reads_as_the_same_tower(tmp_path):
+    """SDXL's second encoder inside a checkpoint (OpenCLIP layout) loads to the very tower of the transformers
+    layout, which matches transformers above."""
+    tensors = random_network_tensors(CLIPTextModel(TINY_G), seed=6)
+    reference = tmp_path / "clip_g.safetensors"
+    save_file(tensors, str(reference))
+    checkpoint = tmp_path / "sdxl.safetensors"
+    prefix = "conditioner.embedders.1.model."
+    save_file({prefix + k: v for k, v in open_clip_layout(tensors, TINY_G.depth).items()}, str(checkpoint))
+    ours, expected = load_clip(checkpoint, role="g"), load_clip(reference, role="g")
+    assert ours.config == TINY_G
+    tokens = jnp.asarray(token_batch())
+    for layer in (-1, -2):
+        a, b = ours(tokens, END, layer, normed_hidden=False), expected(tokens, END, layer, normed_hidden=False)
+        np.testing.assert_array_equal(a.hidden, b.hidden)
+        np.testing.assert_array_equal(a.pooled, b.pooled)
+
+
+def test_open_clip_tower_with_unknown_keys_is_refused(tmp_path):
+    tensors = open_clip_layout(random_network_tensors(CLIPTextModel(TINY_G)), TINY_G.depth)
+    tensors["transformer.resblocks.0.attn.extra_weight"] = np.zeros(3, np.float32)
+    path = tmp_path / "sd2.safetensors"
+    save_file({"cond_stage_model.model." + k: v for k, v in tensors.items()}, str(path))
+    with pytest.raises(CheckpointError, match="extra_weight"):
+        load_clip(path, role="h")
