@@ -1,0 +1,97 @@
+"""Caption tokenization: the BPE against transformers' CLIPTokenizer on the same files, ComfyUI's chunking and
+prompt-weight rules against hand-worked cases."""
+
+import json
+
+import numpy as np
+import pytest
+import transformers
+from tokenizers import pre_tokenizers
+
+from jaxlora.encoders.clip_tokens import (
+    CHUNK,
+    ClipTokenizer,
+    TokenizerFilesError,
+    build_clip_bpe,
+    parse_weights,
+)
+
+MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("r", "e"), ("re", "d</w>"), ("a", "n</w>")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory):
+    """A small CLIP-style vocabulary: the 256 byte symbols alone and word-final, a few merges, the specials last."""
+    folder = tmp_path_factory.mktemp("clip_tokenizer")
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = (
+        symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in MERGES] + ["<|startoftext|>", "<|endoftext|>"]
+    )
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in MERGES) + "\n")
+    return folder
+
+
+def test_bpe_matches_transformers(tokenizer_folder):
+    ours = build_clip_bpe(tokenizer_folder)
+    theirs = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_folder))  # as ComfyUI loads its folder
+    for text in ["cat", "A Red  DOG", "cats, dogs & 42 an-cat!", "café ☕ naïve", "it's\tred\n"]:
+        assert ours.encode(text, add_special_tokens=False).ids == theirs(text)["input_ids"][1:-1], text
+
+
+def test_folder_without_tokenizer_files_names_them(tmp_path):
+    with pytest.raises(TokenizerFilesError, match="vocab.json and merges.txt"):
+        build_clip_bpe(tmp_path)
+
+
+def test_short_caption_is_one_padded_chunk(tokenizer_folder):
+    bpe = build_clip_bpe(tokenizer_folder)
+    start, end, cat, dog = (bpe.token_to_id(t) for t in ("<|startoftext|>", "<|endoftext|>", "cat</w>", "dog</w>"))
+    chunks = ClipTokenizer(bpe, pad_with_end=True).chunks("cat dog")
+    assert chunks.tokens.tolist() == [[start, cat, dog, end] + [end] * (CHUNK - 4)]
+    assert ClipTokenizer(bpe, pad_with_end=False).chunks("cat dog").tokens.tolist() == [
+        [start, cat, dog, end] + [0] * (CHUNK - 4)
+    ]
+    np.testing.assert_array_equal(chunks.weights, 1.0)
+
+
+def test_long_captions_chunk_at_word_boundaries(tokenizer_folder):
+    bpe = build_clip_bpe(tokenizer_folder)
+    start, end, cat = (bpe.token_to_id(t) for t in ("<|startoftext|>", "<|endoftext|>", "cat</w>"))
+    tokenizer = ClipTokenizer(bpe)
+    # 74 one-token words, then a 3-token word ("xyz": no merges) that does not fit the 75th slot: it moves whole.
+    chunks = tokenizer.chunks("cat " * 74 + "xyz")
+    xyz = bpe.encode("xyz", add_special_tokens=False).ids
+    assert len(xyz) == 3
+    assert chunks.tokens.tolist() == [
+        [start] + [cat] * 74 + [end, end],
+        [start] + xyz + [end] + [end] * (CHUNK - 5),
+    ]
+    # A word of 10 tokens (>= 8) is split: it fills the first chunk and continues in the next.
+    long_word = "qwertyuiop"
+    pieces = bpe.encode(long_word, add_special_tokens=False).ids
+    assert len(pieces) == 10
+    chunks = tokenizer.chunks("cat " * 70 + long_word)
+    assert chunks.tokens[0].tolist() == [start] + [cat] * 70 + pieces[:5] + [end]
+    assert chunks.tokens[1, :7].tolist() == [start] + pieces[5:] + [end]
+
+
+def test_prompt_weights_follow_comfyui_syntax(tokenizer_folder):
+    assert parse_weights("a (b:1.5) ((c)) (d:x) e)") == [
+        ("a ", 1.0),
+        ("b", 1.5),
+        (" ", 1.0),
+        ("c", pytest.approx(1.21)),
+        (" ", 1.0),
+        ("d:x", pytest.approx(1.1)),
+        (" e)", 1.0),
+    ]
+    bpe = build_clip_bpe(tokenizer_folder)
+    chunks = ClipTokenizer(bpe).chunks("red (cat:1.3) \\(dog\\)")
+    expected = [bpe.token_to_id("red</w>"), bpe.token_to_id("cat</w>")] + bpe.encode(
+        "(dog)", add_special_tokens=False
+    ).ids
+    assert chunks.tokens[0, 1 : 1 + len(expected)].tolist() == expected
+    assert chunks.weights[0, : 3 + len(expected) - 2].tolist() == pytest.approx(
+        [1.0, 1.0, 1.3] + [1.0] * (len(expected) - 2)
+    )
