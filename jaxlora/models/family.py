@@ -95,6 +95,27 @@ class ConditioningField:
     meaning: str
 
 
+@dataclass(frozen=True)
+class TextTower:
+    """One text encoder a family conditions on, run as ComfyUI's CLIPTextEncode runs it: `role` names the
+    encoder ("l" CLIP-L, "g" OpenCLIP bigG, "h" OpenCLIP ViT-H), `layer` the hidden layer counted from the end,
+    `normed` whether that layer passes the final layer norm, `pad_with_end` the padding token (end token, or 0)."""
+
+    role: str
+    layer: int = -1
+    normed: bool = True
+    pad_with_end: bool = True
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """How captions become a family's `c_crossattn` (the towers' hidden states side by side, in this order) and
+    `pooled_output` (the pooled output of the tower `pooled_from`; None: the family takes none)."""
+
+    towers: tuple[TextTower, ...]
+    pooled_from: str | None = None
+
+
 class ModelFamily(ABC):
     """One network architecture with its variants: a subclass in the family's own file, instantiated once.
 
@@ -170,6 +191,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def describe(self, config: Any) -> list[tuple[str, str]]:
         """Rows (label, value) that `python -m jaxlora.inspect` prints about the architecture."""
+
+    def text_conditioning(self, variant: Variant, config: Any) -> TextConditioning:
+        """The text encoders that turn captions into this family's conditioning (datasets from images)."""
+        raise NotImplementedError(
+            f"{variant.description}: datasets from captioned images are not supported for this family yet; "
+            "encode the dataset in ComfyUI (MakeTrainingDataset + SaveTrainingDataset)"
+        )
 
     def latent_channels(self, config: Any) -> int:
         return config.in_channels

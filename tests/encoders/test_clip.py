@@ -20,7 +20,7 @@ END = 999  # the end-of-text id of the tiny vocabularies (49407 in CLIP's)
 TOLERANCE = 2e-5  # max |diff| relative to max |value|, fp32
 
 
-def transformers_model(config: CLIPTextConfig, tensors: dict[str, np.ndarray]) -> torch.nn.Module:
+def transformers_model(config: CLIPTextConfig, tensors: dict[str, np.ndarray], eos: int = END) -> torch.nn.Module:
     hf_config = transformers.CLIPTextConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.width,
@@ -30,8 +30,8 @@ def transformers_model(config: CLIPTextConfig, tensors: dict[str, np.ndarray]) -
         max_position_embeddings=config.positions,
         hidden_act="quick_gelu" if config.quick_gelu else "gelu",
         projection_dim=config.projection or config.width,
-        bos_token_id=998,
-        eos_token_id=END,
+        bos_token_id=eos - 1,
+        eos_token_id=eos,
         pad_token_id=1,
     )
     cls = transformers.CLIPTextModelWithProjection if config.projection else transformers.CLIPTextModel
