@@ -168,3 +168,25 @@ class ClipTokenizer:
         tokens = np.array([[token for token, _ in row] for row in rows], np.int32)
         weights = np.array([[weight for _, weight in row] for row in rows], np.float32)
         return TokenChunks(tokens, weights)
+
+
+HUB_REPO = "openai/clip-vit-large-patch14"  # CLIP's tokenizer files; SD2.x's and SDXL's towers use the same
+HUB_FILES = ("vocab.json", "merges.txt")
+
+
+def clip_tokenizer_folder(given: str | Path | None) -> Path:
+    """The folder of CLIP tokenizer files: `given`, or the Hugging Face hub's copy of CLIP's (downloaded once with
+    `huggingface_hub` and cached; found in the cache offline)."""
+    if given is not None:
+        return Path(given)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        paths = [Path(hf_hub_download(HUB_REPO, name)) for name in HUB_FILES]
+    except Exception as error:  # not installed, offline with an empty cache, hub refused: all end the same way
+        raise TokenizerFilesError(
+            f"no CLIP tokenizer files ({error.__class__.__name__}: {error}): pass --tokenizers DIR, a folder with "
+            f"vocab.json and merges.txt (ComfyUI's comfy/sd1_tokenizer/, or {HUB_REPO} on Hugging Face), or go "
+            "online once so they can be fetched and cached"
+        ) from error
+    return paths[0].parent

@@ -56,6 +56,7 @@ class Variant:
     modelspec_architecture: str
     kohya_v2: bool = False
     kohya_v_suffix: bool = False
+    resolution: int = 512  # the side, in pixels, of the square area it was trained at (the default bucket area)
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class ModelFamily(ABC):
 
     def text_conditioning(self, variant: Variant, config: Any) -> TextConditioning:
         """The text encoders that turn captions into this family's conditioning (datasets from images)."""
-        raise NotImplementedError(
+        raise ValueError(
             f"{variant.description}: datasets from captioned images are not supported for this family yet; "
             "encode the dataset in ComfyUI (MakeTrainingDataset + SaveTrainingDataset)"
         )

@@ -45,7 +45,9 @@ SD2 = Variant(
     kohya_v2=True,
     kohya_v_suffix=True,
 )
-SDXL = Variant("sdxl", "Stable Diffusion XL", SDXL_LATENT, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")
+SDXL = Variant(
+    "sdxl", "Stable Diffusion XL", SDXL_LATENT, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", resolution=1024
+)
 # ComfyUI's CLIPTextEncode per variant (comfy/sd1_clip.py, sd2_clip.py, sdxl_clip.py): SD1.x the last CLIP-L layer
 # after the final norm; SD2.x ViT-H's penultimate layer, normed, padded with 0; SDXL CLIP-L's and bigG's penultimate
 # layers un-normed side by side (768 + 1280), bigG's projected pooled output.

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from jaxlora import load_dataset, load_model
+from jaxlora.dataset import main as dataset_main
 from jaxlora.encoders.clip import CLIPTextConfig, CLIPTextModel
 from jaxlora.encoders.images import ImageFolderError, bucket_sizes, place
 from jaxlora.encoders.loading import MissingEncoderError
@@ -132,3 +133,14 @@ def test_buckets_keep_the_area_and_never_upscale():
     placement = place((1200, 800), buckets)
     assert placement.bucket == (640, 384)  # aspect 1.67 for 1.5: the nearest in log scale
     assert placement.scaled == (640, 427) and placement.crop == (0, 21)
+
+
+def test_command_line_reuses_the_folder_and_names_errors(made, tokenizer_folder, tmp_path, capsys):
+    checkpoint, images, out = made
+    common = ["--model", str(checkpoint), "--tokenizers", str(tokenizer_folder), "--resolution", "128"]
+    assert dataset_main([str(images), "--out", str(out), *common]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out) and "re-used" in captured.err
+    assert dataset_main([str(tmp_path / "missing"), "--out", str(tmp_path / "new"), *common]) == 2
+    assert "error: image folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
