@@ -27,7 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--text-encoders", type=Path, nargs="+", default=[], help="text-encoder files (models/text_encoders/)"
     )
     parser.add_argument(
-        "--tokenizers", type=Path, help="folder with vocab.json + merges.txt (default: fetched once from the hub)"
+        "--tokenizers",
+        type=Path,
+        help="folder of tokenizer files, e.g. ComfyUI's comfy/ folder (default: fetched once from the hub)",
     )
     parser.add_argument("--dtype", default="fp32", choices=WEIGHT_DTYPES, help="encoder weight dtype")
     return parser.parse_args(argv)
@@ -35,7 +37,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from jaxlora.encoders.clip_tokens import clip_tokenizer_folder
     from jaxlora.encoders.make_dataset import ImageDatasetSettings, make_image_dataset
     from jaxlora.models.diffusion import load_model
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             args.images,
             args.model,
             args.out,
-            clip_tokenizer_folder(args.tokenizers),
+            args.tokenizers,
             ImageDatasetSettings(resolution, dtype=args.dtype),
             vae_path=args.vae,
             text_encoders=args.text_encoders,

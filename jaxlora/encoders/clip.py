@@ -152,9 +152,11 @@ class CLIPTextModel(nnx.Module):
         layer: int = -1,
         normed_hidden: bool = True,
         dtype: jnp.dtype = jnp.float32,
+        projected: bool = True,
     ) -> TextEncoding:
         """Encode [B, T] token ids. `layer` counts from the end (-1 the last layer, -2 the one before: ComfyUI's
-        "penultimate" and clip skip 2); `normed_hidden` passes that layer through the final layer norm."""
+        "penultimate" and clip skip 2); `normed_hidden` passes that layer through the final layer norm;
+        `projected` passes the pooled output through the projection, when the tower has one."""
         if not -self.config.depth <= layer <= -1:
             raise ValueError(f"layer {layer} is not one of the {self.config.depth} layers counted from the end")
         x = self.text_model.embeddings(tokens, dtype)
@@ -164,6 +166,6 @@ class CLIPTextModel(nnx.Module):
         hidden = self.text_model.final_layer_norm(kept) if normed_hidden else kept
         first_end = jnp.argmax(tokens == end_token, axis=1)
         pooled = final[jnp.arange(tokens.shape[0]), first_end]
-        if self.text_projection is not None:
+        if projected and self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return TextEncoding(hidden, pooled)

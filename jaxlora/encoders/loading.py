@@ -20,6 +20,7 @@ from safetensors import safe_open
 from jaxlora.dtypes import resolve_dtype
 from jaxlora.encoders.clip import CLIPTextModel, infer_clip_config
 from jaxlora.encoders.open_clip import OPEN_CLIP_MARKER, TensorView, transformers_shapes
+from jaxlora.encoders.t5 import T5Encoder, infer_t5_config
 from jaxlora.encoders.vae import AutoencoderKL, infer_vae_config
 from jaxlora.models.checkpoint import CheckpointIndex, check_keys, read_index, read_parameters
 from jaxlora.models.family import CheckpointError
@@ -63,7 +64,16 @@ CLIP_SLOTS = {
     ),
     "h": (Slot("cond_stage_model.model.", OPEN_CLIP_MARKER, open_clip=True),),
 }
-TEXT_ENCODER_FILES = {"l": "clip_l.safetensors", "g": "clip_g.safetensors", "h": "the SD2.x checkpoint itself"}
+T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
+T5_PARTS = ("encoder.", "shared.")
+T5_BUFFERS = ("encoder.embed_tokens.weight",)  # a second copy of `shared` in some exports
+T5_SLOTS = (Slot("text_encoders.t5xxl.transformer.", T5_MARKER), Slot("", T5_MARKER))
+TEXT_ENCODER_FILES = {
+    "l": "clip_l.safetensors",
+    "g": "clip_g.safetensors",
+    "h": "the SD2.x checkpoint itself",
+    "t5": "t5xxl_fp16.safetensors",
+}
 
 
 def find_slot(index: CheckpointIndex, slots: tuple[Slot, ...]) -> Slot | None:
@@ -118,3 +128,18 @@ def load_clip(path: str | Path, role: str = "l", dtype: str | jnp.dtype = "fp32"
         )
     own = _own_shapes(index, slot, CLIP_PARTS, CLIP_BUFFERS)
     return _load(index, slot, own, lambda shapes: CLIPTextModel(infer_clip_config(shapes)), dtype)
+
+
+def load_t5(path: str | Path, dtype: str | jnp.dtype = "fp32") -> T5Encoder:
+    """The T5 v1.1 encoder of a `t5xxl_*.safetensors` file (or a checkpoint ComfyUI saved with it)."""
+    slot = find_slot(index := read_index(path), T5_SLOTS)
+    if slot is None:
+        raise MissingEncoderError(
+            f"{path} has no T5 encoder (no {T5_MARKER}): pass {TEXT_ENCODER_FILES['t5']} or another "
+            "t5xxl_*.safetensors (ComfyUI keeps text encoders in models/text_encoders/)"
+        )
+    own = _own_shapes(index, slot, T5_PARTS, T5_BUFFERS)
+    return _load(index, slot, own, lambda shapes: T5Encoder(infer_t5_config(shapes)), dtype)
+
+
+ROLE_SLOTS = {**CLIP_SLOTS, "t5": T5_SLOTS}  # where each text-encoder role can sit in a file

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.encoders.clip_tokens import build_clip_bpe
 from jaxlora.encoders.images import CaptionedImage, bucket_sizes, check_sizes, load_pixels, place, scan_folder
-from jaxlora.encoders.loading import CLIP_SLOTS, VAE_SLOTS, MissingEncoderError, find_slot, load_vae
-from jaxlora.encoders.text import load_caption_encoder
+from jaxlora.encoders.loading import ROLE_SLOTS, VAE_SLOTS, MissingEncoderError, find_slot, load_vae
+from jaxlora.encoders.prompts import find_tokenizer
+from jaxlora.encoders.text import T5_ROLE, TokenizerFiles, load_caption_encoder
 from jaxlora.encoders.vae import AutoencoderKL, encode
 from jaxlora.files import PARTIAL, folder_lock, write_new_file
 from jaxlora.models.checkpoint import read_index
@@ -94,9 +94,9 @@ def _check_encoders(model_path: Path, vae_path: Path | None, text_files: Sequenc
             f"{vae_file} has no VAE: pass --vae with the VAE file (ComfyUI keeps them in models/vae/)"
         )
     for tower in recipe.towers:
-        if not any(find_slot(read_index(f), CLIP_SLOTS[tower.role]) for f in (*text_files, model_path)):
+        if not any(find_slot(read_index(f), ROLE_SLOTS[tower.role]) for f in (*text_files, model_path)):
             raise MissingEncoderError(
-                f"no CLIP-{tower.role.upper()} text encoder in {', '.join(str(f) for f in (*text_files, model_path))}: "
+                f"no {tower.role.upper()} text encoder in {', '.join(str(f) for f in (*text_files, model_path))}: "
                 "pass its file with --text-encoders (ComfyUI keeps them in models/text_encoders/)"
             )
 
@@ -105,14 +105,15 @@ def make_image_dataset(
     images_folder: str | Path,
     model_path: str | Path,
     out: str | Path,
-    tokenizers: str | Path,
+    tokenizers: str | Path | None,
     settings: ImageDatasetSettings = ImageDatasetSettings(),
     vae_path: str | Path | None = None,
     text_encoders: Sequence[str | Path] = (),
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Encode `images_folder` for the model at `model_path` into the dataset folder `out` and return it; a folder
-    already made there from the same inputs is re-used, a different one is never overwritten."""
+    already made there from the same inputs is re-used, a different one is never overwritten. `tokenizers`: a
+    folder with the tokenizer files (`prompts.find_tokenizer`; None: fetched once from the hub)."""
     out, model_path = Path(out), Path(model_path)
     vae_path = Path(vae_path) if vae_path else None
     text_files = [Path(f) for f in text_encoders]
@@ -122,7 +123,8 @@ def make_image_dataset(
     buckets = bucket_sizes(settings.resolution, settings.step)
     check_sizes(images, buckets, settings.resolution)
     _check_encoders(model_path, vae_path, text_files, recipe)
-    bpe = build_clip_bpe(tokenizers)
+    kinds = {"t5" if tower.role == T5_ROLE else "clip" for tower in recipe.towers}
+    found = TokenizerFiles(**{kind: find_tokenizer(kind, tokenizers) for kind in kinds})
     files = [model_path, *([vae_path] if vae_path else []), *text_files]
     made_from = fingerprint(images, files, settings)
     if (out / MANIFEST).is_file():
@@ -133,7 +135,7 @@ def make_image_dataset(
     if out.exists():
         raise FileExistsError(f"{out} exists and is not a jaxlora image dataset; choose another folder")
 
-    captions = load_caption_encoder(recipe, [*text_files, model_path], bpe, settings.dtype).encode(
+    captions = load_caption_encoder(recipe, [*text_files, model_path], found, settings.dtype).encode(
         [image.caption for image in images]
     )
     vae = _vae_function(load_vae(vae_path or model_path, settings.dtype))

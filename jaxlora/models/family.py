@@ -98,14 +98,21 @@ class ConditioningField:
 
 @dataclass(frozen=True)
 class TextTower:
-    """One text encoder a family conditions on, run as ComfyUI's CLIPTextEncode runs it: `role` names the
-    encoder ("l" CLIP-L, "g" OpenCLIP bigG, "h" OpenCLIP ViT-H), `layer` the hidden layer counted from the end,
-    `normed` whether that layer passes the final layer norm, `pad_with_end` the padding token (end token, or 0)."""
+    """One text encoder a family conditions on, run as ComfyUI's CLIPTextEncode runs it.
+
+    `role` names the encoder ("l" CLIP-L, "g" OpenCLIP bigG, "h" OpenCLIP ViT-H, "t5" T5-XXL); for CLIP towers
+    `layer` is the hidden layer counted from the end, `normed` whether it passes the final layer norm,
+    `pad_with_end` the padding token (end token, or 0), `projected` whether the pooled output goes through the
+    tower's projection when it has one; `hidden` whether its hidden states are part of `c_crossattn` (Flux.1
+    takes only CLIP-L's pooled output); `min_length` the padded token count of a T5 row."""
 
     role: str
     layer: int = -1
     normed: bool = True
     pad_with_end: bool = True
+    projected: bool = True
+    hidden: bool = True
+    min_length: int = 0
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxlora.encoders.clip_tokens import (
+from jaxlora.encoders.prompts import (
     CHUNK,
-    ClipTokenizer,
     TokenizerFilesError,
     build_clip_bpe,
+    clip_tokenizer,
     parse_weights,
 )
 
@@ -29,9 +29,9 @@ def test_folder_without_tokenizer_files_names_them(tmp_path):
 def test_short_caption_is_one_padded_chunk(tokenizer_folder):
     bpe = build_clip_bpe(tokenizer_folder)
     start, end, cat, dog = (bpe.token_to_id(t) for t in ("<|startoftext|>", "<|endoftext|>", "cat</w>", "dog</w>"))
-    chunks = ClipTokenizer(bpe, pad_with_end=True).chunks("cat dog")
+    chunks = clip_tokenizer(bpe, pad_with_end=True).chunks("cat dog")
     assert chunks.tokens.tolist() == [[start, cat, dog, end] + [end] * (CHUNK - 4)]
-    assert ClipTokenizer(bpe, pad_with_end=False).chunks("cat dog").tokens.tolist() == [
+    assert clip_tokenizer(bpe, pad_with_end=False).chunks("cat dog").tokens.tolist() == [
         [start, cat, dog, end] + [0] * (CHUNK - 4)
     ]
     np.testing.assert_array_equal(chunks.weights, 1.0)
@@ -40,7 +40,7 @@ def test_short_caption_is_one_padded_chunk(tokenizer_folder):
 def test_long_captions_chunk_at_word_boundaries(tokenizer_folder):
     bpe = build_clip_bpe(tokenizer_folder)
     start, end, cat = (bpe.token_to_id(t) for t in ("<|startoftext|>", "<|endoftext|>", "cat</w>"))
-    tokenizer = ClipTokenizer(bpe)
+    tokenizer = clip_tokenizer(bpe)
     # 74 one-token words, then a 3-token word ("xyz": no merges) that does not fit the 75th slot: it moves whole.
     chunks = tokenizer.chunks("cat " * 74 + "xyz")
     xyz = bpe.encode("xyz", add_special_tokens=False).ids
@@ -69,7 +69,7 @@ def test_prompt_weights_follow_comfyui_syntax(tokenizer_folder):
         (" e)", 1.0),
     ]
     bpe = build_clip_bpe(tokenizer_folder)
-    chunks = ClipTokenizer(bpe).chunks("red (cat:1.3) \\(dog\\)")
+    chunks = clip_tokenizer(bpe).chunks("red (cat:1.3) \\(dog\\)")
     expected = [bpe.token_to_id("red</w>"), bpe.token_to_id("cat</w>")] + bpe.encode(
         "(dog)", add_special_tokens=False
     ).ids

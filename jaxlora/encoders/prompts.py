@@ -1,13 +1,15 @@
-"""Captions to CLIP token chunks exactly as ComfyUI's CLIPTextEncode lays them out.
+"""Captions to token rows exactly as ComfyUI's CLIPTextEncode lays them out, for CLIP and T5 encoders.
 
-The BPE itself is the `tokenizers` package's, built from the tokenizer files a user has: a Hugging Face
-`tokenizer.json`, or the `vocab.json` + `merges.txt` pair ComfyUI ships in `comfy/sd1_tokenizer/` (both CLIP
-towers share that vocabulary). On top of it, ComfyUI's rules (comfy/sd1_clip.py), written here because no library
+The tokenization itself is the `tokenizers` package's, built from the tokenizer files a user has: a Hugging Face
+`tokenizer.json` (CLIP's, or T5's that ComfyUI ships in `comfy/text_encoders/t5_tokenizer/`), or the
+`vocab.json` + `merges.txt` pair ComfyUI ships in `comfy/sd1_tokenizer/` (all CLIP towers share that
+vocabulary). On top of it, ComfyUI's rules (comfy/sd1_clip.py `SDTokenizer`), written here because no library
 has them:
 - prompt weights: `(text)` multiplies by 1.1 per level, `(text:1.3)` sets the weight, `\\(` and `\\)` are literal;
 - each word (split at spaces) is tokenized alone; a word already in the vocabulary as `word</w>` is that token;
-- chunks of 77: start token, up to 75 tokens, end token, padding (the end token for CLIP-L, 0 for the OpenCLIP
-  towers); a word of fewer than 8 tokens is never split across chunks, a longer one is.
+- CLIP: rows of 77: start token, up to 75 tokens, end token, padding (the end token for CLIP-L, 0 for the
+  OpenCLIP towers); a word of fewer than 8 tokens is never split across rows, a longer one is;
+- T5: one row, no start token: the tokens, the end token, padding with 0 up to a minimum length (256 for Flux.1).
 """
 
 from __future__ import annotations
@@ -116,19 +118,16 @@ class TokenChunks:
 
 
 @dataclass(frozen=True)
-class ClipTokenizer:
-    """ComfyUI's SDTokenizer rules over a CLIP BPE; `pad_with_end` for CLIP-L, pad id 0 for the OpenCLIP towers."""
+class PromptTokenizer:
+    """ComfyUI's SDTokenizer rules over a `tokenizers` tokenizer: `start` None for encoders without a start token
+    (T5), `row` the row length (None: one row of any length), `min_length` the padded length of the last row."""
 
     bpe: Tokenizer
-    pad_with_end: bool = True
-
-    @property
-    def start(self) -> int:
-        return self.bpe.token_to_id(START_TEXT)
-
-    @property
-    def end(self) -> int:
-        return self.bpe.token_to_id(END_TEXT)
+    start: int | None
+    end: int
+    pad: int
+    row: int | None = CHUNK
+    min_length: int = 0
 
     def word_tokens(self, word: str) -> list[int]:
         exact = self.bpe.token_to_id(f"{word}</w>")
@@ -136,57 +135,99 @@ class ClipTokenizer:
             return [exact]
         return self.bpe.encode(word, add_special_tokens=False).ids
 
-    def empty(self) -> np.ndarray:
-        """The empty caption's chunk (ComfyUI's reference for prompt weights)."""
-        return self.chunks("").tokens[0]
+    def empty(self, length: int | None = None) -> np.ndarray:
+        """The empty caption's row of `length` tokens (default: a padded row), ComfyUI's reference for prompt
+        weights: start and end tokens, then padding."""
+        ids = [token for token, _ in self._new_row()] + [self.end]
+        length = length or max(self.row or 0, self.min_length, len(ids))
+        return np.array(ids + [self.pad] * (length - len(ids)), np.int32)
+
+    def _new_row(self) -> list[tuple[int, float]]:
+        return [] if self.start is None else [(self.start, 1.0)]
+
+    def _close(self, row: list[tuple[int, float]]) -> None:
+        row.append((self.end, 1.0))
+        row.extend([(self.pad, 1.0)] * (max(self.row or 0, self.min_length) - len(row)))
 
     def chunks(self, caption: str) -> TokenChunks:
-        pad = self.end if self.pad_with_end else 0
         words = [
             (self.word_tokens(word), weight)
             for segment, weight in parse_weights(_mask(caption))
             for word in _unmask(segment).replace("\n", " ").split(" ")
             if word
         ]
-        rows: list[list[tuple[int, float]]] = [[(self.start, 1.0)]]
+        rows = [self._new_row()]
         for ids, weight in words:
             group = [(token, weight) for token in ids]
             while group:
                 row = rows[-1]
-                room = CHUNK - 1 - len(row)
+                room = len(group) if self.row is None else self.row - 1 - len(row)
                 if len(group) <= room:
                     row.extend(group)
                     break
-                if len(ids) >= LONG_WORD:  # split a long word: fill this chunk, carry the rest
+                if len(ids) >= LONG_WORD:  # split a long word: fill this row, carry the rest
                     row.extend(group[:room])
                     group = group[room:]
-                row.append((self.end, 1.0))
-                row.extend([(pad, 1.0)] * (CHUNK - len(row)))
-                rows.append([(self.start, 1.0)])
-        rows[-1].append((self.end, 1.0))
-        rows[-1].extend([(pad, 1.0)] * (CHUNK - len(rows[-1])))
+                self._close(row)
+                rows.append(self._new_row())
+        self._close(rows[-1])
         tokens = np.array([[token for token, _ in row] for row in rows], np.int32)
         weights = np.array([[weight for _, weight in row] for row in rows], np.float32)
         return TokenChunks(tokens, weights)
 
 
-HUB_REPO = "openai/clip-vit-large-patch14"  # CLIP's tokenizer files; SD2.x's and SDXL's towers use the same
-HUB_FILES = ("vocab.json", "merges.txt")
+def clip_tokenizer(bpe: Tokenizer, pad_with_end: bool = True) -> PromptTokenizer:
+    """CLIP rows of 77; padded with the end token (CLIP-L) or 0 (the OpenCLIP towers)."""
+    start, end = bpe.token_to_id(START_TEXT), bpe.token_to_id(END_TEXT)
+    return PromptTokenizer(bpe, start, end, end if pad_with_end else 0)
 
 
-def clip_tokenizer_folder(given: str | Path | None) -> Path:
-    """The folder of CLIP tokenizer files: `given`, or the Hugging Face hub's copy of CLIP's (downloaded once with
-    `huggingface_hub` and cached; found in the cache offline)."""
+def t5_tokenizer(bpe: Tokenizer, min_length: int) -> PromptTokenizer:
+    """T5: one row, `</s>` at the end, padded with `<pad>` (0) to `min_length`."""
+    return PromptTokenizer(bpe, None, bpe.token_to_id("</s>"), bpe.token_to_id("<pad>"), None, min_length)
+
+
+# Where the tokenizer files of each kind are found inside a `--tokenizers` folder (ComfyUI's `comfy/` folder works as
+# it is), and the Hugging Face repositories they are fetched from once when no folder is given.
+SUBFOLDERS = {"clip": ("", "sd1_tokenizer", "clip"), "t5": ("", "t5_tokenizer", "text_encoders/t5_tokenizer", "t5")}
+MODEL_TYPE = {"clip": "BPE", "t5": "Unigram"}  # the `model.type` of each kind's tokenizer.json
+HUB_FILES = {
+    "clip": ("openai/clip-vit-large-patch14", ("vocab.json", "merges.txt")),
+    "t5": ("black-forest-labs/FLUX.1-schnell", ("tokenizer_2/tokenizer.json",)),
+}
+
+
+def _from_folder(kind: str, folder: Path) -> Tokenizer | None:
+    """The kind's tokenizer if `folder` holds its files, else None."""
+    single = folder / "tokenizer.json"
+    if single.is_file() and json.loads(single.read_text(encoding="utf-8"))["model"]["type"] == MODEL_TYPE[kind]:
+        return Tokenizer.from_file(str(single))
+    if kind == "clip" and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return build_clip_bpe(folder)
+    return None
+
+
+def find_tokenizer(kind: str, given: str | Path | None) -> Tokenizer:
+    """The "clip" or "t5" tokenizer: from the folder `given` (or its usual sub-folders), or fetched once from the
+    Hugging Face hub with `huggingface_hub` and cached (found in the cache offline)."""
     if given is not None:
-        return Path(given)
+        for sub in SUBFOLDERS[kind]:
+            if (found := _from_folder(kind, Path(given) / sub)) is not None:
+                return found
+        raise TokenizerFilesError(
+            f"{given} has no {kind.upper()} tokenizer files (looked in {', '.join(repr(s) for s in SUBFOLDERS[kind])}"
+            f"): give a folder with {' and '.join(Path(f).name for f in HUB_FILES[kind][1])} (ComfyUI's comfy/ "
+            f"folder holds them)"
+        )
+    repo, names = HUB_FILES[kind]
     try:
         from huggingface_hub import hf_hub_download
 
-        paths = [Path(hf_hub_download(HUB_REPO, name)) for name in HUB_FILES]
+        paths = [Path(hf_hub_download(repo, name)) for name in names]
     except Exception as error:  # not installed, offline with an empty cache, hub refused: all end the same way
         raise TokenizerFilesError(
-            f"no CLIP tokenizer files ({error.__class__.__name__}: {error}): pass --tokenizers DIR, a folder with "
-            f"vocab.json and merges.txt (ComfyUI's comfy/sd1_tokenizer/, or {HUB_REPO} on Hugging Face), or go "
-            "online once so they can be fetched and cached"
+            f"no {kind.upper()} tokenizer files ({error.__class__.__name__}: {error}): pass --tokenizers DIR (a "
+            f"folder with {' and '.join(Path(f).name for f in names)}, e.g. ComfyUI's comfy/ folder, or {repo} on "
+            "Hugging Face), or go online once so they can be fetched and cached"
         ) from error
-    return paths[0].parent
+    return _from_folder(kind, paths[0].parent)
