@@ -15,14 +15,13 @@ from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
-from safetensors import safe_open
 
 from jaxlora.dtypes import resolve_dtype
 from jaxlora.encoders.clip import CLIPTextModel, infer_clip_config
 from jaxlora.encoders.open_clip import OPEN_CLIP_MARKER, TensorView, transformers_shapes
 from jaxlora.encoders.t5 import T5Encoder, infer_t5_config
 from jaxlora.encoders.vae import AutoencoderKL, infer_vae_config
-from jaxlora.models.checkpoint import CheckpointIndex, check_keys, read_index, read_parameters
+from jaxlora.models.checkpoint import CheckpointIndex, TensorFile, check_keys, read_index, read_parameters
 from jaxlora.models.family import CheckpointError
 
 
@@ -93,7 +92,7 @@ def _load(
     shapes = transformers_shapes(own) if slot.open_clip else own
     network = build(shapes)
     check_keys(network, {slot.prefix + key: shape for key, shape in shapes.items()}, slot.prefix)
-    with safe_open(index.path, framework="numpy") as f:
+    with TensorFile(index.path) as f:
         source = TensorView(f, slot.prefix, own) if slot.open_clip else f
         read_parameters(network, source, "" if slot.open_clip else slot.prefix, resolve_dtype(dtype), mesh=None)
     return network

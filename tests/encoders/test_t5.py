@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import save_file
+from safetensors.torch import save_file as torch_save_file
 
 from jaxlora.encoders.loading import MissingEncoderError, load_t5
 from jaxlora.encoders.t5 import T5Config, T5Encoder
@@ -60,3 +61,15 @@ def test_file_without_t5_names_what_to_pass(tmp_path):
     save_file({"text_model.embeddings.token_embedding.weight": np.zeros((4, 4), np.float32)}, str(path))
     with pytest.raises(MissingEncoderError, match="t5xxl"):
         load_t5(path)
+
+
+def test_fp8_stored_t5_loads_as_its_cast(tmp_path):
+    """`t5xxl_fp8_e4m3fn.safetensors` as users download it: fp8 weights load, cast, equal to the same weights
+    written in fp32 after the fp8 rounding."""
+    tensors = random_network_tensors(T5Encoder(TINY_T5), seed=6)
+    fp8 = {k: torch.from_numpy(v).to(torch.float8_e4m3fn) for k, v in tensors.items()}
+    torch_save_file(fp8, str(tmp_path / "t5xxl_fp8_e4m3fn.safetensors"))
+    save_file({k: v.float().numpy() for k, v in fp8.items()}, str(tmp_path / "rounded.safetensors"))
+    ours, rounded = load_t5(tmp_path / "t5xxl_fp8_e4m3fn.safetensors"), load_t5(tmp_path / "rounded.safetensors")
+    tokens = jnp.asarray(np.arange(40)[None] % 300)
+    np.testing.assert_array_equal(ours(tokens), rounded(tokens))
