@@ -38,6 +38,7 @@ from jaxlora.train.data import save_dataset
 FORMAT = 1  # bump when the written data would differ for the same inputs
 MANIFEST = "dataset.json"
 IMAGES_PER_CALL = 4  # VAE batch: fixed, so each bucket compiles once
+TILE_LIMIT = 4  # captions of different lengths tile to their lcm; beyond 4x the longest, ComfyUI refuses too
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,15 @@ def _bucket_fields(
 ) -> dict[str, np.ndarray]:
     """Per-sample conditioning: caption fields (token axis tiled to a common length, which leaves attention
     unchanged) and the image-size numbers the family declares (original size, crop corner, bucket size)."""
-    tokens = math.lcm(*(c["c_crossattn"].shape[1] for c in captions))
+    lengths = sorted({c["c_crossattn"].shape[1] for c in captions})
+    tokens = math.lcm(*lengths)
+    if tokens > TILE_LIMIT * lengths[-1]:
+        long = [str(m.path) for m, c in zip(members, captions, strict=True) if c["c_crossattn"].shape[1] != lengths[0]]
+        raise ValueError(
+            f"captions of {' and '.join(map(str, lengths))} tokens in one bucket would be tiled to {tokens} tokens "
+            f"(ComfyUI would not batch them either): shorten these captions to fit {lengths[0]} tokens: "
+            + ", ".join(long[:5])
+        )
     fields = {
         "c_crossattn": np.concatenate(
             [np.tile(c["c_crossattn"], (1, tokens // c["c_crossattn"].shape[1], 1)) for c in captions]
