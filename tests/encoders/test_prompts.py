@@ -10,6 +10,7 @@ from jaxlora.encoders.prompts import (
     TokenizerFilesError,
     build_clip_bpe,
     clip_tokenizer,
+    find_tokenizer,
     parse_weights,
 )
 
@@ -77,3 +78,34 @@ def test_prompt_weights_follow_comfyui_syntax(tokenizer_folder):
     assert chunks.weights[0, : 3 + len(expected) - 2].tolist() == pytest.approx(
         [1.0, 1.0, 1.3] + [1.0] * (len(expected) - 2)
     )
+
+
+def test_tokenizers_in_a_comfyui_style_folder_are_found(tokenizer_folder, t5_tokenizer_folder, tmp_path):
+    """`--tokenizers` may be ComfyUI's comfy/ folder: CLIP files in sd1_tokenizer/, T5's in t5_tokenizer/."""
+    comfy = tmp_path / "comfy"
+    (comfy / "sd1_tokenizer").mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt"):
+        (comfy / "sd1_tokenizer" / name).write_bytes((tokenizer_folder / name).read_bytes())
+    (comfy / "t5_tokenizer").mkdir()
+    (comfy / "t5_tokenizer" / "tokenizer.json").write_bytes(
+        (t5_tokenizer_folder / "t5_tokenizer" / "tokenizer.json").read_bytes()
+    )
+    assert find_tokenizer("clip", comfy).token_to_id("cat</w>") == build_clip_bpe(tokenizer_folder).token_to_id(
+        "cat</w>"
+    )
+    assert find_tokenizer("t5", comfy).token_to_id("</s>") == 1
+    with pytest.raises(TokenizerFilesError, match="no T5 tokenizer files"):
+        find_tokenizer("t5", tokenizer_folder)  # CLIP's files only: a BPE tokenizer is not taken for T5
+
+
+def test_offline_without_tokenizer_files_says_which_to_get(monkeypatch):
+    """What the hub client raises offline with an empty cache becomes a message naming the files to get."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo, name, **kwargs):
+        raise LocalEntryNotFoundError(f"{repo}/{name} is not cached and the hub cannot be reached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(TokenizerFilesError, match="--tokenizers DIR .*vocab.json and merges.txt"):
+        find_tokenizer("clip", None)
