@@ -1,6 +1,6 @@
 """CLIP text encoders (CLIP-L, OpenCLIP ViT-H and ViT-bigG) in Flax NNX, in the transformers layout that bare
-`clip_l.safetensors` / `clip_g.safetensors` files and SD1.x checkpoints store (`text_model.encoder.layers.3.
-self_attn.q_proj`); OpenCLIP-layout checkpoints (SD2.x, SDXL's second encoder) are read through
+`clip_l.safetensors` / `clip_g.safetensors` files and ldm checkpoints' `cond_stage_model.transformer.` store
+(`text_model.encoder.layers.3.self_attn.q_proj`); towers stored in the OpenCLIP layout are read through
 `encoders.open_clip`.
 
 The layers run as one `stack.Stack` under `jax.lax.scan`; the carry keeps the hidden state of the layer ComfyUI

@@ -5,8 +5,9 @@ caption beside each (a missing caption is the empty caption, with a warning); im
 `N_name` count N times (kohya repeats). Every problem is reported with its file before anything is encoded.
 
 Buckets keep about the target area (`resolution` squared) at the image's aspect ratio, with sides that are
-multiples of `step` pixels (64: the SD UNet's latent needs multiples of 8); each image goes to the bucket of the
-nearest aspect ratio, is scaled to cover it and centre-cropped (Pillow, Lanczos). Images are never upscaled.
+multiples of `step` pixels (64: 8 latent pixels of an 8x VAE, which the networks' downsampling divides evenly);
+each image goes to the bucket of the nearest aspect ratio, is scaled to cover it and centre-cropped (Pillow,
+Lanczos). Images are never upscaled.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Finding an encoder inside the files users have and loading it with the diffusion model's loader.
 
-A VAE comes inside a full checkpoint (`first_stage_model.` in SD1.x/SD2.x/SDXL files) or as a file of its own
-(ComfyUI's `models/vae/`: `ae.safetensors` for Flux, `sdxl_vae.safetensors`, keys without prefix). A CLIP text
-tower comes inside a checkpoint (transformers layout in SD1.x and SDXL's first slot, OpenCLIP layout in SD2.x and
-SDXL's second) or as a bare `clip_l` / `clip_g` file from `models/text_encoders/`. Keys and shapes are checked
+A VAE comes inside a full ldm checkpoint (`first_stage_model.`) or as a file of its own (ComfyUI's `models/vae/`,
+keys without prefix). A CLIP text tower comes inside a checkpoint (the transformers layout under
+`cond_stage_model.transformer.` or `conditioner.embedders.0.transformer.`, the OpenCLIP layout under
+`cond_stage_model.model.` or `conditioner.embedders.1.model.`) or as a bare `clip_l` / `clip_g` file from
+`models/text_encoders/`; T5 as a `t5xxl_*` file. Keys and shapes are checked
 against the network built from the inferred config before any tensor is read.
 """
 
@@ -47,7 +48,7 @@ DIFFUSERS_VAE_MARKER = "encoder.down_blocks.0.resnets.0.conv1.weight"
 CLIP_MARKER = "text_model.embeddings.token_embedding.weight"
 CLIP_PARTS = ("text_model.", "text_projection.")
 CLIP_BUFFERS = ("text_model.embeddings.position_ids", "logit_scale")  # stored by some exports, not weights
-# The CLIP towers of a file by role: "l" the CLIP-L of SD1.x / SDXL / Flux, "g" SDXL's bigG, "h" SD2.x's ViT-H.
+# The CLIP towers of a file by role: "l" CLIP-L, "g" OpenCLIP bigG, "h" OpenCLIP ViT-H (see `TextTower`).
 # First match wins: SD-format checkpoints, checkpoints ComfyUI saves (`text_encoders.<name>.`), bare files.
 CLIP_SLOTS = {
     "l": (
@@ -70,7 +71,7 @@ T5_SLOTS = (Slot("text_encoders.t5xxl.transformer.", T5_MARKER), Slot("", T5_MAR
 TEXT_ENCODER_FILES = {
     "l": "clip_l.safetensors",
     "g": "clip_g.safetensors",
-    "h": "the SD2.x checkpoint itself",
+    "h": "a checkpoint with its ViT-H text encoder",
     "t5": "t5xxl_fp16.safetensors",
 }
 
@@ -110,7 +111,7 @@ def load_vae(path: str | Path, dtype: str | jnp.dtype = "fp32") -> AutoencoderKL
     if slot is None:
         raise MissingEncoderError(
             f"{path} has no VAE (no first_stage_model.{VAE_MARKER} or {VAE_MARKER}): pass the VAE file ComfyUI "
-            "keeps in models/vae/ (ae.safetensors for Flux.1, or the VAE of your SD checkpoint)"
+            "keeps in models/vae/ (e.g. ae.safetensors)"
         )
     own = _own_shapes(index, slot, VAE_PARTS, ())
     return _load(index, slot, own, lambda shapes: AutoencoderKL(infer_vae_config(shapes)), dtype)

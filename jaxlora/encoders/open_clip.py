@@ -1,4 +1,4 @@
-"""OpenCLIP-layout text towers (SD2.x's `cond_stage_model.model.`, SDXL's `conditioner.embedders.1.model.`) read
+"""OpenCLIP-layout text towers (`cond_stage_model.model.`, `conditioner.embedders.1.model.` in checkpoints) read
 as the transformers layout `clip.py` builds.
 
 The two layouts hold the same numbers: OpenCLIP fuses q, k and v into `attn.in_proj_weight` (rows q, k, v), names

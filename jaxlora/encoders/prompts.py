@@ -9,7 +9,8 @@ has them:
 - each word (split at spaces) is tokenized alone; a word already in the vocabulary as `word</w>` is that token;
 - CLIP: rows of 77: start token, up to 75 tokens, end token, padding (the end token for CLIP-L, 0 for the
   OpenCLIP towers); a word of fewer than 8 tokens is never split across rows, a longer one is;
-- T5: one row, no start token: the tokens, the end token, padding with 0 up to a minimum length (256 for Flux.1).
+- T5: one row, no start token: the tokens, the end token, padding with 0 up to a minimum length (the
+  family's `TextTower.min_length`).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ SUBFOLDERS = {"clip": ("", "sd1_tokenizer", "clip"), "t5": ("", "t5_tokenizer", 
 MODEL_TYPE = {"clip": "BPE", "t5": "Unigram"}  # the `model.type` of each kind's tokenizer.json
 HUB_FILES = {
     "clip": ("openai/clip-vit-large-patch14", ("vocab.json", "merges.txt")),
-    "t5": ("black-forest-labs/FLUX.1-schnell", ("tokenizer_2/tokenizer.json",)),
+    "t5": ("google-t5/t5-base", ("tokenizer.json",)),  # the same SentencePiece vocabulary as T5 v1.1
 }
 
 

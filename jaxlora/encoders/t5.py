@@ -1,4 +1,4 @@
-"""The T5 v1.1 encoder (T5-XXL of Flux.1 and Chroma) in Flax NNX, in the layout of the `t5xxl_*.safetensors` files
+"""The T5 v1.1 encoder (T5-XXL) in Flax NNX, in the layout of the `t5xxl_*.safetensors` files
 ComfyUI loads from `models/text_encoders/` (`encoder.block.3.layer.0.SelfAttention.q`, `shared`).
 
 Block 0 alone holds the relative-position bias table that every block adds to its attention scores, so the
@@ -130,7 +130,7 @@ class T5Stack(nnx.Module):
 
 
 class T5Encoder(nnx.Module):
-    """Token ids [B, T] -> the final-normed hidden states [B, T, width] ComfyUI conditions Flux.1 on."""
+    """Token ids [B, T] -> the final-normed hidden states [B, T, width], ComfyUI's T5 conditioning."""
 
     def __init__(self, config: T5Config):
         self.config = config

@@ -1,8 +1,8 @@
 """The KL autoencoder (VAE) of latent diffusion, in the ldm layout ComfyUI loads: encoder for datasets, decoder for
 sample images.
 
-One network serves SD1.x/SD2.x/SDXL (4 latent channels, `quant_conv` and `post_quant_conv`), Flux.1 and SD3
-(16 channels, no quant convs); the config is read from the weights' shapes. Module paths mirror the file's
+One network serves the 4-channel VAEs (with `quant_conv` and `post_quant_conv`) and the 16-channel ones
+(no quant convs); the config is read from the weights' shapes. Module paths mirror the file's
 (`encoder.down.1.block.0.conv1` is `<prefix>encoder.down.1.block.0.conv1.weight`), so the generic loader of
 `models.checkpoint` fills it. Images are NHWC in [0, 1] as ComfyUI's IMAGE type; latents are the raw VAE output
 (the dataset layout: the diffusion model's latent format scales them, not the VAE).
@@ -46,8 +46,8 @@ class VAEConfig:
         return tuple(self.base_channels * m for m in self.channel_mult)
 
 
-SD_VAE = VAEConfig()  # SD1.x, SD2.x and SDXL
-FLUX_VAE = VAEConfig(latent_channels=16, quant_conv=False)  # Flux.1 `ae.safetensors`, SD3
+SD_VAE = VAEConfig()  # the 4-channel ldm VAE
+FLUX_VAE = VAEConfig(latent_channels=16, quant_conv=False)  # the 16-channel `ae.safetensors`
 
 
 def infer_vae_config(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:

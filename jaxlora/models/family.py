@@ -103,8 +103,8 @@ class TextTower:
     `role` names the encoder ("l" CLIP-L, "g" OpenCLIP bigG, "h" OpenCLIP ViT-H, "t5" T5-XXL); for CLIP towers
     `layer` is the hidden layer counted from the end, `normed` whether it passes the final layer norm,
     `pad_with_end` the padding token (end token, or 0), `projected` whether the pooled output goes through the
-    tower's projection when it has one; `hidden` whether its hidden states are part of `c_crossattn` (Flux.1
-    takes only CLIP-L's pooled output); `min_length` the padded token count of a T5 row."""
+    tower's projection when it has one; `hidden` whether its hidden states are part of `c_crossattn` (a family may
+    take only a tower's pooled output); `min_length` the padded token count of a T5 row."""
 
     role: str
     layer: int = -1
