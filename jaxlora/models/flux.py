@@ -14,6 +14,7 @@ the patch size, text ids zero, text tokens first. The timestep is sigma; the emb
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -51,10 +52,7 @@ class FluxConfig:
     theta: float = 10000.0
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
-        if sum(self.axes_dim) != self.head_dim:
-            raise ValueError(f"RoPE axes {self.axes_dim} must add up to the head width {self.head_dim}")
+        check_heads(self.hidden_size, self.num_heads, self.axes_dim)
 
     @property
     def head_dim(self) -> int:
@@ -63,6 +61,14 @@ class FluxConfig:
     @property
     def pooled_dim(self) -> int:
         return self.vec_in_dim
+
+
+def check_heads(hidden_size: int, num_heads: int, axes_dim: tuple[int, ...]) -> None:
+    """The rules every Flux-line config obeys: whole heads, and RoPE axes that fill the head width."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden size {hidden_size} does not split into {num_heads} heads")
+    if sum(axes_dim) != hidden_size // num_heads:
+        raise ValueError(f"RoPE axes {axes_dim} must add up to the head width {hidden_size // num_heads}")
 
 
 FLUX_DEV = FluxConfig()
@@ -146,18 +152,28 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return (1 + scale) * layer_norm(x, NORM_EPS) + shift
 
 
-class DoubleStreamBlock(nnx.Module):
-    """Image and text streams with their own weights, attending jointly (text tokens first)."""
+class StreamConfig(Protocol):
+    """The widths the double and single blocks need, from any Flux-line config."""
 
-    def __init__(self, config: FluxConfig):
+    hidden_size: int
+    num_heads: int
+    mlp_hidden: int
+
+    @property
+    def head_dim(self) -> int: ...
+
+
+class DoubleStream(nnx.Module):
+    """Image and text streams with their own weights, attending jointly (text tokens first), modulated by
+    vectors given from outside: six [B, 1, hidden] per stream, (shift, scale, gate) for attention, then MLP."""
+
+    def __init__(self, config: StreamConfig):
         hidden, heads, mlp = config.hidden_size, config.num_heads, config.mlp_hidden
         for stream in ("img", "txt"):
-            setattr(self, f"{stream}_mod", Modulation(hidden, 6))
             setattr(self, f"{stream}_attn", SelfAttention(hidden, heads))
             setattr(self, f"{stream}_mlp", nnx.Dict({"0": Linear(hidden, mlp), "2": Linear(mlp, hidden)}))
 
-    def __call__(self, img, txt, vec, cos, sin) -> tuple[jax.Array, jax.Array]:
-        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
+    def __call__(self, img, txt, img_mod, txt_mod, cos, sin) -> tuple[jax.Array, jax.Array]:
         img_q, img_k, img_v = self.img_attn.split_heads(modulate(img, *img_mod[:2]))
         txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(txt, *txt_mod[:2]))
         joint = [jnp.concatenate(pair, axis=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
@@ -175,19 +191,30 @@ class DoubleStreamBlock(nnx.Module):
         return x + gate2 * mlp["2"](hidden)
 
 
-class SingleStreamBlock(nnx.Module):
-    """One stream over the joint tokens: `linear1` yields qkv and the MLP input, `linear2` takes both."""
+class DoubleStreamBlock(DoubleStream):
+    """Flux's double block: each stream computes its six modulation vectors from the conditioning vector."""
 
     def __init__(self, config: FluxConfig):
+        super().__init__(config)
+        self.img_mod = Modulation(config.hidden_size, 6)
+        self.txt_mod = Modulation(config.hidden_size, 6)
+
+    def __call__(self, img, txt, vec, cos, sin) -> tuple[jax.Array, jax.Array]:
+        return super().__call__(img, txt, self.img_mod(vec), self.txt_mod(vec), cos, sin)
+
+
+class SingleStream(nnx.Module):
+    """One stream over the joint tokens: `linear1` yields qkv and the MLP input, `linear2` takes both; modulated
+    by (shift, scale, gate) [B, 1, hidden] given from outside."""
+
+    def __init__(self, config: StreamConfig):
         hidden, mlp = config.hidden_size, config.mlp_hidden
         self.heads = config.num_heads
         self.linear1 = Linear(hidden, 3 * hidden + mlp)
         self.linear2 = Linear(hidden + mlp, hidden)
         self.norm = QKNorm(config.head_dim)
-        self.modulation = Modulation(hidden, 3)
 
-    def __call__(self, x, vec, cos, sin) -> tuple[jax.Array]:
-        shift, scale, gate = self.modulation(vec)
+    def __call__(self, x, shift, scale, gate, cos, sin) -> tuple[jax.Array]:
         fused = self.linear1(modulate(x, shift, scale))
         hidden = x.shape[-1]
         qkv, mlp = fused[..., : 3 * hidden], fused[..., 3 * hidden :]
@@ -197,14 +224,35 @@ class SingleStreamBlock(nnx.Module):
         return (x + gate * out,)
 
 
-class LastLayer(nnx.Module):
+class SingleStreamBlock(SingleStream):
+    """Flux's single block: its modulation computed from the conditioning vector."""
+
+    def __init__(self, config: FluxConfig):
+        super().__init__(config)
+        self.modulation = Modulation(config.hidden_size, 3)
+
+    def __call__(self, x, vec, cos, sin) -> tuple[jax.Array]:
+        return super().__call__(x, *self.modulation(vec), cos, sin)
+
+
+class FinalProjection(nnx.Module):
+    """The output projection after a (shift, scale) modulation given from outside."""
+
     def __init__(self, hidden: int, out_features: int):
         self.linear = Linear(hidden, out_features)
+
+    def __call__(self, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+        return self.linear(modulate(x, shift, scale))
+
+
+class LastLayer(FinalProjection):
+    def __init__(self, hidden: int, out_features: int):
+        super().__init__(hidden, out_features)
         self.adaLN_modulation = nnx.Dict({"1": Linear(hidden, 2 * hidden)})
 
     def __call__(self, x: jax.Array, vec: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaLN_modulation["1"](jax.nn.silu(vec))[:, None, :], 2, axis=-1)
-        return self.linear(modulate(x, shift, scale))
+        return super().__call__(x, shift, scale)
 
 
 def patchify(x: jax.Array) -> jax.Array:
@@ -221,7 +269,40 @@ def unpatchify(tokens: jax.Array, height: int, width: int) -> jax.Array:
     return x.transpose(0, 1, 4, 2, 5, 3).reshape(batch, height, width, -1)
 
 
-class Flux(nnx.Module):
+class JointTransformer(nnx.Module):
+    """What Flux-line networks share around their blocks: pad and patchify the latents, `img_in`, RoPE tables,
+    the double stack, the single stack over [text, image], `final_layer`, unpatchify and crop.
+
+    Subclasses set `config` (with `axes_dim`, `theta`), `remat_policy`, `scan`, `img_in`, `double_blocks`,
+    `single_blocks` and `final_layer`, and say how blocks are modulated: `shared` inputs every block takes
+    (Flux's conditioning vector), `double_mods`/`single_mods` per-block inputs with a leading block axis, and
+    `final_mods` for the final layer.
+    """
+
+    def joint_forward(
+        self, x: jax.Array, txt: jax.Array, *, shared=(), double_mods=(), single_mods=(), final_mods=()
+    ) -> jax.Array:
+        batch, height, width, _ = x.shape
+        padded = jnp.pad(x, ((0, 0), (0, -height % PATCH), (0, -width % PATCH), (0, 0)), mode="wrap")
+        img = self.img_in(patchify(padded))
+        cos, sin = (
+            jnp.asarray(t)
+            for t in rope_tables(
+                (padded.shape[1] // PATCH, padded.shape[2] // PATCH),
+                txt.shape[1],
+                self.config.axes_dim,
+                self.config.theta,
+            )
+        )
+        run = {"remat_policy": self.remat_policy, "scan": self.scan}
+        img, txt = self.double_blocks((img, txt), *shared, cos, sin, per_block=double_mods, **run)
+        joint = jnp.concatenate([txt, img], axis=1)
+        (joint,) = self.single_blocks((joint,), *shared, cos, sin, per_block=single_mods, **run)
+        out = self.final_layer(joint[:, txt.shape[1] :], *final_mods)
+        return unpatchify(out, padded.shape[1], padded.shape[2])[:, :height, :width]
+
+
+class Flux(JointTransformer):
     """Flux.1. Call with NHWC latents, sigma-valued timesteps [B], T5 context [B, L, 4096], pooled CLIP `y`
     [B, 768] and, for dev, `guidance` [B]; returns the flow prediction NHWC in x's dtype.
 
@@ -255,25 +336,9 @@ class Flux(nnx.Module):
             need = "needs a" if self.guidance_in is not None else "takes no"
             raise ValueError(f"this Flux model {need} `guidance` value (guidance embedding: dev yes, schnell no)")
         dtype = x.dtype
-        batch, height, width, _ = x.shape
-        padded = jnp.pad(x, ((0, 0), (0, -height % PATCH), (0, -width % PATCH), (0, 0)), mode="wrap")
-        img = self.img_in(patchify(padded))
         vec = self.time_in(sinusoidal_embedding(TIME_FACTOR * timesteps, EMBED_DIM).astype(dtype))
         if self.guidance_in is not None:
             vec = vec + self.guidance_in(sinusoidal_embedding(TIME_FACTOR * guidance, EMBED_DIM).astype(dtype))
         vec = vec + self.vector_in(y.astype(dtype))
         txt = self.txt_in(context.astype(dtype))
-        cos, sin = (
-            jnp.asarray(t)
-            for t in rope_tables(
-                (padded.shape[1] // PATCH, padded.shape[2] // PATCH),
-                txt.shape[1],
-                self.config.axes_dim,
-                self.config.theta,
-            )
-        )
-        run = {"remat_policy": self.remat_policy, "scan": self.scan}
-        img, txt = self.double_blocks((img, txt), vec, cos, sin, **run)
-        (joint,) = self.single_blocks((jnp.concatenate([txt, img], axis=1),), vec, cos, sin, **run)
-        out = self.final_layer(joint[:, txt.shape[1] :], vec)
-        return unpatchify(out, padded.shape[1], padded.shape[2])[:, :height, :width]
+        return self.joint_forward(x, txt, shared=(vec,), final_mods=(vec,))

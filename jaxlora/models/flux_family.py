@@ -12,7 +12,6 @@ from dataclasses import replace
 import jax.numpy as jnp
 
 from jaxlora.models.family import (
-    STYLES,
     AdapterNames,
     ConditioningField,
     ModelFamily,
@@ -21,7 +20,7 @@ from jaxlora.models.family import (
     key_indices,
 )
 from jaxlora.models.flux import Flux, FluxConfig
-from jaxlora.models.flux_names import export_names, import_aliases
+from jaxlora.models.flux_names import adapter_names
 from jaxlora.models.sampling import FlowSchedule, LatentFormat, ModelSampling, discrete_flow_schedule
 
 FLUX_LATENT = LatentFormat(scale_factor=0.3611, shift=0.1159)
@@ -91,6 +90,14 @@ def infer_flux_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[FluxConfig
     return config, FLUX_FAMILY.variant_of(config)
 
 
+def block_rows(config) -> list[tuple[str, str]]:
+    """`inspect` rows about the blocks of any Flux-line config."""
+    return [
+        ("blocks", f"{config.depth} double, {config.depth_single_blocks} single"),
+        ("width", f"{config.hidden_size}, {config.num_heads} heads of {config.head_dim}, mlp {config.mlp_hidden}"),
+    ]
+
+
 class FluxFamily(ModelFamily):
     name = "flux"
     variants = (FLUX_DEV, FLUX_SCHNELL)
@@ -143,17 +150,11 @@ class FluxFamily(ModelFamily):
 
     def adapter_names(self, variant, config: FluxConfig, layer_paths: Sequence[str]) -> AdapterNames:
         """ComfyUI's Flux key map (spec 8.4); `peft` writes diffusers names, row slices of fused weights."""
-        hidden = config.hidden_size  # img_in's out features: diffusers' row-slice unit
-        exports = {
-            style: {path: names for path in layer_paths if (names := export_names(path, hidden, style))}
-            for style in STYLES
-        }
-        return AdapterNames(import_aliases(layer_paths, hidden), exports)
+        return adapter_names(layer_paths, config.hidden_size)  # img_in's out features: the row-slice unit
 
     def describe(self, config: FluxConfig):
         return [
-            ("blocks", f"{config.depth} double, {config.depth_single_blocks} single"),
-            ("width", f"{config.hidden_size}, {config.num_heads} heads of {config.head_dim}, mlp {config.mlp_hidden}"),
+            *block_rows(config),
             ("context", f"{config.context_dim}-d, y {config.vec_in_dim}-d, guidance {config.guidance_embed}"),
         ]
 

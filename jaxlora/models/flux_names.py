@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from jaxlora.models.family import STYLES, NameTarget
+from jaxlora.models.family import STYLES, AdapterNames, NameTarget
 
 # Row slices of fused weights in units of the hidden size: [start, stop).
 PIECES = {"q": (0, 1), "k": (1, 2), "v": (2, 3), "mlp": (3, 7), "qkv": (0, 3)}
@@ -130,3 +130,15 @@ def export_names(path: str, hidden_size: int, style: str) -> dict[str, NameTarge
     if style != "peft":
         raise ValueError(f"unknown adapter style {style!r}; use one of {STYLES}")
     return {f"transformer.{name}": target for name, target in diffusers_names(path, hidden_size).items()}
+
+
+def adapter_names(layer_paths: Iterable[str], hidden_size: int) -> AdapterNames:
+    """ComfyUI's Flux key map (spec 8.4) over a network's layers: import aliases, and per style the names each
+    layer is written under (`peft`: diffusers names, row slices of fused weights; none for a layer diffusers'
+    Flux map does not have)."""
+    layer_paths = list(layer_paths)
+    exports = {
+        style: {path: names for path in layer_paths if (names := export_names(path, hidden_size, style))}
+        for style in STYLES
+    }
+    return AdapterNames(import_aliases(layer_paths, hidden_size), exports)

@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from jaxlora.models.chroma_family import CHROMA_FAMILY
 from jaxlora.models.family import ModelFamily, UnknownLayoutError, Variant
 from jaxlora.models.flux_family import FLUX_FAMILY
 from jaxlora.models.unet_family import UNET_FAMILY
 
-FAMILIES: tuple[ModelFamily, ...] = (UNET_FAMILY, FLUX_FAMILY)
+# A family whose markers include another's comes first (Chroma's include Flux's `img_in.weight`).
+FAMILIES: tuple[ModelFamily, ...] = (UNET_FAMILY, CHROMA_FAMILY, FLUX_FAMILY)
 DEMO_FAMILY = UNET_FAMILY  # the built-in demo trains its `demo_config`: the cheapest network to compile
 
 # Per-sample numbers a dataset may carry for some family's network.
