@@ -308,3 +308,10 @@ def apply_file(state_dict: dict[str, np.ndarray], lora: dict[str, np.ndarray], k
     per_key = add_patches(patches, state_dict)
     patched = {k: calculate_weight(v, per_key[k]) if k in per_key else v for k, v in state_dict.items()}
     return patched, sorted(set(lora) - loaded)
+
+
+def chroma_key_map(state_dict: dict[str, np.ndarray]):
+    """`model_lora_keys_unet` for Chroma: ComfyUI's `model_base.Chroma` subclasses its `Flux`, so the Flux branch
+    runs unchanged (`flux_to_diffusers` over the hidden size and depths that model detection reads from the file);
+    the approximator (`distilled_guidance_layer`) has only the generic `diffusion_model.`/`lora_unet_` names."""
+    return flux_key_map(state_dict)

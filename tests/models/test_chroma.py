@@ -93,20 +93,15 @@ def test_chroma_matches_diffusers_single_file_in_fp32(tmp_path):
     expected, reference = diffusers_forward(path, TINY_CHROMA, tmp_path, x, sigma, context)
     # Every converted tensor was consumed: the reference holds exactly as many parameters as the file.
     assert sum(p.numel() for p in reference.parameters()) == model.param_count
-    # diffusers' Chroma has no guidance input (it embeds 0, ComfyUI's default): both ways of saying 0 agree.
-    got = model.network(jnp.asarray(x), jnp.asarray(sigma), jnp.asarray(context))
-    zero = model.network(jnp.asarray(x), jnp.asarray(sigma), jnp.asarray(context), guidance=jnp.zeros(2))
+    # diffusers' Chroma has no guidance input: it embeds 0, ComfyUI's default when the conditioning has none.
+    inputs = (jnp.asarray(x), jnp.asarray(sigma), jnp.asarray(context))
+    got = model.network(*inputs)
     scale = np.abs(expected).max()
     assert scale > 0.1
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=2e-5 * scale)
-    np.testing.assert_array_equal(np.asarray(zero), np.asarray(got))
-
-
-def test_guidance_reaches_the_modulations(tmp_path):
-    path = write_random_checkpoint(TINY_CHROMA, tmp_path / "chroma.safetensors", seed=1)
-    network = load_model(path, dtype="fp32").network
-    x, sigma, context = jnp.ones((1, 4, 4, 16)), jnp.array([0.5]), jnp.ones((1, 3, 4096))
-    assert not np.allclose(network(x, sigma, context), network(x, sigma, context, guidance=jnp.array([4.0])))
+    # A guidance value reaches the modulations (ComfyUI embeds it beside the timestep).
+    guided = model.network(*inputs, guidance=jnp.array([4.0, 4.0]))
+    assert np.abs(np.asarray(guided) - np.asarray(got)).max() > 1e-3 * scale
 
 
 def test_full_size_parameter_count_is_exact():
