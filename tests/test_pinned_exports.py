@@ -14,6 +14,7 @@ import pytest
 
 from jaxlora import load_model
 from jaxlora.adapters.formats import AdapterFileError, export_adapter
+from jaxlora.models.chroma_family import TINY_CHROMA
 from jaxlora.models.demo import demo_dataset, write_random_checkpoint
 from jaxlora.models.family import STYLES
 from jaxlora.models.flux_family import TINY_FLUX_DEV, TINY_FLUX_SCHNELL
@@ -22,6 +23,7 @@ from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import run_training
 from tests.models.tiny_unets import SD2, SDXL
+from tests.train.test_chroma_train import chroma_data
 from tests.train.test_flux_train import flux_data
 
 ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")
@@ -31,6 +33,7 @@ CONFIGS = {
     "sdxl": SDXL.config,
     "flux-dev": TINY_FLUX_DEV,
     "flux-schnell": TINY_FLUX_SCHNELL,
+    "chroma": TINY_CHROMA,
 }
 # (family, algorithm) -> {style: sha256 of the exported tensors}
 PINNED = {
@@ -134,8 +137,29 @@ PINNED = {
         "kohya": "562f7eec7c7be385ba657c4415650c67d22dc25e83f71cb1ff1ff8a926fba27b",
         "peft": "refused",
     },
+    ("chroma", "LoRA"): {
+        "comfyui": "9368fa3352ca90cd88bfd1ff5ab3843f8e3ac6b0fba09a515143298fb4891b51",
+        "kohya": "3369a4825a8598b74d6e5f068ddd1554ab659745cf1fc0fbc6defcb617c3f716",
+        "peft": "refused",
+    },
+    ("chroma", "LoHa"): {
+        "comfyui": "0786e4cdc58950ff44a48e945441df0e832e388a4db6cb5b271376ab20660e00",
+        "kohya": "663268d9fd2a6354bd18262c443a438a708fc776dac0be367b20cf5c93ef87e5",
+        "peft": "refused",
+    },
+    ("chroma", "LoKr"): {
+        "comfyui": "df7b4f69d8c7bb9494a3b9ab6c918b43d06cd78f00df9c42ce8365a7a3dd9133",
+        "kohya": "bfb2d63dd0a47ac91a724ca5362f9068e2bdd901abf8a9e5415f4e1848dfdf7a",
+        "peft": "refused",
+    },
+    ("chroma", "OFT"): {
+        "comfyui": "4baf13589f2eb925ca600061dd5e36c34dbc4d1084510de035dcfe1c0826a238",
+        "kohya": "ce0280bcf04ddae0f7775c2b66201bc11d2d78baff1bec833a954b9f55ef26c0",
+        "peft": "refused",
+    },
 }
-# In CI: every algorithm on the cheapest UNet and LoRA on SDXL and Flux dev; the rest with `pytest -m slow`.
+# In CI: every algorithm on the cheapest UNet and LoRA on SDXL and Flux dev; the rest (Chroma's too) with
+# `pytest -m slow`.
 IN_CI = {*(("sd1", a) for a in ALGORITHMS), ("sdxl", "LoRA"), ("flux-dev", "LoRA")}
 
 
@@ -149,6 +173,8 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
 
 
 def family_data(family: str):
+    if family == "chroma":
+        return make_dataset(*chroma_data(count=2, size=4))
     if family.startswith("flux"):
         latents, conditioning = flux_data(count=2, size=4)
         return make_dataset(latents, conditioning)

@@ -32,7 +32,7 @@ from jaxlora.models.flux import (
     JointTransformer,
     MLPEmbedder,
     SingleStream,
-    check_heads,
+    StreamConfig,
 )
 from jaxlora.models.layers import Linear, RMSNorm, sinusoidal_embedding
 from jaxlora.models.stack import Stack
@@ -42,37 +42,20 @@ CONDITION_DIM = 16  # width of the timestep and of the guidance sinusoid; the in
 
 
 @dataclass(frozen=True)
-class ChromaConfig:
-    """Everything that shapes the network; inferred from a checkpoint's shapes by the family record.
+class ChromaConfig(StreamConfig):
+    """Everything that shapes the network; inferred from a checkpoint's shapes by the family record. The
+    streams' widths as Flux's; `approximator_*` are the distilled guidance layer's width and depth."""
 
-    `in_channels`/`out_channels` are latent channels (before the 2x2 patchify); the head width is the length of
-    the QK-norm scale and equals sum(axes_dim). `approximator_*` are the distilled guidance layer's widths.
-    """
-
-    hidden_size: int = 3072
-    num_heads: int = 24
-    mlp_hidden: int = 12288
-    depth: int = 19
-    depth_single_blocks: int = 38
-    in_channels: int = 16
-    out_channels: int = 16
-    context_dim: int = 4096
     approximator_hidden: int = 5120
     approximator_layers: int = 5
-    axes_dim: tuple[int, ...] = (16, 56, 56)
-    theta: float = 10000.0
 
     def __post_init__(self):
-        check_heads(self.hidden_size, self.num_heads, self.axes_dim)
+        super().__post_init__()
         if self.modulation_rows > MOD_INDEX_LENGTH:
             raise ValueError(
                 f"{self.depth} double and {self.depth_single_blocks} single blocks need {self.modulation_rows} "
                 f"modulation rows; Chroma's approximator has {MOD_INDEX_LENGTH}"
             )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     @property
     def modulation_rows(self) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 
-from jaxlora.models.chroma import Chroma, ChromaConfig
+from jaxlora.models.chroma import CONDITION_DIM, Chroma, ChromaConfig
 from jaxlora.models.family import (
     AdapterNames,
     ConditioningField,
@@ -27,7 +27,7 @@ from jaxlora.models.family import (
     Variant,
     key_indices,
 )
-from jaxlora.models.flux_family import FLUX_LATENT, FLUX_SHIFT, block_rows, flux_schedule
+from jaxlora.models.flux_family import FLUX_LATENT, FLUX_SHIFT, block_rows, flux_schedule, infer_stream_fields
 from jaxlora.models.flux_names import adapter_names
 from jaxlora.models.sampling import ModelSampling
 
@@ -53,35 +53,22 @@ def chroma_sampling(shift: float | None = None) -> ModelSampling:
 
 
 def infer_chroma_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[ChromaConfig, Variant]:
-    """Chroma config from un-prefixed key shapes: widths from the embedders and the approximator, depths from
-    the block indices, the head width from the QK-norm scale."""
+    """Chroma config from un-prefixed key shapes: the stream fields as Flux's, the approximator's width and
+    depth from `distilled_guidance_layer`."""
+    fields = infer_stream_fields(shapes, "Chroma")
     try:
-        hidden, patched_in = shapes["img_in.weight"]
-        context_dim = shapes["txt_in.weight"][1]
         approximator_hidden, approximator_in = shapes["distilled_guidance_layer.in_proj.weight"]
         approximator_out = shapes["distilled_guidance_layer.out_proj.weight"][0]
-        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
-        patched_out = shapes["final_layer.linear.weight"][0]
     except KeyError as error:
         raise UnknownLayoutError(f"Chroma key {error} is missing") from error
-    if hidden % head_dim:
-        raise UnknownLayoutError(f"hidden size {hidden} is not a multiple of the QK-norm width {head_dim}")
-    if (approximator_in, approximator_out) != (64, hidden):
+    if (approximator_in, approximator_out) != (4 * CONDITION_DIM, fields["hidden_size"]):
         raise UnknownLayoutError(
-            f"distilled_guidance_layer maps {approximator_in} -> {approximator_out} features; Chroma's maps 64 -> "
-            f"the hidden size {hidden}"
+            f"distilled_guidance_layer maps {approximator_in} -> {approximator_out} features; Chroma's maps "
+            f"{4 * CONDITION_DIM} -> the hidden size {fields['hidden_size']}"
         )
     try:
         config = ChromaConfig(
-            hidden_size=hidden,
-            num_heads=hidden // head_dim,
-            mlp_hidden=mlp_hidden,
-            depth=len(key_indices(shapes, r"double_blocks\.(\d+)\.")),
-            depth_single_blocks=len(key_indices(shapes, r"single_blocks\.(\d+)\.")),
-            in_channels=patched_in // 4,
-            out_channels=patched_out // 4,
-            context_dim=context_dim,
+            **fields,
             approximator_hidden=approximator_hidden,
             approximator_layers=len(key_indices(shapes, r"distilled_guidance_layer\.layers\.(\d+)\.")),
         )

@@ -14,7 +14,6 @@ the patch size, text ids zero, text tokens first. The timestep is sigma; the emb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,8 @@ NORM_EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class FluxConfig:
-    """Everything that shapes the network; inferred from a checkpoint by `checkpoint.infer_flux_config`.
+class StreamConfig:
+    """What shapes the streams of any Flux-line network (Flux's and its derivatives' configs extend it).
 
     `in_channels`/`out_channels` are latent channels (before the 2x2 patchify); the head width is the length
     of the QK-norm scale and equals sum(axes_dim).
@@ -46,29 +45,30 @@ class FluxConfig:
     in_channels: int = 16
     out_channels: int = 16
     context_dim: int = 4096
-    vec_in_dim: int = 768
-    guidance_embed: bool = True
     axes_dim: tuple[int, ...] = (16, 56, 56)
     theta: float = 10000.0
 
     def __post_init__(self):
-        check_heads(self.hidden_size, self.num_heads, self.axes_dim)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"RoPE axes {self.axes_dim} must add up to the head width {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+
+@dataclass(frozen=True)
+class FluxConfig(StreamConfig):
+    """Everything that shapes the network; inferred from a checkpoint by `flux_family.infer_flux_config`."""
+
+    vec_in_dim: int = 768
+    guidance_embed: bool = True
+
     @property
     def pooled_dim(self) -> int:
         return self.vec_in_dim
-
-
-def check_heads(hidden_size: int, num_heads: int, axes_dim: tuple[int, ...]) -> None:
-    """The rules every Flux-line config obeys: whole heads, and RoPE axes that fill the head width."""
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden size {hidden_size} does not split into {num_heads} heads")
-    if sum(axes_dim) != hidden_size // num_heads:
-        raise ValueError(f"RoPE axes {axes_dim} must add up to the head width {hidden_size // num_heads}")
 
 
 FLUX_DEV = FluxConfig()
@@ -150,17 +150,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return (1 + scale) * layer_norm(x, NORM_EPS) + shift
-
-
-class StreamConfig(Protocol):
-    """The widths the double and single blocks need, from any Flux-line config."""
-
-    hidden_size: int
-    num_heads: int
-    mlp_hidden: int
-
-    @property
-    def head_dim(self) -> int: ...
 
 
 class DoubleStream(nnx.Module):

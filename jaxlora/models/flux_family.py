@@ -57,33 +57,42 @@ def flux_sampling(variant: Variant, shift: float | None = None) -> ModelSampling
     return ModelSampling("const", discrete_flow_schedule(1.0 if shift is None else shift))
 
 
-def infer_flux_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[FluxConfig, Variant]:
-    """Flux config from un-prefixed key shapes: widths from the embedders, depths from the block indices, the
-    head width from the QK-norm scale, dev (guidance embedding) or schnell from `guidance_in`."""
+def infer_stream_fields(shapes: Mapping[str, tuple[int, ...]], family: str) -> dict[str, int]:
+    """The `StreamConfig` fields of any Flux-line file, from un-prefixed key shapes: widths from the embedders,
+    depths from the block indices, the head width from the QK-norm scale."""
     try:
         hidden, patched_in = shapes["img_in.weight"]
         context_dim = shapes["txt_in.weight"][1]
-        vec_in_dim = shapes["vector_in.in_layer.weight"][1]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
         mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
         patched_out = shapes["final_layer.linear.weight"][0]
     except KeyError as error:
-        raise UnknownLayoutError(f"Flux key {error} is missing") from error
+        raise UnknownLayoutError(f"{family} key {error} is missing") from error
     if hidden % head_dim:
         raise UnknownLayoutError(f"hidden size {hidden} is not a multiple of the QK-norm width {head_dim}")
-    guidance = "guidance_in.in_layer.weight" in shapes
+    return {
+        "hidden_size": hidden,
+        "num_heads": hidden // head_dim,
+        "mlp_hidden": mlp_hidden,
+        "depth": len(key_indices(shapes, r"double_blocks\.(\d+)\.")),
+        "depth_single_blocks": len(key_indices(shapes, r"single_blocks\.(\d+)\.")),
+        "in_channels": patched_in // 4,
+        "out_channels": patched_out // 4,
+        "context_dim": context_dim,
+    }
+
+
+def infer_flux_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[FluxConfig, Variant]:
+    """Flux config from un-prefixed key shapes: the stream fields, the pooled width from `vector_in`, dev
+    (guidance embedding) or schnell from `guidance_in`."""
+    fields = infer_stream_fields(shapes, "Flux")
+    if "vector_in.in_layer.weight" not in shapes:
+        raise UnknownLayoutError("Flux key 'vector_in.in_layer.weight' is missing")
     try:
         config = FluxConfig(
-            hidden_size=hidden,
-            num_heads=hidden // head_dim,
-            mlp_hidden=mlp_hidden,
-            depth=len(key_indices(shapes, r"double_blocks\.(\d+)\.")),
-            depth_single_blocks=len(key_indices(shapes, r"single_blocks\.(\d+)\.")),
-            in_channels=patched_in // 4,
-            out_channels=patched_out // 4,
-            context_dim=context_dim,
-            vec_in_dim=vec_in_dim,
-            guidance_embed=guidance,
+            **fields,
+            vec_in_dim=shapes["vector_in.in_layer.weight"][1],
+            guidance_embed="guidance_in.in_layer.weight" in shapes,
         )
     except ValueError as error:
         raise UnknownLayoutError(f"unsupported Flux layout: {error}") from error

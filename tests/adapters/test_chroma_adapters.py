@@ -54,6 +54,12 @@ def assert_loads_whole_as_trained(model, base, tensors):
 ALGORITHMS = ["LoRA", *(pytest.param(a, marks=pytest.mark.slow) for a in ("LoHa", "LoKr", "OFT"))]
 
 
+def assert_imports_as_trained(chroma_file, model, tensors):
+    fresh = load_model(chroma_file[0], dtype="fp32")
+    attach_imported(fresh.network, import_adapter(fresh, tensors, jnp.float32))
+    assert_same_weights(effective_state_dict(fresh.network), effective_state_dict(model.network))
+
+
 @pytest.mark.parametrize("style", ["comfyui", "kohya"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_layer_exports_in_comfyui_and_kohya_names_that_comfyui_applies_as_trained(chroma_file, algorithm, style):
@@ -75,9 +81,7 @@ def test_peft_export_of_the_blocks_loads_whole_and_reimports_fused(chroma_file):
     for piece in ("transformer_blocks.1.attn.add_k_proj", "single_transformer_blocks.0.proj_mlp", "proj_out"):
         assert f"transformer.{piece}.lora_B.weight" in peft
     assert_loads_whole_as_trained(model, base, peft)
-    fresh = load_model(chroma_file[0], dtype="fp32")
-    attach_imported(fresh.network, import_adapter(fresh, peft, jnp.float32))
-    assert_same_weights(effective_state_dict(fresh.network), effective_state_dict(model.network))
+    assert_imports_as_trained(chroma_file, model, peft)
 
 
 def test_peft_refuses_the_approximator_by_name(chroma_file):
@@ -102,6 +106,4 @@ def test_ai_toolkit_chroma_file_imports(chroma_file):
         elif not key.endswith(".alpha"):
             ai_toolkit[key] = value
     assert_loads_whole_as_trained(model, base, ai_toolkit)
-    fresh = load_model(chroma_file[0], dtype="fp32")
-    attach_imported(fresh.network, import_adapter(fresh, ai_toolkit, jnp.float32))
-    assert_same_weights(effective_state_dict(fresh.network), effective_state_dict(model.network))
+    assert_imports_as_trained(chroma_file, model, ai_toolkit)

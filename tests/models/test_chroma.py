@@ -18,20 +18,13 @@ from jaxlora.models.demo import random_tensors, write_random_checkpoint
 from jaxlora.models.diffusion import load_model
 from jaxlora.models.family import UnknownLayoutError
 from jaxlora.models.registry import find_family
-from tests.models.test_flux import tiny_linear1_split
+from tests.models.test_flux import pipeline_call, stream_diffusers_config, tiny_linear1_split
 
 
 def diffusers_config(config) -> dict:
     return {
         "_class_name": "ChromaTransformer2DModel",
-        "patch_size": 1,
-        "in_channels": 4 * config.in_channels,
-        "num_layers": config.depth,
-        "num_single_layers": config.depth_single_blocks,
-        "attention_head_dim": config.head_dim,
-        "num_attention_heads": config.num_heads,
-        "joint_attention_dim": config.context_dim,
-        "axes_dims_rope": list(config.axes_dim),
+        **stream_diffusers_config(config),
         "approximator_num_channels": 64,
         "approximator_hidden_dim": config.approximator_hidden,
         "approximator_layers": config.approximator_layers,
@@ -61,24 +54,8 @@ def diffusers_forward(path, config, config_dir, x_nhwc, sigma, context):
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32
         )
     comfyui_index_table(model)
-    # ChromaPipeline's packing, ids and unpacking (transcribed: the pipeline needs transformers).
-    batch, height, width, channels = x_nhwc.shape
-    h, w = height // 2, width // 2
-    latents = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
-    packed = latents.view(batch, channels, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, h * w, channels * 4)
-    img_ids = torch.zeros(h, w, 3)
-    img_ids[..., 1] += torch.arange(h)[:, None]
-    img_ids[..., 2] += torch.arange(w)[None, :]
     with torch.no_grad():
-        out = model(
-            hidden_states=packed,
-            encoder_hidden_states=torch.from_numpy(context),
-            timestep=torch.from_numpy(sigma),
-            img_ids=img_ids.reshape(h * w, 3),
-            txt_ids=torch.zeros(context.shape[1], 3),
-        ).sample
-    out = out.view(batch, h, w, -1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(batch, -1, height, width)
-    return out.numpy().transpose(0, 2, 3, 1), model
+        return pipeline_call(model, x_nhwc, context, sigma), model
 
 
 def test_chroma_matches_diffusers_single_file_in_fp32(tmp_path):
