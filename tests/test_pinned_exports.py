@@ -138,23 +138,23 @@ PINNED = {
         "peft": "refused",
     },
     ("chroma", "LoRA"): {
-        "comfyui": "9368fa3352ca90cd88bfd1ff5ab3843f8e3ac6b0fba09a515143298fb4891b51",
-        "kohya": "3369a4825a8598b74d6e5f068ddd1554ab659745cf1fc0fbc6defcb617c3f716",
+        "comfyui": "3b38b4dc7387d9005ed8bd2f9fe550c3f2f0c3f0c9e0e10c1525430a8013b5fa",
+        "kohya": "f7ae52f0ad2bd1c0588f91e456e0e7f33c5311db05bc979139bf21a30dea45a6",
         "peft": "refused",
     },
     ("chroma", "LoHa"): {
-        "comfyui": "0786e4cdc58950ff44a48e945441df0e832e388a4db6cb5b271376ab20660e00",
-        "kohya": "663268d9fd2a6354bd18262c443a438a708fc776dac0be367b20cf5c93ef87e5",
+        "comfyui": "b370f01ba98c5de3cfe9376c4c11e5d877c0f1d55c2059ed8b6fc89b4b30d44e",
+        "kohya": "9f20c85bb4c2e6510c458ce140b7c879315b9e0a04c3e325d69548db60b663f3",
         "peft": "refused",
     },
     ("chroma", "LoKr"): {
-        "comfyui": "df7b4f69d8c7bb9494a3b9ab6c918b43d06cd78f00df9c42ce8365a7a3dd9133",
-        "kohya": "bfb2d63dd0a47ac91a724ca5362f9068e2bdd901abf8a9e5415f4e1848dfdf7a",
+        "comfyui": "75a1ef09d9ce05600a8507252eb1198e29519a794cab9430a9b15c9c0a0428cc",
+        "kohya": "03462370fb069e107d3d98f92794666e4fb622b1b8fcb6e37c7e402b24cdcce9",
         "peft": "refused",
     },
     ("chroma", "OFT"): {
-        "comfyui": "4baf13589f2eb925ca600061dd5e36c34dbc4d1084510de035dcfe1c0826a238",
-        "kohya": "ce0280bcf04ddae0f7775c2b66201bc11d2d78baff1bec833a954b9f55ef26c0",
+        "comfyui": "629f95f129afa5d75adfa8c0b3e08e4f3e49da6f09065af8fa6e0b87e29ea531",
+        "kohya": "01c8f2028fdcf997833a8b9b24c4ddbde799a836f85db59d5227f029893c6a0c",
         "peft": "refused",
     },
 }
