@@ -31,7 +31,7 @@ from jaxlora.models.flux_family import FLUX_LATENT, FLUX_SHIFT, block_rows, flux
 from jaxlora.models.flux_names import adapter_names
 from jaxlora.models.sampling import ModelSampling
 
-CHROMA_VARIANT = Variant("chroma", "Chroma", FLUX_LATENT, "chroma", "chroma/lora")
+CHROMA_VARIANT = Variant("chroma", "Chroma", FLUX_LATENT, "chroma", "chroma/lora", resolution=1024)  # Chroma1-HD's
 DEFAULT_GUIDANCE = 0.0  # model_base.Chroma's guidance when the conditioning carries none
 
 # Every block kind at a size that compiles in seconds: two heads of the RoPE-fixed width 128, a narrow
