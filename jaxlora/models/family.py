@@ -105,6 +105,8 @@ class ModelFamily(ABC):
       the user when a file has them instead;
     - `number_fields`: per-sample numbers a dataset may carry for the network (sizes, guidance), read from
       ComfyUI's conditioning as floats;
+    - `ignored_keys`: keys (without prefix) the family's files may hold that its network never uses; the loader
+      skips them;
     - `config_type`: the network config class; `demo_config`: a tiny config with every block kind, for the
       built-in demo and tests.
     """
@@ -114,6 +116,7 @@ class ModelFamily(ABC):
     markers: tuple[str, ...]
     foreign_layouts: Mapping[str, str]
     number_fields: tuple[str, ...]
+    ignored_keys: tuple[str, ...] = ()
     config_type: type
     demo_config: Any
 

@@ -8,9 +8,10 @@ from typing import Any
 
 from jaxlora.models.family import ModelFamily, UnknownLayoutError, Variant
 from jaxlora.models.flux_family import FLUX_FAMILY
+from jaxlora.models.nextdit_family import NEXTDIT_FAMILY
 from jaxlora.models.unet_family import UNET_FAMILY
 
-FAMILIES: tuple[ModelFamily, ...] = (UNET_FAMILY, FLUX_FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (UNET_FAMILY, FLUX_FAMILY, NEXTDIT_FAMILY)
 DEMO_FAMILY = UNET_FAMILY  # the built-in demo trains its `demo_config`: the cheapest network to compile
 
 # Per-sample numbers a dataset may carry for some family's network.
