@@ -17,12 +17,14 @@ from jaxlora.adapters.formats import AdapterFileError, export_adapter
 from jaxlora.models.demo import demo_dataset, write_random_checkpoint
 from jaxlora.models.family import STYLES
 from jaxlora.models.flux_family import TINY_FLUX_DEV, TINY_FLUX_SCHNELL
+from jaxlora.models.nextdit_family import TINY_LUMINA2, TINY_Z_IMAGE
 from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import run_training
 from tests.models.tiny_unets import SD2, SDXL
 from tests.train.test_flux_train import flux_data
+from tests.train.test_nextdit_train import nextdit_data
 
 ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")
 CONFIGS = {
@@ -138,6 +140,12 @@ PINNED = {
 # In CI: every algorithm on the cheapest UNet and LoRA on SDXL and Flux dev; the rest with `pytest -m slow`.
 IN_CI = {*(("sd1", a) for a in ALGORITHMS), ("sdxl", "LoRA"), ("flux-dev", "LoRA")}
 
+# NextDiT (Z-Image, Lumina 2): LoRA on Z-Image in CI.
+CONFIGS |= {"z-image": TINY_Z_IMAGE, "lumina2": TINY_LUMINA2}
+NEXTDIT_PINNED = {}
+PINNED |= NEXTDIT_PINNED
+IN_CI |= {("z-image", "LoRA")}
+
 
 def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
@@ -149,6 +157,9 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
 
 
 def family_data(family: str):
+    if family in ("z-image", "lumina2"):
+        latents, conditioning = nextdit_data(CONFIGS[family].cap_feat_dim, count=2, size=4)
+        return make_dataset(latents, conditioning)
     if family.startswith("flux"):
         latents, conditioning = flux_data(count=2, size=4)
         return make_dataset(latents, conditioning)
