@@ -24,6 +24,7 @@ from jaxlora.models.family import (
     UnknownLayoutError,
     Variant,
     key_indices,
+    refuse_prediction_override,
 )
 from jaxlora.models.flux_family import FLUX_LATENT
 from jaxlora.models.nextdit import NextDiT, NextDiTConfig
@@ -162,13 +163,11 @@ class NextDiTFamily(ModelFamily):
         return NextDiT(config)
 
     def load_sampling(self, variant, config, read_tensor, keys, prediction):
-        if prediction != "auto":
-            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        refuse_prediction_override(variant, prediction)
         return nextdit_sampling(variant)
 
     def run_sampling(self, variant, loaded, prediction, shift):
-        if prediction != "auto":
-            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        refuse_prediction_override(variant, prediction)
         return loaded if shift is None else nextdit_sampling(variant, shift)
 
     def conditioning(self, variant, config: NextDiTConfig):

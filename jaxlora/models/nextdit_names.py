@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from jaxlora.models.family import STYLES, NameTarget
+from jaxlora.models.family import NameTarget, kohya_transformer_name, transformer_export_names
 
 # ComfyUI path inside a block -> the diffusers name, where they differ; `attention.qkv` splits into QKV_PIECES.
 BLOCK_RENAMES = {
@@ -62,10 +62,6 @@ def diffusers_names(path: str, dim: int, split_qkv: bool) -> dict[str, NameTarge
     return {path: NameTarget(path)} if local in BLOCK_SAME else {}
 
 
-def kohya_name(path: str) -> str:
-    return "lora_unet_" + path.replace(".", "_")
-
-
 def import_aliases(paths: Iterable[str], dim: int, split_qkv: bool) -> dict[str, NameTarget]:
     """Every base name ComfyUI's loader accepts for the model's layers -> what it patches: its own paths, kohya
     names, and each diffusers name as `diffusion_model.`, `transformer.`, `lycoris_` (flattened) and bare."""
@@ -73,7 +69,7 @@ def import_aliases(paths: Iterable[str], dim: int, split_qkv: bool) -> dict[str,
     for path in paths:
         whole = NameTarget(path)
         aliases[f"diffusion_model.{path}"] = whole
-        aliases[kohya_name(path)] = whole
+        aliases[kohya_transformer_name(path)] = whole
         for name, target in diffusers_names(path, dim, split_qkv).items():
             for alias in (f"diffusion_model.{name}", f"transformer.{name}", "lycoris_" + name.replace(".", "_"), name):
                 aliases[alias] = target
@@ -83,10 +79,4 @@ def import_aliases(paths: Iterable[str], dim: int, split_qkv: bool) -> dict[str,
 def export_names(path: str, dim: int, split_qkv: bool, style: str) -> dict[str, NameTarget]:
     """The base names under which an adapter of layer `path` is written in `style`: one name for `comfyui` and
     `kohya`; for `peft`, `transformer.<diffusers name>` per row slice (none for a layer the table cannot name)."""
-    if style == "comfyui":
-        return {f"diffusion_model.{path}": NameTarget(path)}
-    if style == "kohya":
-        return {kohya_name(path): NameTarget(path)}
-    if style != "peft":
-        raise ValueError(f"unknown adapter style {style!r}; use one of {STYLES}")
-    return {f"transformer.{name}": target for name, target in diffusers_names(path, dim, split_qkv).items()}
+    return transformer_export_names(path, style, diffusers_names(path, dim, split_qkv) if style == "peft" else {})

@@ -134,6 +134,16 @@ def flux_to_diffusers(hidden_size: int, depth: int, depth_single: int, prefix: s
     return key_map
 
 
+def add_weight_aliases(key_map: dict, diffusers: dict, spellings: tuple[str, ...]) -> None:
+    """For each `.weight` key of a diffusers map, its base name in every spelling (`{}` the dotted base name,
+    `{flat}` with underscores) -> the map's target."""
+    for k, to in diffusers.items():
+        if k.endswith(".weight"):
+            base = k[: -len(".weight")]
+            for spelling in spellings:
+                key_map[spelling.format(base, flat=base.replace(".", "_"))] = to
+
+
 def flux_key_map(state_dict: dict[str, np.ndarray]):
     """`model_lora_keys_unet` for a Flux model (spec 8.4): the generic names, the diffusers names in four
     spellings, and `linear1_qkv`. Hidden size and depths are read from the state dict, as ComfyUI detects them."""
@@ -144,16 +154,7 @@ def flux_key_map(state_dict: dict[str, np.ndarray]):
     }
     hidden_size = state_dict["diffusion_model.img_in.weight"].shape[0]
     diffusers = flux_to_diffusers(hidden_size, len(blocks["double_blocks"]), len(blocks["single_blocks"]))
-    for k, to in diffusers.items():
-        if k.endswith(".weight"):
-            base = k[: -len(".weight")]
-            for alias in (
-                f"transformer.{base}",
-                f"lycoris_{base.replace('.', '_')}",
-                f"lora_transformer_{base.replace('.', '_')}",
-                base,
-            ):
-                key_map[alias] = to
+    add_weight_aliases(key_map, diffusers, ("transformer.{}", "lycoris_{flat}", "lora_transformer_{flat}", "{}"))
     for k in state_dict:
         if k.endswith(".weight") and ".linear1." in k:
             key_map[k.replace(".linear1.weight", ".linear1_qkv")] = (k, (0, 0, hidden_size * 3))
@@ -212,11 +213,8 @@ def lumina2_key_map(state_dict: dict[str, np.ndarray]):
     key_map = model_key_map(state_dict, {})
     dim = state_dict["diffusion_model.cap_embedder.1.weight"].shape[0]
     n_layers = len({k.split(".")[2] for k in state_dict if k.startswith("diffusion_model.layers.")})
-    for k, to in z_image_to_diffusers(dim, n_layers).items():
-        if k.endswith(".weight"):
-            base = k[: -len(".weight")]
-            for alias in (f"diffusion_model.{base}", f"transformer.{base}", f"lycoris_{base.replace('.', '_')}", base):
-                key_map[alias] = to
+    diffusers = z_image_to_diffusers(dim, n_layers)
+    add_weight_aliases(key_map, diffusers, ("diffusion_model.{}", "transformer.{}", "lycoris_{flat}", "{}"))
     return key_map
 
 
