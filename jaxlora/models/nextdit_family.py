@@ -197,7 +197,10 @@ class NextDiTFamily(ModelFamily):
                 f"{config.dim}, {config.n_heads} heads of {config.head_dim} ({config.n_kv_heads} kv), "
                 f"ffn {config.ffn_hidden}",
             ),
-            ("context", f"{config.cap_feat_dim}-d, pad to {config.pad_tokens_multiple}"),
+            (
+                "context",
+                f"{config.cap_feat_dim}-d" + (f", padded to {pad}s" if (pad := config.pad_tokens_multiple) else ""),
+            ),
         ]
 
 
