@@ -54,7 +54,7 @@ def find_family(keys: Iterable[str]) -> tuple[ModelFamily, str]:
 
 
 def supported_models() -> str:
-    """The variants users can load, for help texts and messages: "Stable Diffusion 1.x, ..., Flux.1 schnell"."""
+    """The variants users can load, for help texts and messages: "Stable Diffusion 1.x, ..., Lumina 2"."""
     return ", ".join(variant.description for family in FAMILIES for variant in family.variants)
 
 
