@@ -64,14 +64,23 @@ def diffusers_names(path: str, dim: int, split_qkv: bool) -> dict[str, NameTarge
 
 def import_aliases(paths: Iterable[str], dim: int, split_qkv: bool) -> dict[str, NameTarget]:
     """Every base name ComfyUI's loader accepts for the model's layers -> what it patches: its own paths, kohya
-    names, and each diffusers name as `diffusion_model.`, `transformer.`, `lycoris_` (flattened) and bare."""
+    names, and each diffusers name as `diffusion_model.`, `transformer.`, `lycoris_` (flattened) and bare. Also
+    musubi-tuner's sd-scripts names of the diffusers modules (`lora_unet_layers_0_attention_to_q`), which ComfyUI
+    reads only after musubi's conversion script."""
     aliases: dict[str, NameTarget] = {}
     for path in paths:
         whole = NameTarget(path)
         aliases[f"diffusion_model.{path}"] = whole
         aliases[kohya_transformer_name(path)] = whole
         for name, target in diffusers_names(path, dim, split_qkv).items():
-            for alias in (f"diffusion_model.{name}", f"transformer.{name}", "lycoris_" + name.replace(".", "_"), name):
+            flat = name.replace(".", "_")
+            for alias in (
+                f"diffusion_model.{name}",
+                f"transformer.{name}",
+                f"lycoris_{flat}",
+                f"lora_unet_{flat}",
+                name,
+            ):
                 aliases[alias] = target
     return aliases
 

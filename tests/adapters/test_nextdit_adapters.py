@@ -1,7 +1,8 @@
 """Adapters on NextDiT (Z-Image, Lumina 2): every exported style is consumed whole by ComfyUI's load math for the
 family and patches the weights as trained (fp32: rtol 1e-5, atol 1e-6); the diffusers/PEFT export cuts the fused
 qkv into to_q/to_k/to_v; and Z-Image LoRAs in the names the community trains (diffusers/PEFT `transformer.`,
-ai-toolkit `diffusion_model.`, LyCORIS, bare) import fused back into the stacked layout."""
+ai-toolkit `diffusion_model.`, LyCORIS, bare; musubi-tuner's `lora_unet_` spelling of them) import fused back
+into the stacked layout."""
 
 from __future__ import annotations
 
@@ -111,6 +112,27 @@ def community_spellings(peft: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             key = base
         renamed[key] = value
     return renamed
+
+
+def musubi_spelling(peft: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """musubi-tuner's own Z-Image format: sd-scripts names of the diffusers modules, kohya suffixes."""
+    suffixes = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight", ".diff_b": ".diff_b"}
+    suffixes[".diff"] = ".diff"
+    renamed = {}
+    for key, value in peft.items():
+        base, suffix = next((key[: -len(s)], new) for s, new in suffixes.items() if key.endswith(s))
+        renamed["lora_unet_" + base.removeprefix("transformer.").replace(".", "_") + suffix] = value
+    return renamed
+
+
+def test_musubi_tuner_z_image_loras_import_with_qkv_pieces_fused(files):
+    model, _ = adapted(files, "z-image", "LoRA")
+    musubi = musubi_spelling(export_adapter(model, "peft", jnp.float32))
+    assert "lora_unet_layers_0_attention_to_k.lora_down.weight" in musubi
+    assert "lora_unet_layers_0_attention_to_out_0.lora_up.weight" in musubi
+    fresh = load_model(files["z-image"][0], dtype="fp32")
+    attach_imported(fresh.network, import_adapter(fresh, musubi, jnp.float32))
+    assert_same_weights(effective_state_dict(fresh.network), effective_state_dict(model.network))
 
 
 def test_community_z_image_loras_import_with_qkv_pieces_fused(files):
