@@ -56,6 +56,7 @@ class Variant:
     modelspec_architecture: str
     kohya_v2: bool = False
     kohya_v_suffix: bool = False
+    resolution: int = 512  # the side, in pixels, of the square area it was trained at (the default bucket area)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,34 @@ class ConditioningField:
     name: str
     width: int
     meaning: str
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """One text encoder a family conditions on, run as ComfyUI's CLIPTextEncode runs it.
+
+    `role` names the encoder ("l" CLIP-L, "g" OpenCLIP bigG, "h" OpenCLIP ViT-H, "t5" T5-XXL); for CLIP towers
+    `layer` is the hidden layer counted from the end, `normed` whether it passes the final layer norm,
+    `pad_with_end` the padding token (end token, or 0), `projected` whether the pooled output goes through the
+    tower's projection when it has one; `hidden` whether its hidden states are part of `c_crossattn` (a family may
+    take only a tower's pooled output); `min_length` the padded token count of a T5 row."""
+
+    role: str
+    layer: int = -1
+    normed: bool = True
+    pad_with_end: bool = True
+    projected: bool = True
+    hidden: bool = True
+    min_length: int = 0
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """How captions become a family's `c_crossattn` (the towers' hidden states side by side, in this order) and
+    `pooled_output` (the pooled output of the tower `pooled_from`; None: the family takes none)."""
+
+    towers: tuple[TextTower, ...]
+    pooled_from: str | None = None
 
 
 class ModelFamily(ABC):
@@ -197,6 +226,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def describe(self, config: Any) -> list[tuple[str, str]]:
         """Rows (label, value) that `python -m jaxlora.inspect` prints about the architecture."""
+
+    def text_conditioning(self, variant: Variant, config: Any) -> TextConditioning:
+        """The text encoders that turn captions into this family's conditioning (datasets from images)."""
+        raise ValueError(
+            f"{variant.description}: datasets from captioned images are not supported for this family yet; "
+            "encode the dataset in ComfyUI (MakeTrainingDataset + SaveTrainingDataset)"
+        )
 
     def latent_channels(self, config: Any) -> int:
         return config.in_channels

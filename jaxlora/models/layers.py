@@ -290,3 +290,18 @@ def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) ->
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = jnp.asarray(t, jnp.float32)[..., None] * freqs
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class Embedding(WeightLayer):
+    """A lookup table [rows, width] (token or position embeddings), stored as torch stores it; not adapted."""
+
+    torch_to_flax = (0, 1)
+    adaptable = False
+
+    def __init__(self, rows: int, width: int):
+        self.weight = _placeholder(rows, width)
+        self.bias = None
+        self.adapter = nnx.data(None)
+
+    def lookup(self, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        return jnp.take(self.weight_as(dtype), ids, axis=0)
