@@ -31,8 +31,8 @@ from jaxlora.models.nextdit import NextDiT, NextDiTConfig
 from jaxlora.models.nextdit_names import export_names, import_aliases
 from jaxlora.models.sampling import ModelSampling, discrete_flow_schedule
 
-Z_IMAGE = Variant("z-image", "Z-Image", FLUX_LATENT, "z_image", "Z-Image/lora")
-LUMINA2 = Variant("lumina2", "Lumina 2", FLUX_LATENT, "lumina2", "lumina-2/lora")
+Z_IMAGE = Variant("z-image", "Z-Image", FLUX_LATENT, "z_image", "Z-Image/lora", resolution=1024)
+LUMINA2 = Variant("lumina2", "Lumina 2", FLUX_LATENT, "lumina2", "lumina-2/lora", resolution=1024)
 
 
 @dataclass(frozen=True)
