@@ -26,6 +26,7 @@ from jaxlora.models.family import (
     UnknownLayoutError,
     Variant,
     key_indices,
+    refuse_prediction_override,
 )
 from jaxlora.models.flux_family import FLUX_LATENT, FLUX_SHIFT, block_rows, flux_schedule, infer_stream_fields
 from jaxlora.models.flux_names import adapter_names
@@ -99,13 +100,11 @@ class ChromaFamily(ModelFamily):
         return Chroma(config)
 
     def load_sampling(self, variant, config, read_tensor, keys, prediction):
-        if prediction != "auto":
-            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        refuse_prediction_override(variant, prediction)
         return chroma_sampling()
 
     def run_sampling(self, variant, loaded, prediction, shift):
-        if prediction != "auto":
-            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        refuse_prediction_override(variant, prediction)
         return loaded if shift is None else chroma_sampling(shift)
 
     def conditioning(self, variant, config: ChromaConfig):

@@ -20,6 +20,7 @@ from jaxlora.models.family import (
     UnknownLayoutError,
     Variant,
     key_indices,
+    refuse_prediction_override,
 )
 from jaxlora.models.flux import Flux, FluxConfig
 from jaxlora.models.flux_names import adapter_names
@@ -135,13 +136,11 @@ class FluxFamily(ModelFamily):
         return Flux(config)
 
     def load_sampling(self, variant, config, read_tensor, keys, prediction):
-        if prediction != "auto":
-            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        refuse_prediction_override(variant, prediction)
         return flux_sampling(variant)
 
     def run_sampling(self, variant, loaded, prediction, shift):
-        if prediction != "auto":
-            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        refuse_prediction_override(variant, prediction)
         return loaded if shift is None else flux_sampling(variant, shift)
 
     def conditioning(self, variant, config: FluxConfig):
