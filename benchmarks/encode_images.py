@@ -1,8 +1,9 @@
 """Encoding captioned images for a dataset: images/s of the full-size VAE encoders and captions/s of the text towers
 on this machine, through the same jitted functions `make_image_dataset` uses.
 
-Run from the repository root as `python benchmarks/encode_images.py [--images 4] [--captions 16]`; prints markdown
-for BENCHMARKS.md. Weights are random at the real sizes (SD VAE 84M parameters at 512 and 1024 px; CLIP-L 123M;
+Run from the repository root as
+`python benchmarks/encode_images.py [--images 1] [--captions 2] [--sides 512 1024]`; prints markdown for
+BENCHMARKS.md. Weights are random at the real sizes (SD VAE 84M parameters at 512 and 1024 px; CLIP-L 123M;
 OpenCLIP bigG 695M): the speed does not depend on the values. Compile time is reported apart: the first call.
 """
 
@@ -53,11 +54,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=1, help="timed VAE batches after the first")
     parser.add_argument("--captions", type=int, default=2, help="timed text batches after the first")
+    parser.add_argument("--sides", type=int, nargs="+", default=[512, 1024], help="image sides in pixels")
     args = parser.parse_args()
     print("| encoder | input | batch | compile + first call (s) | per batch (s) | per item/s |")
     print("|---|---|---|---|---|---|")
     vae = _vae_function(random_network(AutoencoderKL(SD_VAE)))
-    for side in (512, 1024):
+    for side in args.sides:
         images = np.random.default_rng(0).uniform(0, 1, (IMAGES_PER_CALL, side, side, 3)).astype(np.float32)
         first, each = timed_calls(vae, images, args.images)
         print(

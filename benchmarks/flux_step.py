@@ -1,9 +1,10 @@
-"""The full-size Flux.1-dev train step compiled from abstract inputs: XLA's memory and FLOP counts, and the
-compile time of the scanned block stacks against unrolled blocks.
+"""The full-size Flux.1-dev (or Chroma) train step compiled from abstract inputs: XLA's memory and FLOP counts,
+and the compile time of the scanned block stacks against unrolled blocks.
 
-Run from the repository root as `python benchmarks/flux_step.py --section memory|compile|all`; prints markdown
-for BENCHMARKS.md. The step is the trainer's own (`prepare` and `lower_and_compile` of train_step.py): LoRA
-rank 16 with fp32 masters, AdamW, bf16 frozen base given as `jax.ShapeDtypeStruct`s, batch 1, 512 T5 tokens.
+Run from the repository root as `python benchmarks/flux_step.py --section memory|compile|all`, with
+`--model chroma` and `--latent 64` to choose; prints markdown for BENCHMARKS.md. The step is the trainer's own
+(`prepare` and `lower_and_compile` of train_step.py): LoRA rank 16 with fp32 masters, AdamW, bf16 frozen base
+given as `jax.ShapeDtypeStruct`s, batch 1, 512 T5 tokens (and the pooled vector where the model takes one).
 Nothing is allocated; each case compiles in a freshly spawned process.
 
 - memory: 512x512 and 1024x1024 pixels (latents 64x64 and 128x128, 16 channels), remat per block on and off.
@@ -22,6 +23,7 @@ import numpy as np
 from load_and_forward import timed
 from train_step import lower_and_compile, markdown_table, prepare, xla_counts
 
+from jaxlora.models.chroma import CHROMA
 from jaxlora.models.diffusion import abstract_model
 from jaxlora.models.flux import FLUX_DEV
 from jaxlora.train.config import TrainConfig
@@ -29,6 +31,7 @@ from jaxlora.train.data import make_bucket
 
 SECTIONS = ("memory", "compile")
 TOKENS = 512
+MODELS = {"flux-dev": ("Flux.1-dev", FLUX_DEV), "chroma": ("Chroma", CHROMA)}
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Case:
     latent: int
     remat: bool
     scan: bool = True
+    model: str = "flux-dev"
 
     @property
     def config(self) -> TrainConfig:
@@ -49,13 +53,15 @@ class Case:
 
 def run_case(case: Case) -> dict:
     config = case.config
-    model, building_s = timed(lambda: abstract_model(FLUX_DEV, config.training_dtype))
+    network_config = MODELS[case.model][1]
+    model, building_s = timed(lambda: abstract_model(network_config, config.training_dtype))
     model.network.scan = case.scan
     conditioning = {
-        "c_crossattn": np.zeros((1, TOKENS, FLUX_DEV.context_dim), np.float32),
-        "pooled_output": np.zeros((1, FLUX_DEV.vec_in_dim), np.float32),
+        field.name: np.zeros((1, TOKENS, field.width) if field.name == "c_crossattn" else (1, field.width), np.float32)
+        for field in model.conditioning_fields
     }
-    bucket = make_bucket(np.zeros((1, FLUX_DEV.in_channels, case.latent, case.latent), np.float32), conditioning)
+    latents = np.zeros((1, network_config.in_channels, case.latent, case.latent), np.float32)
+    bucket = make_bucket(latents, conditioning)
     (step, state), prepare_s = timed(lambda: prepare(model, bucket, config))
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     compiled, row = lower_and_compile(step, state, config)
@@ -76,15 +82,20 @@ def run_all(cases: list[Case], title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", choices=(*SECTIONS, "all"), default="all")
+    parser.add_argument("--model", choices=tuple(MODELS), default="flux-dev")
+    parser.add_argument("--latent", type=int, nargs="+", default=[64, 128], help="latent sizes of the memory section")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, devices {jax.devices()}, {os.cpu_count()} CPU cores\n")
     sections = SECTIONS if args.section == "all" else (args.section,)
-    title = f"Flux.1-dev, abstract compile: bf16 base, LoRA rank 16 (fp32 masters), AdamW, batch 1, {TOKENS} tokens"
+    title = (
+        f"{MODELS[args.model][0]}, abstract compile: bf16 base, LoRA rank 16 (fp32 masters), AdamW, batch 1, "
+        f"{TOKENS} tokens"
+    )
     if "memory" in sections:
-        cases = [Case(latent, remat) for latent in (64, 128) for remat in (True, False)]
+        cases = [Case(latent, remat, model=args.model) for latent in args.latent for remat in (True, False)]
         run_all(cases, title)
     if "compile" in sections:
-        run_all([Case(64, True, scan) for scan in (True, False)], title + ", scanned vs unrolled")
+        run_all([Case(64, True, scan, args.model) for scan in (True, False)], title + ", scanned vs unrolled")
 
 
 if __name__ == "__main__":

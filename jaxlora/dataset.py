@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--vae", type=Path, help="VAE file, when the checkpoint has none (ComfyUI's models/vae/)")
     parser.add_argument(
-        "--text-encoders", type=Path, nargs="+", default=[], help="text-encoder files (models/text_encoders/)"
+        "--text-encoders", default="", help="text-encoder files, comma-separated (ComfyUI's models/text_encoders/)"
     )
     parser.add_argument(
         "--tokenizers",
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tokenizers,
             ImageDatasetSettings(resolution, dtype=args.dtype),
             vae_path=args.vae,
-            text_encoders=args.text_encoders,
+            text_encoders=[f.strip() for f in args.text_encoders.split(",") if f.strip()],
             progress=progress,
         )
     except (ValueError, OSError) as error:

@@ -14,6 +14,8 @@ from safetensors import safe_open
 
 from jaxlora.adapters.formats import STYLES
 from jaxlora.train.config import CHOICES, TrainConfig
+from tests.encoders.conftest import write_clip_tokenizer
+from tests.encoders.test_make_dataset import write_images, write_sd1_checkpoint
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "train_lora_colab_tpu.ipynb"
 NAMES = [f.name for f in fields(TrainConfig)]
@@ -76,7 +78,7 @@ def test_defaults_fit_together_and_the_install_source_is_documented():
 def test_gitignore_covers_the_folders_the_headless_notebook_writes():
     ignored = (NOTEBOOK.parent.parent / ".gitignore").read_text().splitlines()
     source = "".join(cell.source for cell in read_notebook().cells)
-    for folder in ("output", "jaxlora_demo"):
+    for folder in ("output", "jaxlora_demo", "jaxlora_datasets"):
         assert f'WORK / "{folder}"' in source and f"{folder}/" in ignored
 
 
@@ -118,3 +120,23 @@ def test_notebook_runs_headless_twice_as_it_is_then_resumes(tmp_path, monkeypatc
         plots = [out for out in notebook.cells[-2].outputs if "image/png" in out.get("data", {})]
         assert len(plots) == 1  # the loss plot, inline
     assert (loras / "jaxlora_trained_lora_checkpoints").is_dir()  # inside the chosen output folder
+
+
+def test_notebook_trains_from_a_folder_of_captioned_images(tmp_path, monkeypatch):
+    """IMAGES instead of DATASET: the folder is encoded with the checkpoint's own VAE and CLIP (a tiny SD1.x
+    checkpoint in the real layout), trained on, and found again by a second Run all."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("JAXLORA_CACHE_DIR", str(tmp_path / "xla_cache"))
+    checkpoint = write_sd1_checkpoint(tmp_path / "sd1.safetensors")
+    images = write_images(tmp_path / "photos")
+    tokenizers = write_clip_tokenizer(tmp_path / "tokenizers")
+    form = {"CHECKPOINT": str(checkpoint), "IMAGES": str(images), "TOKENIZERS": str(tokenizers), "RESOLUTION": 128}
+    runs = [with_parameters(read_notebook(), steps=2, checkpoint_every=1, **form) for _ in range(2)]
+    for notebook in runs:
+        NotebookClient(
+            notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
+    assert "6 samples in 2 buckets" in printed(runs[0]) and "re-used" in printed(runs[1])
+    assert len(list((tmp_path / "jaxlora_datasets").iterdir())) == 1
+    loras = tmp_path / "output" / "ComfyUI" / "models" / "loras"
+    assert len(list(loras.glob("jaxlora_trained_lora_2_steps_*_.safetensors"))) == 2

@@ -111,10 +111,13 @@ def make_image_dataset(
     vae_path: str | Path | None = None,
     text_encoders: Sequence[str | Path] = (),
     progress: Callable[[str], None] = print,
+    name_by_inputs: bool = False,
 ) -> Path:
     """Encode `images_folder` for the model at `model_path` into the dataset folder `out` and return it; a folder
     already made there from the same inputs is re-used, a different one is never overwritten. `tokenizers`: a
-    folder with the tokenizer files (`prompts.find_tokenizer`; None: fetched once from the hub)."""
+    folder with the tokenizer files (`prompts.find_tokenizer`; None: fetched once from the hub). With
+    `name_by_inputs`, `out` is a parent folder and the dataset gets a folder named after the images folder and a
+    digest of the inputs, so each set of inputs has its own."""
     out, model_path = Path(out), Path(model_path)
     vae_path = Path(vae_path) if vae_path else None
     text_files = [Path(f) for f in text_encoders]
@@ -128,6 +131,8 @@ def make_image_dataset(
     found = TokenizerFiles(**{kind: find_tokenizer(kind, tokenizers) for kind in kinds})
     files = [model_path, *([vae_path] if vae_path else []), *text_files]
     made_from = fingerprint(images, files, settings)
+    if name_by_inputs:
+        out = out / f"{Path(images_folder).resolve().name}_{made_from[:12]}"
     if (out / MANIFEST).is_file():
         if json.loads((out / MANIFEST).read_text())["fingerprint"] == made_from:
             progress(f"{out}: already made from these images, captions, files and settings; re-used")

@@ -107,7 +107,7 @@ def torch_parameters(network: nnx.Module) -> Iterator[tuple[str, LayerSite, str]
         for name in ("weight", "bias"):
             if getattr(site.layer, name) is not None:
                 key = site.layer.weight_key if name == "weight" else name
-                yield f"{site.path}.{key}", site, name
+                yield (f"{site.path}.{key}" if key else site.path), site, name
 
 
 def check_keys(network: nnx.Module, shapes: Mapping[str, tuple[int, ...]], prefix: str) -> None:
@@ -185,10 +185,12 @@ def load_network(
     in (unless `weights` is False: the structure alone is what adapter-file conversion needs), onto their shards
     when a `mesh` is given."""
     family, prefix = find_family(index.shapes)
-    unprefixed = {k[len(prefix) :]: s for k, s in index.shapes.items() if k.startswith(prefix)}
+    ignored = {prefix + key for key in family.ignored_keys}
+    shapes = {k: s for k, s in index.shapes.items() if k not in ignored}
+    unprefixed = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
     config, variant = family.infer_config(unprefixed)
     network = family.build(config)
-    check_keys(network, index.shapes, prefix)
+    check_keys(network, shapes, prefix)
     if weights:
         with TensorFile(index.path) as f:
             read_parameters(network, f, prefix, dtype, mesh)

@@ -87,6 +87,30 @@ class AdapterNames:
     exports: Mapping[str, Mapping[str, Mapping[str, NameTarget]]]
 
 
+def kohya_transformer_name(path: str) -> str:
+    """kohya's name of a layer of a network held in ComfyUI's own layout: `lora_unet_` and the path with `_`."""
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def transformer_export_names(path: str, style: str, diffusers: Mapping[str, NameTarget]) -> dict[str, NameTarget]:
+    """The base names under which an adapter of layer `path` of a DiT in ComfyUI's layout is written in `style`:
+    `diffusion_model.<path>` (`comfyui`), the kohya name, or `transformer.<name>` for each of the layer's
+    `diffusers` names (`peft`; row slices of a fused weight, or none where diffusers has no name for it)."""
+    if style == "comfyui":
+        return {f"diffusion_model.{path}": NameTarget(path)}
+    if style == "kohya":
+        return {kohya_transformer_name(path): NameTarget(path)}
+    if style != "peft":
+        raise ValueError(f"unknown adapter style {style!r}; use one of {STYLES}")
+    return {f"transformer.{name}": target for name, target in diffusers.items()}
+
+
+def refuse_prediction_override(variant: Variant, prediction: str) -> None:
+    """Flow models have one parameterisation: an eps or v choice is refused by name."""
+    if prediction != "auto":
+        raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+
+
 @dataclass(frozen=True)
 class ConditioningField:
     """A dataset field the network needs: its name and width (last axis)."""
@@ -134,6 +158,8 @@ class ModelFamily(ABC):
       the user when a file has them instead;
     - `number_fields`: per-sample numbers a dataset may carry for the network (sizes, guidance), read from
       ComfyUI's conditioning as floats;
+    - `ignored_keys`: keys (without prefix) the family's files may hold that its network never uses; the loader
+      skips them;
     - `config_type`: the network config class; `demo_config`: a tiny config with every block kind, for the
       built-in demo and tests.
     """
@@ -143,6 +169,7 @@ class ModelFamily(ABC):
     markers: tuple[str, ...]
     foreign_layouts: Mapping[str, str]
     number_fields: tuple[str, ...]
+    ignored_keys: tuple[str, ...] = ()
     config_type: type
     demo_config: Any
 

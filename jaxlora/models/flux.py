@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.layers import Linear, RMSNorm, layer_norm, sinusoidal_embedding
+from jaxlora.models.rope import apply_rope, rope_tables
 from jaxlora.models.stack import Stack
 
 PATCH = 2
@@ -29,27 +30,9 @@ EMBED_DIM = 256  # width of the timestep and guidance sinusoids
 NORM_EPS = 1e-6
 
 
-class HeadWidths:
-    """What Flux configs share: a hidden size that splits into heads, whose width is the sum of the RoPE axes."""
-
-    hidden_size: int
-    num_heads: int
-    axes_dim: tuple[int, ...]
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
-        if sum(self.axes_dim) != self.head_dim:
-            raise ValueError(f"RoPE axes {self.axes_dim} must add up to the head width {self.head_dim}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-
 @dataclass(frozen=True)
-class FluxConfig(HeadWidths):
-    """Everything that shapes the network; inferred from a checkpoint by `checkpoint.infer_flux_config`.
+class StreamConfig:
+    """What shapes the streams of any Flux-line network (Flux's and its derivatives' configs extend it).
 
     `in_channels`/`out_channels` are latent channels (before the 2x2 patchify); the head width is the length
     of the QK-norm scale and equals sum(axes_dim).
@@ -63,10 +46,26 @@ class FluxConfig(HeadWidths):
     in_channels: int = 16
     out_channels: int = 16
     context_dim: int = 4096
-    vec_in_dim: int = 768
-    guidance_embed: bool = True
     axes_dim: tuple[int, ...] = (16, 56, 56)
     theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"RoPE axes {self.axes_dim} must add up to the head width {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class FluxConfig(StreamConfig):
+    """Everything that shapes the network; inferred from a checkpoint by `flux_family.infer_flux_config`."""
+
+    vec_in_dim: int = 768
+    guidance_embed: bool = True
 
     @property
     def pooled_dim(self) -> int:
@@ -120,35 +119,17 @@ class SelfAttention(nnx.Module):
         return self.norm.query_norm(q), self.norm.key_norm(k), v
 
 
-def rope_tables(
-    img_hw: tuple[int, int], txt_len: int, axes_dim, theta: float, text_axis: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [txt_len + h*w, head_dim/2] for the token positions ComfyUI builds, one id per RoPE axis:
-    image ids (0, row, column, 0...), text ids zero except the text position on `text_axis` (Flux.2: axis 3).
-    Computed in float64 and rounded to float32, as BFL's `rope`; static, so no trace cost."""
+def rope_ids(img_hw: tuple[int, int], txt_len: int, axes: int = 3, text_axis: int | None = None) -> np.ndarray:
+    """The token positions ComfyUI builds for the Flux line, one id per RoPE axis, text first: image ids
+    (0, row, column, 0...), text ids zero except the text position on `text_axis` (Flux.2: axis 3)."""
     height, width = img_hw
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    img_ids = np.zeros((height * width, len(axes_dim)))
+    img_ids = np.zeros((height * width, axes))
     img_ids[:, 1], img_ids[:, 2] = rows.reshape(-1), cols.reshape(-1)
-    txt_ids = np.zeros((txt_len, len(axes_dim)))
+    txt_ids = np.zeros((txt_len, axes))
     if text_axis is not None:
         txt_ids[:, text_axis] = np.arange(txt_len)
-    ids = np.concatenate([txt_ids, img_ids]).astype(np.float64)
-    angles = []
-    for axis, dim in enumerate(axes_dim):
-        omega = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-        angles.append(ids[:, axis, None] * omega)
-    angles = np.concatenate(angles, axis=-1)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate consecutive pairs (x0, x1) of every head by the position's angles; x [B, L, H, D], in float32."""
-    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = jnp.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], axis=-1)
-    return rotated.reshape(x.shape).astype(x.dtype)
+    return np.concatenate([txt_ids, img_ids])
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -179,27 +160,24 @@ def embed_time(
     return vec
 
 
-class DoubleStreamBlock(nnx.Module):
-    """Image and text streams with their own weights, attending jointly (text tokens first).
+class DoubleStream(nnx.Module):
+    """Image and text streams with their own weights, attending jointly (text tokens first), modulated by
+    vectors given from outside: six [B, 1, hidden] per stream, (shift, scale, gate) for attention, then MLP.
 
-    Subclasses (Flux.2) change `modulations` (where the six shift/scale/gate vectors per stream come from) and
-    `activation` (the MLP's nonlinearity); the block's math is otherwise this one."""
+    `activation` is the MLP's nonlinearity and `mlp_in_factor` the MLP input features per hidden feature (a
+    gated activation such as SwiGLU takes 2); subclasses change them (Flux.2)."""
 
     activation = staticmethod(gelu_tanh)
+    mlp_in_factor = 1
 
-    def __init__(self, config: FluxConfig):
+    def __init__(self, config: StreamConfig, *, bias: bool = True):
         hidden, heads, mlp = config.hidden_size, config.num_heads, config.mlp_hidden
         for stream in ("img", "txt"):
-            setattr(self, f"{stream}_mod", Modulation(hidden, 6))
-            setattr(self, f"{stream}_attn", SelfAttention(hidden, heads))
-            setattr(self, f"{stream}_mlp", nnx.Dict({"0": Linear(hidden, mlp), "2": Linear(mlp, hidden)}))
+            setattr(self, f"{stream}_attn", SelfAttention(hidden, heads, bias=bias))
+            layers = {"0": Linear(hidden, self.mlp_in_factor * mlp, bias=bias), "2": Linear(mlp, hidden, bias=bias)}
+            setattr(self, f"{stream}_mlp", nnx.Dict(layers))
 
-    def modulations(self, vec) -> tuple[list[jax.Array], list[jax.Array]]:
-        """(image, text) modulation vectors, each six [B, 1, hidden]: from the block's own layers."""
-        return self.img_mod(vec), self.txt_mod(vec)
-
-    def __call__(self, img, txt, vec, cos, sin) -> tuple[jax.Array, jax.Array]:
-        img_mod, txt_mod = self.modulations(vec)
+    def __call__(self, img, txt, img_mod, txt_mod, cos, sin) -> tuple[jax.Array, jax.Array]:
         img_q, img_k, img_v = self.img_attn.split_heads(modulate(img, *img_mod[:2]))
         txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(txt, *txt_mod[:2]))
         joint = [jnp.concatenate(pair, axis=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
@@ -216,27 +194,34 @@ class DoubleStreamBlock(nnx.Module):
         return x + gate2 * mlp["2"](hidden)
 
 
-class SingleStreamBlock(nnx.Module):
-    """One stream over the joint tokens: `linear1` yields qkv and the MLP input, `linear2` takes both.
-
-    Subclasses (Flux.2) change `modulation_of` and `activation`, as for `DoubleStreamBlock`."""
-
-    activation = staticmethod(gelu_tanh)
+class DoubleStreamBlock(DoubleStream):
+    """Flux's double block: each stream computes its six modulation vectors from the conditioning vector."""
 
     def __init__(self, config: FluxConfig):
+        super().__init__(config)
+        self.img_mod = Modulation(config.hidden_size, 6)
+        self.txt_mod = Modulation(config.hidden_size, 6)
+
+    def __call__(self, img, txt, vec, cos, sin) -> tuple[jax.Array, jax.Array]:
+        return super().__call__(img, txt, self.img_mod(vec), self.txt_mod(vec), cos, sin)
+
+
+class SingleStream(nnx.Module):
+    """One stream over the joint tokens: `linear1` yields qkv and the MLP input, `linear2` takes both; modulated
+    by (shift, scale, gate) [B, 1, hidden] given from outside. `activation` and `mlp_in_factor` as for
+    `DoubleStream`."""
+
+    activation = staticmethod(gelu_tanh)
+    mlp_in_factor = 1
+
+    def __init__(self, config: StreamConfig, *, bias: bool = True):
         hidden, mlp = config.hidden_size, config.mlp_hidden
         self.heads = config.num_heads
-        self.linear1 = Linear(hidden, 3 * hidden + mlp)
-        self.linear2 = Linear(hidden + mlp, hidden)
+        self.linear1 = Linear(hidden, 3 * hidden + self.mlp_in_factor * mlp, bias=bias)
+        self.linear2 = Linear(hidden + mlp, hidden, bias=bias)
         self.norm = QKNorm(config.head_dim)
-        self.modulation = Modulation(hidden, 3)
 
-    def modulation_of(self, vec) -> list[jax.Array]:
-        """(shift, scale, gate), each [B, 1, hidden]: from the block's own layer."""
-        return self.modulation(vec)
-
-    def __call__(self, x, vec, cos, sin) -> tuple[jax.Array]:
-        shift, scale, gate = self.modulation_of(vec)
+    def __call__(self, x, shift, scale, gate, cos, sin) -> tuple[jax.Array]:
         fused = self.linear1(modulate(x, shift, scale))
         hidden = x.shape[-1]
         qkv, mlp = fused[..., : 3 * hidden], fused[..., 3 * hidden :]
@@ -246,31 +231,95 @@ class SingleStreamBlock(nnx.Module):
         return (x + gate * out,)
 
 
-class LastLayer(nnx.Module):
+class SingleStreamBlock(SingleStream):
+    """Flux's single block: its modulation computed from the conditioning vector."""
+
+    def __init__(self, config: FluxConfig):
+        super().__init__(config)
+        self.modulation = Modulation(config.hidden_size, 3)
+
+    def __call__(self, x, vec, cos, sin) -> tuple[jax.Array]:
+        return super().__call__(x, *self.modulation(vec), cos, sin)
+
+
+class FinalProjection(nnx.Module):
+    """The output projection after a (shift, scale) modulation given from outside."""
+
     def __init__(self, hidden: int, out_features: int, *, bias: bool = True):
         self.linear = Linear(hidden, out_features, bias=bias)
+
+    def __call__(self, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+        return self.linear(modulate(x, shift, scale))
+
+
+class LastLayer(FinalProjection):
+    """The final projection after a (shift, scale) modulation computed from the conditioning vector."""
+
+    def __init__(self, hidden: int, out_features: int, *, bias: bool = True):
+        super().__init__(hidden, out_features, bias=bias)
         self.adaLN_modulation = nnx.Dict({"1": Linear(hidden, 2 * hidden, bias=bias)})
 
     def __call__(self, x: jax.Array, vec: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaLN_modulation["1"](jax.nn.silu(vec))[:, None, :], 2, axis=-1)
-        return self.linear(modulate(x, shift, scale))
+        return super().__call__(x, shift, scale)
 
 
-def patchify(x: jax.Array) -> jax.Array:
-    """NHWC [B, H, W, C] (H, W even) -> tokens [B, H/2 * W/2, C*4] ordered (c, ph, pw)."""
+def patchify(x: jax.Array, patch: int = PATCH) -> jax.Array:
+    """NHWC [B, H, W, C] (H, W multiples of `patch`) -> tokens [B, H/p * W/p, C*p*p] ordered (c, ph, pw)."""
     batch, height, width, channels = x.shape
-    x = x.reshape(batch, height // PATCH, PATCH, width // PATCH, PATCH, channels)
-    return x.transpose(0, 1, 3, 5, 2, 4).reshape(batch, (height // PATCH) * (width // PATCH), -1)
+    x = x.reshape(batch, height // patch, patch, width // patch, patch, channels)
+    return x.transpose(0, 1, 3, 5, 2, 4).reshape(batch, (height // patch) * (width // patch), -1)
 
 
-def unpatchify(tokens: jax.Array, height: int, width: int) -> jax.Array:
-    """The inverse of `patchify` for a padded size (H, W even)."""
+def unpatchify(tokens: jax.Array, height: int, width: int, patch: int = PATCH) -> jax.Array:
+    """The inverse of `patchify` for a padded size (H, W multiples of `patch`)."""
     batch = tokens.shape[0]
-    x = tokens.reshape(batch, height // PATCH, width // PATCH, -1, PATCH, PATCH)
+    x = tokens.reshape(batch, height // patch, width // patch, -1, patch, patch)
     return x.transpose(0, 1, 4, 2, 5, 3).reshape(batch, height, width, -1)
 
 
-class Flux(nnx.Module):
+class JointTransformer(nnx.Module):
+    """What Flux-line networks share around their blocks: pad and patchify the latents, `img_in`, RoPE tables,
+    the double stack, the single stack over [text, image], `final_layer`, unpatchify and crop.
+
+    Subclasses set `config` (with `axes_dim`, `theta`), `remat_policy`, `scan`, `img_in`, `double_blocks`,
+    `single_blocks` and `final_layer`, and say how blocks are modulated: `double_inputs`/`single_inputs` that
+    every block of the stack takes (Flux's conditioning vector, Flux.2's shared modulations),
+    `double_mods`/`single_mods` per-block inputs with a leading block axis (Chroma's), and `final_mods` for the
+    final layer. `patch` is the side of the square of latent pixels one token takes and `text_axis` the RoPE
+    axis that carries the text position (None: text ids zero); see `rope_ids`.
+    """
+
+    patch = PATCH
+    text_axis: int | None = None
+
+    def joint_forward(
+        self,
+        x: jax.Array,
+        txt: jax.Array,
+        *,
+        double_inputs=(),
+        single_inputs=(),
+        double_mods=(),
+        single_mods=(),
+        final_mods=(),
+    ) -> jax.Array:
+        batch, height, width, _ = x.shape
+        patch = self.patch
+        padded = jnp.pad(x, ((0, 0), (0, -height % patch), (0, -width % patch), (0, 0)), mode="wrap")
+        img = self.img_in(patchify(padded, patch))
+        grid = (padded.shape[1] // patch, padded.shape[2] // patch)
+        ids = rope_ids(grid, txt.shape[1], len(self.config.axes_dim), self.text_axis)
+        cos, sin = (jnp.asarray(t) for t in rope_tables(ids, self.config.axes_dim, self.config.theta))
+        run = {"remat_policy": self.remat_policy, "scan": self.scan}
+        img, txt = self.double_blocks((img, txt), *double_inputs, cos, sin, per_block=double_mods, **run)
+        joint = jnp.concatenate([txt, img], axis=1)
+        (joint,) = self.single_blocks((joint,), *single_inputs, cos, sin, per_block=single_mods, **run)
+        out = self.final_layer(joint[:, txt.shape[1] :], *final_mods)
+        return unpatchify(out, padded.shape[1], padded.shape[2], patch)[:, :height, :width]
+
+
+class Flux(JointTransformer):
     """Flux.1. Call with NHWC latents, sigma-valued timesteps [B], T5 context [B, L, 4096], pooled CLIP `y`
     [B, 768] and, for dev, `guidance` [B]; returns the flow prediction NHWC in x's dtype.
 
@@ -302,22 +351,6 @@ class Flux(nnx.Module):
     ) -> jax.Array:
         dtype = x.dtype
         vec = embed_time(self.time_in, self.guidance_in, timesteps, guidance, dtype, "Flux (dev: yes, schnell: no)")
-        batch, height, width, _ = x.shape
-        padded = jnp.pad(x, ((0, 0), (0, -height % PATCH), (0, -width % PATCH), (0, 0)), mode="wrap")
-        img = self.img_in(patchify(padded))
         vec = vec + self.vector_in(y.astype(dtype))
         txt = self.txt_in(context.astype(dtype))
-        cos, sin = (
-            jnp.asarray(t)
-            for t in rope_tables(
-                (padded.shape[1] // PATCH, padded.shape[2] // PATCH),
-                txt.shape[1],
-                self.config.axes_dim,
-                self.config.theta,
-            )
-        )
-        run = {"remat_policy": self.remat_policy, "scan": self.scan}
-        img, txt = self.double_blocks((img, txt), vec, cos, sin, **run)
-        (joint,) = self.single_blocks((jnp.concatenate([txt, img], axis=1),), vec, cos, sin, **run)
-        out = self.final_layer(joint[:, txt.shape[1] :], vec)
-        return unpatchify(out, padded.shape[1], padded.shape[2])[:, :height, :width]
+        return self.joint_forward(x, txt, double_inputs=(vec,), single_inputs=(vec,), final_mods=(vec,))

@@ -22,33 +22,28 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxlora.models.flux import (
     EMBED_DIM,
-    DoubleStreamBlock,
-    HeadWidths,
+    DoubleStream,
+    JointTransformer,
     LastLayer,
     MLPEmbedder,
     Modulation,
-    QKNorm,
-    SelfAttention,
-    SingleStreamBlock,
+    SingleStream,
+    StreamConfig,
     embed_time,
-    rope_tables,
 )
 from jaxlora.models.layers import Linear
 from jaxlora.models.stack import Stack
 
-HEAD_DIM = 128  # sum of the RoPE axes
 AXES_DIM = (32, 32, 32, 32)
 THETA = 2000.0
 TEXT_AXIS = 3  # the RoPE axis that carries the text token's position
-MLP_RATIO = 3
 
 
 @dataclass(frozen=True)
-class Flux2Config(HeadWidths):
+class Flux2Config(StreamConfig):
     """Everything that shapes the network; `in_channels`/`out_channels` are latent channels (one token each)."""
 
     hidden_size: int = 6144
@@ -59,9 +54,9 @@ class Flux2Config(HeadWidths):
     in_channels: int = 128
     out_channels: int = 128
     context_dim: int = 15360
-    guidance_embed: bool = True
     axes_dim: tuple[int, ...] = AXES_DIM
     theta: float = THETA
+    guidance_embed: bool = True
 
 
 FLUX2_DEV = Flux2Config()
@@ -81,45 +76,28 @@ def swiglu(x: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * value
 
 
-class Flux2DoubleStreamBlock(DoubleStreamBlock):
-    """Flux.1's double block without biases or own modulation, with SwiGLU MLPs; `vec` is the pair of shared
-    (image, text) modulations."""
+class Flux2DoubleStream(DoubleStream):
+    """The shared double block with SwiGLU MLPs (built without biases)."""
 
     activation = staticmethod(swiglu)
-
-    def __init__(self, config: Flux2Config):
-        hidden, heads, mlp = config.hidden_size, config.num_heads, config.mlp_hidden
-        for stream in ("img", "txt"):
-            setattr(self, f"{stream}_attn", SelfAttention(hidden, heads, bias=False))
-            layers = {"0": Linear(hidden, 2 * mlp, bias=False), "2": Linear(mlp, hidden, bias=False)}
-            setattr(self, f"{stream}_mlp", nnx.Dict(layers))
-
-    def modulations(self, vec):
-        return vec
+    mlp_in_factor = 2
 
 
-class Flux2SingleStreamBlock(SingleStreamBlock):
-    """Flux.1's single block without biases or own modulation, with a SwiGLU MLP; `vec` is the shared
-    modulation."""
+class Flux2SingleStream(SingleStream):
+    """The shared single block with a SwiGLU MLP (built without biases)."""
 
     activation = staticmethod(swiglu)
-
-    def __init__(self, config: Flux2Config):
-        hidden, mlp = config.hidden_size, config.mlp_hidden
-        self.heads = config.num_heads
-        self.linear1 = Linear(hidden, 3 * hidden + 2 * mlp, bias=False)
-        self.linear2 = Linear(hidden + mlp, hidden, bias=False)
-        self.norm = QKNorm(config.head_dim)
-
-    def modulation_of(self, vec):
-        return vec
+    mlp_in_factor = 2
 
 
-class Flux2(nnx.Module):
+class Flux2(JointTransformer):
     """Flux.2. Call with NHWC latents [B, H, W, 128], sigma-valued timesteps [B], the text context
     [B, L, context_dim] and, for dev, `guidance` [B]; returns the flow prediction NHWC in x's dtype.
 
     `remat_policy` and `scan` as for Flux.1."""
+
+    patch = 1
+    text_axis = TEXT_AXIS
 
     def __init__(self, config: Flux2Config, *, remat_policy: str | None = None, scan: bool = True):
         self.config = config
@@ -133,8 +111,8 @@ class Flux2(nnx.Module):
         self.double_stream_modulation_img = Modulation(hidden, 6, bias=False)
         self.double_stream_modulation_txt = Modulation(hidden, 6, bias=False)
         self.single_stream_modulation = Modulation(hidden, 3, bias=False)
-        self.double_blocks = Stack(lambda: Flux2DoubleStreamBlock(config), config.depth)
-        self.single_blocks = Stack(lambda: Flux2SingleStreamBlock(config), config.depth_single_blocks)
+        self.double_blocks = Stack(lambda: Flux2DoubleStream(config, bias=False), config.depth)
+        self.single_blocks = Stack(lambda: Flux2SingleStream(config, bias=False), config.depth_single_blocks)
         self.final_layer = LastLayer(hidden, config.out_channels, bias=False)
 
     def __call__(
@@ -142,18 +120,10 @@ class Flux2(nnx.Module):
     ) -> jax.Array:
         dtype = x.dtype
         vec = embed_time(self.time_in, self.guidance_in, timesteps, guidance, dtype, "Flux.2 (dev: yes, klein: no)")
-        batch, height, width, channels = x.shape
-        img = self.img_in(x.reshape(batch, height * width, channels))
-        txt = self.txt_in(context.astype(dtype))
-        cos, sin = (
-            jnp.asarray(t)
-            for t in rope_tables((height, width), txt.shape[1], self.config.axes_dim, self.config.theta, TEXT_AXIS)
+        return self.joint_forward(
+            x,
+            self.txt_in(context.astype(dtype)),
+            double_inputs=(self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec)),
+            single_inputs=tuple(self.single_stream_modulation(vec)),
+            final_mods=(vec,),
         )
-        run = {"remat_policy": self.remat_policy, "scan": self.scan}
-        streams = (self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec))
-        img, txt = self.double_blocks((img, txt), streams, cos, sin, **run)
-        (joint,) = self.single_blocks(
-            (jnp.concatenate([txt, img], axis=1),), self.single_stream_modulation(vec), cos, sin, **run
-        )
-        out = self.final_layer(joint[:, txt.shape[1] :], vec)
-        return out.reshape(batch, height, width, -1)

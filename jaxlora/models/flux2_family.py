@@ -20,11 +20,11 @@ from jaxlora.models.family import (
     ModelFamily,
     UnknownLayoutError,
     Variant,
-    key_indices,
+    refuse_prediction_override,
 )
-from jaxlora.models.flux2 import HEAD_DIM, Flux2, Flux2Config
+from jaxlora.models.flux2 import Flux2, Flux2Config, Flux2DoubleStream
 from jaxlora.models.flux2_names import WRITTEN
-from jaxlora.models.flux_family import DEFAULT_GUIDANCE, block_rows, flux_schedule, refuse_prediction
+from jaxlora.models.flux_family import DEFAULT_GUIDANCE, block_rows, flux_schedule, infer_stream_fields
 from jaxlora.models.flux_names import adapter_names
 from jaxlora.models.sampling import LatentFormat, ModelSampling
 
@@ -53,34 +53,20 @@ def flux2_sampling(shift: float | None = None) -> ModelSampling:
 
 
 def infer_flux2_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[Flux2Config, Variant]:
-    """Flux.2 config from un-prefixed key shapes: widths from the embedders, depths from the block indices, the
-    mlp width from `img_mlp.2`; the head width is fixed at 128 (ComfyUI: hidden / sum of the RoPE axes)."""
-    try:
-        hidden, in_channels = shapes["img_in.weight"]
-        context_dim = shapes["txt_in.weight"][1]
-        mlp_hidden = shapes["double_blocks.0.img_mlp.2.weight"][1]
-        out_channels = shapes["final_layer.linear.weight"][0]
-    except KeyError as error:
-        raise UnknownLayoutError(f"Flux.2 key {error} is missing") from error
-    if hidden % HEAD_DIM:
-        raise UnknownLayoutError(f"Flux.2 img_in.weight: hidden size {hidden} is not a multiple of {HEAD_DIM}")
+    """Flux.2 config from un-prefixed key shapes: the stream fields (one latent pixel per token, SwiGLU MLPs),
+    dev (guidance embedding) or klein from `guidance_in`, klein's size from the text width."""
+    fields = infer_stream_fields(shapes, "Flux.2", patch=Flux2.patch, mlp_in_factor=Flux2DoubleStream.mlp_in_factor)
     guidance = "guidance_in.in_layer.weight" in shapes
+    context_dim = fields["context_dim"]
     if not guidance and context_dim not in KLEIN_TEXT:
         widths = {width: name for width, (_, name) in KLEIN_TEXT.items()}
         raise UnknownLayoutError(
             f"Flux.2 txt_in.weight takes {context_dim}-d text; a klein model (no guidance_in) takes one of {widths}"
         )
-    config = Flux2Config(
-        hidden_size=hidden,
-        num_heads=hidden // HEAD_DIM,
-        mlp_hidden=mlp_hidden,
-        depth=len(key_indices(shapes, r"double_blocks\.(\d+)\.")),
-        depth_single_blocks=len(key_indices(shapes, r"single_blocks\.(\d+)\.")),
-        in_channels=in_channels,
-        out_channels=out_channels,
-        context_dim=context_dim,
-        guidance_embed=guidance,
-    )
+    try:
+        config = Flux2Config(**fields, guidance_embed=guidance)
+    except ValueError as error:
+        raise UnknownLayoutError(f"unsupported Flux.2 layout: {error}") from error
     return config, FLUX2_FAMILY.variant_of(config)
 
 
@@ -108,11 +94,11 @@ class Flux2Family(ModelFamily):
         return Flux2(config)
 
     def load_sampling(self, variant, config, read_tensor, keys, prediction):
-        refuse_prediction(variant, prediction)
+        refuse_prediction_override(variant, prediction)
         return flux2_sampling()
 
     def run_sampling(self, variant, loaded, prediction, shift):
-        refuse_prediction(variant, prediction)
+        refuse_prediction_override(variant, prediction)
         return loaded if shift is None else flux2_sampling(shift)
 
     def conditioning(self, variant, config: Flux2Config):

@@ -20,8 +20,9 @@ from jaxlora.models.family import (
     UnknownLayoutError,
     Variant,
     key_indices,
+    refuse_prediction_override,
 )
-from jaxlora.models.flux import Flux, FluxConfig
+from jaxlora.models.flux import PATCH, Flux, FluxConfig
 from jaxlora.models.flux_names import adapter_names
 from jaxlora.models.sampling import FlowSchedule, LatentFormat, ModelSampling, discrete_flow_schedule
 
@@ -64,57 +65,63 @@ def flux_sampling(variant: Variant, shift: float | None = None) -> ModelSampling
     return ModelSampling("const", discrete_flow_schedule(1.0 if shift is None else shift))
 
 
-def refuse_prediction(variant: Variant, prediction: str) -> None:
-    """Flux models predict a flow: a user's eps/v choice is an error naming the model."""
-    if prediction != "auto":
-        raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
-
-
-def block_rows(config) -> list[tuple[str, str]]:
-    """The `inspect` rows on blocks and widths, shared by the Flux line."""
-    return [
-        ("blocks", f"{config.depth} double, {config.depth_single_blocks} single"),
-        ("width", f"{config.hidden_size}, {config.num_heads} heads of {config.head_dim}, mlp {config.mlp_hidden}"),
-    ]
-
-
-def infer_flux_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[FluxConfig, Variant]:
-    """Flux config from un-prefixed key shapes: widths from the embedders, depths from the block indices, the
-    head width from the QK-norm scale, dev (guidance embedding) or schnell from `guidance_in`."""
+def infer_stream_fields(
+    shapes: Mapping[str, tuple[int, ...]], family: str, *, patch: int = PATCH, mlp_in_factor: int = 1
+) -> dict[str, int]:
+    """The `StreamConfig` fields of any Flux-line file, from un-prefixed key shapes: widths from the embedders,
+    depths from the block indices, the head width from the QK-norm scale. `patch` and `mlp_in_factor` are the
+    network's (see `JointTransformer` and `DoubleStream`)."""
     try:
         hidden, patched_in = shapes["img_in.weight"]
         context_dim = shapes["txt_in.weight"][1]
-        vec_in_dim = shapes["vector_in.in_layer.weight"][1]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
         mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
         patched_out = shapes["final_layer.linear.weight"][0]
     except KeyError as error:
-        raise UnknownLayoutError(f"Flux key {error} is missing") from error
+        raise UnknownLayoutError(f"{family} key {error} is missing") from error
     if hidden % head_dim:
         raise UnknownLayoutError(f"hidden size {hidden} is not a multiple of the QK-norm width {head_dim}")
-    guidance = "guidance_in.in_layer.weight" in shapes
+    return {
+        "hidden_size": hidden,
+        "num_heads": hidden // head_dim,
+        "mlp_hidden": mlp_hidden // mlp_in_factor,
+        "depth": len(key_indices(shapes, r"double_blocks\.(\d+)\.")),
+        "depth_single_blocks": len(key_indices(shapes, r"single_blocks\.(\d+)\.")),
+        "in_channels": patched_in // (patch * patch),
+        "out_channels": patched_out // (patch * patch),
+        "context_dim": context_dim,
+    }
+
+
+def infer_flux_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[FluxConfig, Variant]:
+    """Flux config from un-prefixed key shapes: the stream fields, the pooled width from `vector_in`, dev
+    (guidance embedding) or schnell from `guidance_in`."""
+    fields = infer_stream_fields(shapes, "Flux")
+    if "vector_in.in_layer.weight" not in shapes:
+        raise UnknownLayoutError("Flux key 'vector_in.in_layer.weight' is missing")
     try:
         config = FluxConfig(
-            hidden_size=hidden,
-            num_heads=hidden // head_dim,
-            mlp_hidden=mlp_hidden,
-            depth=len(key_indices(shapes, r"double_blocks\.(\d+)\.")),
-            depth_single_blocks=len(key_indices(shapes, r"single_blocks\.(\d+)\.")),
-            in_channels=patched_in // 4,
-            out_channels=patched_out // 4,
-            context_dim=context_dim,
-            vec_in_dim=vec_in_dim,
-            guidance_embed=guidance,
+            **fields,
+            vec_in_dim=shapes["vector_in.in_layer.weight"][1],
+            guidance_embed="guidance_in.in_layer.weight" in shapes,
         )
     except ValueError as error:
         raise UnknownLayoutError(f"unsupported Flux layout: {error}") from error
     return config, FLUX_FAMILY.variant_of(config)
 
 
+def block_rows(config) -> list[tuple[str, str]]:
+    """`inspect` rows about the blocks of any Flux-line config."""
+    return [
+        ("blocks", f"{config.depth} double, {config.depth_single_blocks} single"),
+        ("width", f"{config.hidden_size}, {config.num_heads} heads of {config.head_dim}, mlp {config.mlp_hidden}"),
+    ]
+
+
 class FluxFamily(ModelFamily):
     name = "flux"
     variants = (FLUX_DEV, FLUX_SCHNELL)
-    markers = ("img_in.weight", "vector_in.in_layer.weight")  # Flux.2 has img_in but no vector_in
+    markers = ("img_in.weight", "vector_in.in_layer.weight")  # Chroma and Flux.2 have img_in but no vector_in
     foreign_layouts = {
         "single_transformer_blocks.": "a diffusers-format Flux transformer (convert it to the single-file BFL layout)"
     }
@@ -132,11 +139,11 @@ class FluxFamily(ModelFamily):
         return Flux(config)
 
     def load_sampling(self, variant, config, read_tensor, keys, prediction):
-        refuse_prediction(variant, prediction)
+        refuse_prediction_override(variant, prediction)
         return flux_sampling(variant)
 
     def run_sampling(self, variant, loaded, prediction, shift):
-        refuse_prediction(variant, prediction)
+        refuse_prediction_override(variant, prediction)
         return loaded if shift is None else flux_sampling(variant, shift)
 
     def conditioning(self, variant, config: FluxConfig):
@@ -164,7 +171,7 @@ class FluxFamily(ModelFamily):
 
     def adapter_names(self, variant, config: FluxConfig, layer_paths: Sequence[str]) -> AdapterNames:
         """ComfyUI's Flux key map (spec 8.4); `peft` writes diffusers names, row slices of fused weights."""
-        return adapter_names(layer_paths, config.hidden_size)  # hidden size: diffusers' row-slice unit
+        return adapter_names(layer_paths, config.hidden_size)  # img_in's out features: the row-slice unit
 
     def describe(self, config: FluxConfig):
         return [

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from jaxlora.models.family import STYLES, AdapterNames, NameTarget
+from jaxlora.models.family import STYLES, AdapterNames, NameTarget, kohya_transformer_name, transformer_export_names
 
 # Row slices of fused weights in units of the hidden size: [start, stop).
 PIECES = {"q": (0, 1), "k": (1, 2), "v": (2, 3), "mlp": (3, 7), "qkv": (0, 3)}
@@ -106,10 +106,6 @@ def diffusers_names(path: str, hidden_size: int, tables: DiffusersTables = WRITT
     }
 
 
-def kohya_name(path: str) -> str:
-    return "lora_unet_" + path.replace(".", "_")
-
-
 def import_aliases(paths: Iterable[str], hidden_size: int) -> dict[str, NameTarget]:
     """Every base name ComfyUI's loader accepts for the model's layers (spec 8.4) -> what it patches.
 
@@ -118,7 +114,7 @@ def import_aliases(paths: Iterable[str], hidden_size: int) -> dict[str, NameTarg
     aliases: dict[str, NameTarget] = {}
     for path in paths:
         whole = NameTarget(path)
-        named = {f"diffusion_model.{path}": whole, kohya_name(path): whole}
+        named = {f"diffusion_model.{path}": whole, kohya_transformer_name(path): whole}
         if _BLOCK_PATH.match(path) and path.endswith(".linear1"):
             named[f"diffusion_model.{path}_qkv"] = NameTarget(path, _rows("qkv", hidden_size))
         for name, target in diffusers_names(path, hidden_size, READ).items():
@@ -133,18 +129,14 @@ def export_names(path: str, hidden_size: int, style: str, tables: DiffusersTable
     """The base names under which an adapter of the BFL layer `path` is written in `style`, each with the rows it
     covers: one name for `comfyui` and `kohya`; for `peft`, `transformer.<diffusers name>` of `tables` per row
     slice (none for a layer diffusers does not have)."""
-    if style == "comfyui":
-        return {f"diffusion_model.{path}": NameTarget(path)}
-    if style == "kohya":
-        return {kohya_name(path): NameTarget(path)}
-    if style != "peft":
-        raise ValueError(f"unknown adapter style {style!r}; use one of {STYLES}")
-    return {f"transformer.{name}": target for name, target in diffusers_names(path, hidden_size, tables).items()}
+    peft = diffusers_names(path, hidden_size, tables) if style == "peft" else {}
+    return transformer_export_names(path, style, peft)
 
 
 def adapter_names(layer_paths: Iterable[str], hidden_size: int, tables: DiffusersTables = WRITTEN) -> AdapterNames:
-    """ComfyUI's Flux key map for the layers at `layer_paths` (import), and per style the names written, `peft`
-    with the diffusers names of `tables`."""
+    """ComfyUI's Flux key map (spec 8.4) over a network's layers: import aliases, and per style the names each
+    layer is written under (`peft`: the diffusers names of `tables`, row slices of fused weights; none for a
+    layer those tables do not have)."""
     layer_paths = list(layer_paths)
     exports = {
         style: {path: names for path in layer_paths if (names := export_names(path, hidden_size, style, tables))}

@@ -43,9 +43,10 @@ class Stack(nnx.Module):
     """`count` blocks of one kind: `block` holds every block's variables stacked on axis 0.
 
     Called with a carry (the activations a block updates) and shared inputs; each block runs as
-    `block(*carry, *shared) -> carry`, rematerialised per block under `remat_policy` (a
-    `jax.checkpoint_policies` name, None for no remat). `scan=False` unrolls the loop (same math; for
-    measuring what the scan saves in compile time).
+    `block(*carry, *per_block[i], *shared) -> carry`, rematerialised per block under `remat_policy` (a
+    `jax.checkpoint_policies` name, None for no remat). `per_block` holds inputs that differ between blocks,
+    each with a leading block axis (e.g. modulations computed for every block at once), scanned alongside the
+    parameters. `scan=False` unrolls the loop (same math; for measuring what the scan saves in compile time).
     """
 
     def __init__(self, make_block: Callable[[], nnx.Module], count: int):
@@ -53,20 +54,29 @@ class Stack(nnx.Module):
         self.block = nnx.merge(graphdef, jax.tree.map(lambda value: _stacked_placeholder(value, count), state))
         self.count = count
 
-    def __call__(self, carry: tuple, *shared, remat_policy: str | None = None, scan: bool = True) -> tuple:
+    def __call__(
+        self,
+        carry: tuple,
+        *shared,
+        per_block: tuple = (),
+        remat_policy: str | None = None,
+        scan: bool = True,
+    ) -> tuple:
         graphdef, state = nnx.split(self.block)
 
-        def run_block(block_state, carry, shared):
-            return nnx.merge(graphdef, block_state)(*carry, *shared)
+        def run_block(block_xs, carry, shared):
+            block_state, block_inputs = block_xs
+            return nnx.merge(graphdef, block_state)(*carry, *block_inputs, *shared)
 
         if remat_policy is not None:
             policy = getattr(jax.checkpoint_policies, remat_policy)
             run_block = jax.checkpoint(run_block, policy=policy, prevent_cse=not scan)
+        xs = (state, tuple(per_block))
         if scan:
-            carry, _ = jax.lax.scan(lambda c, block_state: (run_block(block_state, c, shared), None), carry, state)
+            carry, _ = jax.lax.scan(lambda c, block_xs: (run_block(block_xs, c, shared), None), carry, xs)
             return carry
         for index in range(self.count):
-            carry = run_block(jax.tree.map(lambda value, i=index: value[i], state), carry, shared)
+            carry = run_block(jax.tree.map(lambda value, i=index: value[i], xs), carry, shared)
         return carry
 
 

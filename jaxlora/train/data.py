@@ -253,7 +253,7 @@ def device_arrays(
 ) -> dict[str, jnp.ndarray]:
     """What the train step reads: latents cast to the training dtype first (as ComfyUI does), then scaled by the
     latent format, NHWC; and the network's keyword inputs (context, `y`, guidance) built by the model.
-    `guidance` replaces the default 3.5 for samples whose data carries none."""
+    `guidance` replaces the family's default for samples whose data carries none."""
     latents = jnp.asarray(bucket.latents).astype(dtype)
     return {
         "latents": jnp.transpose(model.latent_format.process_in(latents), (0, 2, 3, 1)),

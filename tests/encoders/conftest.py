@@ -11,8 +11,12 @@ MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("r", "e"), 
 
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory):
+    return write_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
+
+
+def write_clip_tokenizer(folder):
     """A small CLIP-style vocabulary: the 256 byte symbols alone and word-final, a few merges, the specials last."""
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
+    folder.mkdir(parents=True, exist_ok=True)
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = (
         symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in MERGES] + ["<|startoftext|>", "<|endoftext|>"]

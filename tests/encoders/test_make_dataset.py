@@ -19,6 +19,7 @@ from jaxlora.encoders.make_dataset import ImageDatasetSettings, make_image_datas
 from jaxlora.encoders.vae import AutoencoderKL, VAEConfig
 from jaxlora.models.demo import random_network_tensors, random_tensors
 from jaxlora.models.unet_family import DEMO_UNET
+from jaxlora.train.__main__ import main as train_main
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.loop import adapted_network, run_training
 from tests.train.test_train import FP32, QUIET, fixed_draw_loss
@@ -144,3 +145,22 @@ def test_command_line_reuses_the_folder_and_names_errors(made, tokenizer_folder,
     assert dataset_main([str(tmp_path / "missing"), "--out", str(tmp_path / "new"), *common]) == 2
     assert "error: image folder not found" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_train_command_encodes_images_then_trains_and_reuses_them(made, tokenizer_folder, tmp_path, capsys):
+    """`python -m jaxlora.train --images`: the dataset is made in the output folder, named by its inputs, and
+    found again by the next run; --dataset and --images together are a usage error."""
+    checkpoint, images, _ = made
+    flags = ["--model", str(checkpoint), "--images", str(images), "--tokenizers", str(tokenizer_folder)]
+    flags += ["--resolution", "128", "--steps", "1", "--batch-size", "1", "--output-dir", str(tmp_path)]
+    flags += ["--prefix", "photos_lora", "--no-compile-cache"]
+    assert train_main(flags) == 0
+    datasets = list((tmp_path / "photos_lora_datasets").iterdir())
+    assert len(datasets) == 1 and datasets[0].name.startswith("photos_")
+    assert "re-used" not in capsys.readouterr().err
+    assert train_main(flags) == 0
+    assert "re-used" in capsys.readouterr().err
+    assert list((tmp_path / "photos_lora_datasets").iterdir()) == datasets
+    assert len(list(tmp_path.glob("photos_lora*.safetensors"))) == 2  # two runs, two adapters, none overwritten
+    assert train_main(["--model", str(checkpoint), "--images", str(images), "--dataset", str(images)]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -19,9 +19,9 @@ from jaxlora.models.flux import FLUX_DEV, FLUX_SCHNELL, Flux
 from jaxlora.models.flux_family import TINY_FLUX_DEV, TINY_FLUX_SCHNELL
 
 
-def diffusers_config(config) -> dict:
+def stream_diffusers_config(config) -> dict:
+    """The diffusers config entries of a Flux-line transformer's streams (2x2 patches packed into channels)."""
     return {
-        "_class_name": "FluxTransformer2DModel",
         "patch_size": 1,
         "in_channels": 4 * config.in_channels,
         "num_layers": config.depth,
@@ -29,9 +29,16 @@ def diffusers_config(config) -> dict:
         "attention_head_dim": config.head_dim,
         "num_attention_heads": config.num_heads,
         "joint_attention_dim": config.context_dim,
+        "axes_dims_rope": list(config.axes_dim),
+    }
+
+
+def diffusers_config(config) -> dict:
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        **stream_diffusers_config(config),
         "pooled_projection_dim": config.vec_in_dim,
         "guidance_embeds": config.guidance_embed,
-        "axes_dims_rope": list(config.axes_dim),
     }
 
 
@@ -61,7 +68,23 @@ def diffusers_forward(path, config, config_dir, x_nhwc, sigma, context, pooled, 
         model = FluxTransformer2DModel.from_single_file(
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32
         )
-    # FluxPipeline's packing, ids and unpacking (transcribed: the pipeline needs transformers).
+    with torch.no_grad():
+        out = pipeline_call(
+            model,
+            x_nhwc,
+            context,
+            sigma,
+            pooled_projections=torch.from_numpy(pooled),
+            guidance=None if guidance is None else torch.from_numpy(guidance),
+        )
+    return out, model
+
+
+def pipeline_call(model, x_nhwc, context, sigma, **inputs) -> np.ndarray:
+    """The diffusers pipelines' packing, position ids and unpacking around a Flux-line transformer (transcribed:
+    the pipelines need transformers); NHWC in and out."""
+    import torch
+
     batch, height, width, channels = x_nhwc.shape
     h, w = height // 2, width // 2
     latents = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
@@ -69,18 +92,16 @@ def diffusers_forward(path, config, config_dir, x_nhwc, sigma, context, pooled, 
     img_ids = torch.zeros(h, w, 3)
     img_ids[..., 1] += torch.arange(h)[:, None]
     img_ids[..., 2] += torch.arange(w)[None, :]
-    with torch.no_grad():
-        out = model(
-            hidden_states=packed,
-            encoder_hidden_states=torch.from_numpy(context),
-            pooled_projections=torch.from_numpy(pooled),
-            timestep=torch.from_numpy(sigma),
-            img_ids=img_ids.reshape(h * w, 3),
-            txt_ids=torch.zeros(context.shape[1], 3),
-            guidance=None if guidance is None else torch.from_numpy(guidance),
-        ).sample
+    out = model(
+        hidden_states=packed,
+        encoder_hidden_states=torch.from_numpy(context),
+        timestep=torch.from_numpy(sigma),
+        img_ids=img_ids.reshape(h * w, 3),
+        txt_ids=torch.zeros(context.shape[1], 3),
+        **inputs,
+    ).sample
     out = out.view(batch, h, w, -1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(batch, -1, height, width)
-    return out.numpy().transpose(0, 2, 3, 1), model
+    return out.numpy().transpose(0, 2, 3, 1)
 
 
 @pytest.mark.parametrize("config", [TINY_FLUX_DEV, TINY_FLUX_SCHNELL], ids=["dev", "schnell"])

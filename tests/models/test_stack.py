@@ -74,3 +74,19 @@ def test_sites_name_each_block_like_the_checkpoint():
     sites = dict(weight_layers(net))
     assert sites["blocks.1.inner.0"].weight.shape == (8, 16)
     np.testing.assert_array_equal(sites["blocks.1.inner.0"].value("weight"), net.blocks.block.inner["0"].weight[1])
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_per_block_inputs_reach_their_own_block(scan):
+    """Inputs with a leading block axis (e.g. modulations computed for all blocks at once) are scanned with the
+    parameters: block i sees row i, as when each block is called with its own value."""
+    net = random_net()
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 8)), jnp.float32)
+    scales = jnp.array([0.5, -1.0, 2.0])
+    (got,) = net.blocks((x,), per_block=(scales,), scan=scan, remat_policy="nothing_saveable")
+    want = x
+    for i in range(net.blocks.count):
+        (want,) = unstack_module(net.blocks.block, i)(want, scales[i])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    (same_scale,) = net.blocks((x,), 0.5, scan=scan)
+    assert not np.allclose(got, same_scale)
