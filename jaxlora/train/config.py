@@ -4,7 +4,7 @@ read or anything compiled.
 
 This module imports no JAX, so that a bad flag, TOML value or output folder is refused in a fraction of a second.
 The registries' names are therefore spelled out here (tests check them against `adapters.attach.ALGORITHMS`,
-`train.optim.OPTIMIZERS` and `LOSSES`, and `models.family.STYLES`).
+`train.optim.OPTIMIZERS` and `LOSSES`, `train.schedule.SCHEDULES` and `models.family.STYLES`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ RANGES = {
     "rank": (1, 128),
     "seed": (0, 2**64 - 1),
 }
+# jaxlora's numeric training controls -> (lowest, highest); None (where allowed) is never out of range
+CONTROL_RANGES = {
+    "warmup_steps": (0, 100000),
+    "lr_cycles": (1, 1000),
+    "lr_power": (1e-6, 100.0),
+    "lr_min_ratio": (0.0, 1.0),
+}
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 BYPASS_ALGORITHMS = ("LoRA",)  # algorithms with an activation form y = x W + h(x)
 STYLES = ("comfyui", "kohya", "peft")  # adapter key styles
@@ -38,6 +46,7 @@ CHOICES = {
     "remat_policy": REMAT_POLICIES,
     "prediction": PREDICTIONS,
     "format": STYLES,
+    "lr_scheduler": SCHEDULES,
 }
 
 # One line of meaning per setting, for --help and the notebook's form.
@@ -63,6 +72,11 @@ MEANINGS = {
     "mesh": "device mesh such as data=2,fsdp=4 (-1: the devices left); none: one device",
     "guidance": "models with a guidance input (guidance-distilled): guidance for samples whose data carries none",
     "flow_shift": "flow-matching models: the sampling shift (none: the model's own)",
+    "lr_scheduler": "learning-rate shape after the warmup (constant: the node's fixed rate)",
+    "warmup_steps": "steps of linear warmup from 0 to learning_rate (not with constant)",
+    "lr_cycles": "cosine_with_restarts: the number of cosine cycles",
+    "lr_power": "polynomial: the decay's power (1: linear)",
+    "lr_min_ratio": "decaying schedules: the final rate as a fraction of learning_rate",
     "output_dir": "folder for the adapter, loss history and plot",
     "prefix": "file name prefix inside the output folder, may include sub-folders",
     "format": "adapter key style: comfyui, kohya (A1111/Forge) or peft (LoRA only)",
@@ -142,14 +156,21 @@ class TrainConfig:
     mesh: str | None = None  # device mesh, e.g. "data=2,fsdp=4" (-1: the rest); None: one device
     guidance: float | None = None  # models with a guidance input: for samples whose data carries none
     flow_shift: float | None = None  # flow models: the sampling shift (None: the family's default)
+    # learning-rate schedule (train.schedule)
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    lr_cycles: int = 1
+    lr_power: float = 1.0
+    lr_min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         check_types(self)
-        for name, (low, high) in RANGES.items():
+        for name, (low, high) in {**RANGES, **CONTROL_RANGES}.items():
             value = getattr(self, name)
-            if not low <= value <= high:
+            if value is not None and not low <= value <= high:
                 raise SettingsError(name, f"{name} must be between {low} and {high}, got {value!r}")
         check_choices(self)
+        check_schedule(self)
         for name in ("guidance", "flow_shift"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -171,6 +192,20 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, object]) -> TrainConfig:
         return cls(**_known(cls, values, "training settings"))
+
+
+def check_schedule(config: TrainConfig) -> None:
+    """A warmup needs a schedule that has one, and a decaying schedule needs steps after its warmup."""
+    if config.warmup_steps and config.lr_scheduler == "constant":
+        raise SettingsError(
+            "warmup_steps", "warmup_steps needs a schedule with a warmup: lr_scheduler constant_with_warmup, or another"
+        )
+    if config.lr_scheduler not in ("constant", "constant_with_warmup") and config.warmup_steps >= config.steps:
+        raise SettingsError(
+            "warmup_steps",
+            f"lr_scheduler {config.lr_scheduler} decays after its warmup: warmup_steps ({config.warmup_steps}) must "
+            f"be less than steps ({config.steps})",
+        )
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
 from jaxlora.train.optim import loss_function, make_optimizer
 from jaxlora.train.perf import device_peak, step_flops
+from jaxlora.train.schedule import DECAYING, learning_rate_schedule, rate_at
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
 
 
@@ -163,6 +164,7 @@ class PreparedRun:
     sampling: ModelSampling
     previous_steps: int
     existing: ExistingAdapter | None
+    schedule: float | Callable[[int], object]  # the learning rate of each optimizer step
 
 
 def prepare_run(
@@ -176,7 +178,8 @@ def prepare_run(
     network, previous_steps = adapted_network(model, config, dtype, existing)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
-    optimizer = make_optimizer(config.optimizer, config.learning_rate)
+    schedule = learning_rate_schedule(config)
+    optimizer = make_optimizer(config.optimizer, schedule)
     opt_state = optimizer.init(adapters)
     sampling = model.run_sampling(config.prediction, config.flow_shift)
     settings = StepSettings(
@@ -198,7 +201,7 @@ def prepare_run(
         )
         data, perm_key = place_tree((data, perm_key), layout.replicated)
     return PreparedRun(
-        graph, adapters, opt_state, base, data, perm_key, settings, layout, sampling, previous_steps, existing
+        graph, adapters, opt_state, base, data, perm_key, settings, layout, sampling, previous_steps, existing, schedule
     )
 
 
@@ -237,15 +240,24 @@ def stop_requests():
 
 
 def progress_line(
-    done: int, total: int, loss: float, rate: float, samples_rate: float, mfu: float | None, width: int = 24
+    done: int,
+    total: int,
+    loss: float,
+    rate: float,
+    samples_rate: float,
+    mfu: float | None,
+    learning_rate: float,
+    width: int = 24,
 ) -> str:
-    """One line of progress; `loss` is the mean over the micro-steps since the previous line."""
+    """One line of progress; `loss` is the mean over the micro-steps since the previous line, `learning_rate` the
+    rate of the last step taken."""
     filled = round(width * done / total)
     eta = (total - done) / rate if rate > 0 else 0.0
     bar = "#" * filled + "." * (width - filled)
     utilisation = "" if mfu is None else f"  MFU {mfu:.1%}"
     return (
-        f"step {done}/{total} [{bar}] mean loss {loss:.4f}  {rate:.2f} steps/s  {samples_rate:.2f} samples/s"
+        f"step {done}/{total} [{bar}] mean loss {loss:.4f}  lr {learning_rate:.3g}  {rate:.2f} steps/s  "
+        f"{samples_rate:.2f} samples/s"
         f"{utilisation}  eta {eta:.0f} s"
     )
 
@@ -259,6 +271,8 @@ def fingerprint(config: TrainConfig, model: DiffusionModel, dataset: Dataset) ->
     settings = config.as_dict()
     settings.pop("steps")  # a run may be resumed to train longer
     settings.pop("mesh")  # and on other devices: checkpoints are restored onto the new layout
+    # a decaying learning rate is shaped by the run's length, so there the steps must match
+    settings["schedule_steps"] = config.steps if config.lr_scheduler in DECAYING else None
     return {**settings, "family": model.variant.name, "dataset": [[b.size, *b.shape] for b in dataset.buckets]}
 
 
@@ -367,7 +381,8 @@ def _train(
                 rate, samples_rate = stats.steps_run / elapsed, stats.samples / elapsed
                 interval_loss = float(np.mean(history[logged:]))  # every micro-step since the last line
                 logged = len(history)
-                progress(progress_line(done, config.steps, interval_loss, rate, samples_rate, stats.mfu(elapsed)))
+                mfu, learning_rate = stats.mfu(elapsed), rate_at(run.schedule, done - 1)
+                progress(progress_line(done, config.steps, interval_loss, rate, samples_rate, mfu, learning_rate))
             if stop:
                 stats.interrupted = done < config.steps  # Ctrl-C during the last step stops nothing
                 break
