@@ -32,13 +32,29 @@ CONTROL_RANGES = {
     "lr_cycles": (1, 1000),
     "lr_power": (1e-6, 100.0),
     "lr_min_ratio": (0.0, 1.0),
+    "weight_decay": (0.0, 10.0),
+    "beta1": (0.0, 0.999999),
+    "beta2": (0.0, 0.999999),
+    "eps": (1e-38, 1.0),
+    "max_grad_norm": (1e-8, 1e8),
+}
+# optimizer -> the hyper-parameters it takes (the others are refused), as in train.optim.OPTIMIZERS
+OPTIMIZER_KNOBS = {
+    "AdamW": ("weight_decay", "beta1", "beta2", "eps"),
+    "Adam": ("weight_decay", "beta1", "beta2", "eps"),
+    "SGD": ("weight_decay",),
+    "RMSprop": ("weight_decay", "beta2", "eps"),
+    "Adafactor": ("weight_decay", "eps"),
+    "Lion": ("weight_decay", "beta1", "beta2"),
+    "Prodigy": ("weight_decay", "beta1", "beta2", "eps"),
+    "ScheduleFreeAdamW": ("weight_decay", "beta1", "beta2", "eps"),
 }
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 BYPASS_ALGORITHMS = ("LoRA",)  # algorithms with an activation form y = x W + h(x)
 STYLES = ("comfyui", "kohya", "peft")  # adapter key styles
 CHOICES = {
-    "optimizer": ("AdamW", "Adam", "SGD", "RMSprop"),
+    "optimizer": tuple(OPTIMIZER_KNOBS),
     "loss_function": ("MSE", "L1", "Huber", "SmoothL1"),
     "training_dtype": TRAINING_DTYPES,
     "lora_dtype": TRAINING_DTYPES,
@@ -58,7 +74,8 @@ MEANINGS = {
     "steps": "optimizer steps to train in this run",
     "learning_rate": "the optimizer's step size",
     "rank": "adapter rank (OFT: block size)",
-    "optimizer": "torch's optimizer of that name, with torch's defaults",
+    "optimizer": "the node's four with torch's defaults, or Adafactor, Lion, Prodigy (learning_rate ~1), "
+    "ScheduleFreeAdamW",
     "loss_function": "loss between the denoised and the clean latents",
     "seed": "seeds noise, timesteps, batches and adapter initialisation",
     "training_dtype": "dtype of the frozen weights and activations",
@@ -77,6 +94,11 @@ MEANINGS = {
     "lr_cycles": "cosine_with_restarts: the number of cosine cycles",
     "lr_power": "polynomial: the decay's power (1: linear)",
     "lr_min_ratio": "decaying schedules: the final rate as a fraction of learning_rate",
+    "weight_decay": "the optimizer's weight decay (none: its default, AdamW 0.01, others 0)",
+    "beta1": "first-moment decay where the optimizer has one (none: its default, 0.9)",
+    "beta2": "second-moment decay (RMSprop: alpha) where the optimizer has one (none: its default)",
+    "eps": "the optimizer's epsilon where it has one (none: its default)",
+    "max_grad_norm": "clip the gradients' global norm to this before the update (none: no clipping)",
     "output_dir": "folder for the adapter, loss history and plot",
     "prefix": "file name prefix inside the output folder, may include sub-folders",
     "format": "adapter key style: comfyui, kohya (A1111/Forge) or peft (LoRA only)",
@@ -162,6 +184,12 @@ class TrainConfig:
     lr_cycles: int = 1
     lr_power: float = 1.0
     lr_min_ratio: float = 0.0
+    # optimizer hyper-parameters (train.optim; None: the optimizer's default)
+    weight_decay: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -171,6 +199,7 @@ class TrainConfig:
                 raise SettingsError(name, f"{name} must be between {low} and {high}, got {value!r}")
         check_choices(self)
         check_schedule(self)
+        check_optimizer(self)
         for name in ("guidance", "flow_shift"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -205,6 +234,21 @@ def check_schedule(config: TrainConfig) -> None:
             "warmup_steps",
             f"lr_scheduler {config.lr_scheduler} decays after its warmup: warmup_steps ({config.warmup_steps}) must "
             f"be less than steps ({config.steps})",
+        )
+
+
+def check_optimizer(config: TrainConfig) -> None:
+    """A hyper-parameter the optimizer does not have is refused (it would be silently ignored); schedule-free
+    AdamW replaces a decaying schedule by its averaging, so it takes only constant rates (with warmup)."""
+    knobs = OPTIMIZER_KNOBS[config.optimizer]
+    for name in ("weight_decay", "beta1", "beta2", "eps"):
+        if getattr(config, name) is not None and name not in knobs:
+            raise SettingsError(name, f"optimizer {config.optimizer} has no {name}; it takes {list(knobs)}")
+    if config.optimizer == "ScheduleFreeAdamW" and config.lr_scheduler not in ("constant", "constant_with_warmup"):
+        raise SettingsError(
+            "lr_scheduler",
+            f"ScheduleFreeAdamW needs no decaying schedule (it averages instead), got lr_scheduler "
+            f"{config.lr_scheduler}: use constant or constant_with_warmup",
         )
 
 

@@ -29,7 +29,7 @@ from jaxlora.parallel.placement import place_tree, to_host
 from jaxlora.train.checkpoints import Checkpoints, open_run
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
-from jaxlora.train.optim import loss_function, make_optimizer
+from jaxlora.train.optim import OptimizerSettings, eval_params, loss_function, make_optimizer
 from jaxlora.train.perf import device_peak, step_flops
 from jaxlora.train.schedule import DECAYING, learning_rate_schedule, rate_at
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
@@ -167,6 +167,10 @@ class PreparedRun:
     schedule: float | Callable[[int], object]  # the learning rate of each optimizer step
 
 
+def optimizer_settings(config: TrainConfig) -> OptimizerSettings:
+    return OptimizerSettings(config.weight_decay, config.beta1, config.beta2, config.eps, config.max_grad_norm)
+
+
 def prepare_run(
     model: DiffusionModel, dataset: Dataset, config: TrainConfig, existing: ExistingAdapter | None = None
 ) -> PreparedRun:
@@ -179,7 +183,7 @@ def prepare_run(
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
     schedule = learning_rate_schedule(config)
-    optimizer = make_optimizer(config.optimizer, schedule)
+    optimizer = make_optimizer(config.optimizer, schedule, optimizer_settings(config))
     opt_state = optimizer.init(adapters)
     sampling = model.run_sampling(config.prediction, config.flow_shift)
     settings = StepSettings(
@@ -393,7 +397,7 @@ def _train(
     if checkpoints is not None and done > start:
         checkpoints.save(done, adapters, opt_state, history)
 
-    network = nnx.merge(graph, adapters, base)
+    network = nnx.merge(graph, eval_params(config.optimizer, opt_state, adapters), base)
     adapted = DiffusionModel(network, model.family, model.variant, run.sampling, model.source)
     lora = export_adapter(with_host_adapters(adapted), "comfyui", resolve_dtype(config.lora_dtype))
     return TrainResult(adapted, lora, {"loss": history}, done + run.previous_steps, stats, checkpoints)
