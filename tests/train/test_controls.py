@@ -6,15 +6,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxlora import load_model
 from jaxlora.adapters.base import AdapterParam
+from jaxlora.models.demo import write_random_checkpoint
 from jaxlora.train.checkpoints import Checkpoints
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import fingerprint, prepare_run, run_training
 from jaxlora.train.optim import eval_params
-from tests.train.test_train import FP32, QUIET, one_level_model, small_data  # noqa: F401 (fixture)
+from tests.train.test_train import FP32, ONE_LEVEL, QUIET, small_data
 
 TINY = {"steps": 3, "batch_size": 2, "rank": 2, "gradient_checkpointing": False, **FP32}
+
+
+@pytest.fixture(scope="module")
+def one_level_model(tmp_path_factory):
+    return load_model(
+        write_random_checkpoint(ONE_LEVEL, tmp_path_factory.mktemp("one") / "unet.safetensors", 4), "fp32"
+    )
 
 
 def adapter_tree(model):
