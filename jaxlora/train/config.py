@@ -37,6 +37,12 @@ CONTROL_RANGES = {
     "beta2": (0.0, 0.999999),
     "eps": (1e-38, 1.0),
     "max_grad_norm": (1e-8, 1e8),
+    "logit_mean": (-10.0, 10.0),
+    "logit_std": (1e-3, 10.0),
+    "mode_scale": (-1.0, 1.75),  # where SD3's mode density stays a monotone map of u
+    "noise_offset": (0.0, 1.0),
+    "min_snr_gamma": (1e-3, 1e6),
+    "caption_dropout": (0.0, 0.99),
 }
 # optimizer -> the hyper-parameters it takes (the others are refused), as in train.optim.OPTIMIZERS
 OPTIMIZER_KNOBS = {
@@ -63,6 +69,8 @@ CHOICES = {
     "prediction": PREDICTIONS,
     "format": STYLES,
     "lr_scheduler": SCHEDULES,
+    "timestep_sampling": ("uniform", "logit_normal", "mode"),
+    "loss_target": ("x0", "native"),
 }
 
 # One line of meaning per setting, for --help and the notebook's form.
@@ -99,6 +107,14 @@ MEANINGS = {
     "beta2": "second-moment decay (RMSprop: alpha) where the optimizer has one (none: its default)",
     "eps": "the optimizer's epsilon where it has one (none: its default)",
     "max_grad_norm": "clip the gradients' global norm to this before the update (none: no clipping)",
+    "timestep_sampling": "noise-level distribution: uniform (the node's), logit_normal or mode (SD3)",
+    "logit_mean": "logit_normal: mean of the normal whose sigmoid is the noise fraction t (t = 1: pure noise)",
+    "logit_std": "logit_normal: standard deviation of that normal",
+    "mode_scale": "mode: SD3's scale s of f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u)",
+    "noise_offset": "eps/v models: scale of per-channel constant noise added to the noise (0: none)",
+    "min_snr_gamma": "eps/v models: weight samples by min(SNR, gamma) in x0 terms (none: unweighted)",
+    "loss_target": "x0 (the node's x0-space loss) or native (the model's own target: eps, v or flow velocity)",
+    "caption_dropout": "probability of training a sample on the empty caption (the dataset must carry it)",
     "output_dir": "folder for the adapter, loss history and plot",
     "prefix": "file name prefix inside the output folder, may include sub-folders",
     "format": "adapter key style: comfyui, kohya (A1111/Forge) or peft (LoRA only)",
@@ -190,6 +206,15 @@ class TrainConfig:
     beta2: float | None = None
     eps: float | None = None
     max_grad_norm: float | None = None
+    # noise and loss (train.objective)
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    loss_target: str = "x0"
+    caption_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -29,6 +29,7 @@ from jaxlora.parallel.placement import place_tree, to_host
 from jaxlora.train.checkpoints import Checkpoints, open_run
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
+from jaxlora.train.objective import Objective
 from jaxlora.train.optim import OptimizerSettings, eval_params, loss_function, make_optimizer
 from jaxlora.train.perf import device_peak, step_flops
 from jaxlora.train.schedule import DECAYING, learning_rate_schedule, rate_at
@@ -141,7 +142,20 @@ def preflight(
         check_batch(config.mesh, config.batch_size, [b.size for b in dataset.buckets], jax.device_count())
     if config.guidance is not None and "guidance" not in model.network_input_names:
         raise ValueError(f"guidance applies to models with a guidance input, not {model.variant.description}")
-    model.run_sampling(config.prediction, config.flow_shift)
+    sampling = model.run_sampling(config.prediction, config.flow_shift)
+    if sampling.prediction == "const":
+        for name in ("noise_offset", "min_snr_gamma"):
+            if getattr(config, name):
+                raise ValueError(
+                    f"{name} applies to eps and v models; {model.variant.description} is a flow model (its noise "
+                    "levels span sigma 0 to 1, so offset noise and SNR weighting do not carry over): leave it unset"
+                )
+    if config.caption_dropout and any(bucket.empty is None for bucket in dataset.buckets):
+        raise ValueError(
+            "caption_dropout needs the empty caption's conditioning, which this dataset does not carry: add it to "
+            "the dataset file as `empty.c_crossattn` (and `empty.pooled_output` where the model takes one), e.g. "
+            "with jaxlora.save_dataset(..., empty=...)"
+        )
     if existing is None and (existing := read_existing(config)) is not None:
         import_adapter(model, existing.tensors)  # checked once, where the file is read
     return existing
@@ -165,6 +179,19 @@ class PreparedRun:
     previous_steps: int
     existing: ExistingAdapter | None
     schedule: float | Callable[[int], object]  # the learning rate of each optimizer step
+
+
+def objective(config: TrainConfig) -> Objective:
+    return Objective(
+        config.timestep_sampling,
+        config.logit_mean,
+        config.logit_std,
+        config.mode_scale,
+        config.noise_offset,
+        config.min_snr_gamma,
+        config.loss_target,
+        config.caption_dropout,
+    )
 
 
 def optimizer_settings(config: TrainConfig) -> OptimizerSettings:
@@ -194,8 +221,10 @@ def prepare_run(
         optimizer,
         sampling,
         None if layout is None else layout.batch,
+        objective(config),
     )
-    data = [device_arrays(bucket, model, dtype, config.guidance) for bucket in dataset.buckets]
+    dropout = config.caption_dropout > 0
+    data = [device_arrays(bucket, model, dtype, config.guidance, dropout) for bucket in dataset.buckets]
     perm_key = permutation_key(config.seed)
     if layout is not None:
         adapters, opt_state, base = (
