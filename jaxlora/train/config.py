@@ -43,6 +43,7 @@ CONTROL_RANGES = {
     "noise_offset": (0.0, 1.0),
     "min_snr_gamma": (1e-3, 1e6),
     "caption_dropout": (0.0, 0.99),
+    "ema_decay": (0.5, 0.999999),
 }
 # optimizer -> the hyper-parameters it takes (the others are refused), as in train.optim.OPTIMIZERS
 OPTIMIZER_KNOBS = {
@@ -68,6 +69,7 @@ CHOICES = {
     "remat_policy": REMAT_POLICIES,
     "prediction": PREDICTIONS,
     "format": STYLES,
+    "ema_export": ("beside", "instead"),
     "lr_scheduler": SCHEDULES,
     "timestep_sampling": ("uniform", "logit_normal", "mode"),
     "loss_target": ("x0", "native"),
@@ -115,11 +117,13 @@ MEANINGS = {
     "min_snr_gamma": "eps/v models: weight samples by min(SNR, gamma) in x0 terms (none: unweighted)",
     "loss_target": "x0 (the node's x0-space loss) or native (the model's own target: eps, v or flow velocity)",
     "caption_dropout": "probability of training a sample on the empty caption (the dataset must carry it)",
+    "ema_decay": "keep an exponential moving average of the adapter with this decay, e.g. 0.999 (none: no EMA)",
     "output_dir": "folder for the adapter, loss history and plot",
     "prefix": "file name prefix inside the output folder, may include sub-folders",
     "format": "adapter key style: comfyui, kohya (A1111/Forge) or peft (LoRA only)",
     "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
     "resume": "continue the latest unfinished run of this output folder and prefix, or the run named (run_00002)",
+    "ema_export": "with ema_decay: write the EMA adapter beside the trained one (<name>ema.safetensors) or instead",
     "keep_checkpoints": "keep a finished run's checkpoints (by default deleted once the adapter is written)",
 }
 
@@ -215,6 +219,7 @@ class TrainConfig:
     min_snr_gamma: float | None = None
     loss_target: str = "x0"
     caption_dropout: float = 0.0
+    ema_decay: float | None = None  # moving average of the adapter (train.optim.with_ema)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -269,6 +274,10 @@ def check_optimizer(config: TrainConfig) -> None:
     for name in ("weight_decay", "beta1", "beta2", "eps"):
         if getattr(config, name) is not None and name not in knobs:
             raise SettingsError(name, f"optimizer {config.optimizer} has no {name}; it takes {list(knobs)}")
+    if config.optimizer == "ScheduleFreeAdamW" and config.ema_decay is not None:
+        raise SettingsError(
+            "ema_decay", "ScheduleFreeAdamW exports an average of its iterates already: leave ema_decay unset"
+        )
     if config.optimizer == "ScheduleFreeAdamW" and config.lr_scheduler not in ("constant", "constant_with_warmup"):
         raise SettingsError(
             "lr_scheduler",
@@ -289,6 +298,7 @@ class RunOptions:
     checkpoint_every: int = 0
     resume: bool | str = False  # True: the latest unfinished run; a name: that run
     keep_checkpoints: bool = False
+    ema_export: str = "beside"
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -30,7 +30,7 @@ from jaxlora.train.checkpoints import Checkpoints, open_run
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
 from jaxlora.train.objective import Objective
-from jaxlora.train.optim import OptimizerSettings, eval_params, loss_function, make_optimizer
+from jaxlora.train.optim import OptimizerSettings, ema_params, eval_params, loss_function, make_optimizer, with_ema
 from jaxlora.train.perf import device_peak, step_flops
 from jaxlora.train.schedule import DECAYING, learning_rate_schedule, rate_at
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
@@ -77,6 +77,7 @@ class TrainResult:
     steps: int
     stats: RunStats = field(default_factory=RunStats)
     checkpoints: Checkpoints | None = None  # the run's folder, marked finished once its outputs are written
+    ema_model: DiffusionModel | None = None  # with ema_decay: the model carrying the averaged adapter
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,8 @@ def prepare_run(
     layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
     schedule = learning_rate_schedule(config)
     optimizer = make_optimizer(config.optimizer, schedule, optimizer_settings(config))
+    if config.ema_decay is not None:
+        optimizer = with_ema(optimizer, config.ema_decay)
     opt_state = optimizer.init(adapters)
     sampling = model.run_sampling(config.prediction, config.flow_shift)
     settings = StepSettings(
@@ -426,10 +429,16 @@ def _train(
     if checkpoints is not None and done > start:
         checkpoints.save(done, adapters, opt_state, history)
 
-    network = nnx.merge(graph, eval_params(config.optimizer, opt_state, adapters), base)
-    adapted = DiffusionModel(network, model.family, model.variant, run.sampling, model.source)
+    adapted = with_adapters(model, run, eval_params(config.optimizer, opt_state, adapters))
+    ema = None if config.ema_decay is None else with_adapters(model, run, ema_params(opt_state))
     lora = export_adapter(with_host_adapters(adapted), "comfyui", resolve_dtype(config.lora_dtype))
-    return TrainResult(adapted, lora, {"loss": history}, done + run.previous_steps, stats, checkpoints)
+    return TrainResult(adapted, lora, {"loss": history}, done + run.previous_steps, stats, checkpoints, ema)
+
+
+def with_adapters(model: DiffusionModel, run: PreparedRun, adapters: nnx.State) -> DiffusionModel:
+    """The trained model: the run's network carrying `adapters` (float32 masters are cast by export)."""
+    network = nnx.merge(run.graph, adapters, run.base)
+    return DiffusionModel(network, model.family, model.variant, run.sampling, model.source)
 
 
 def train_lora(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +113,44 @@ def make_optimizer(
     if settings.max_grad_norm is None:
         return optimizer
     return optax.chain(optax.clip_by_global_norm(settings.max_grad_norm), optimizer)
+
+
+class EmaState(NamedTuple):
+    """The wrapped optimizer's state, the moving average of the parameters, and how many updates it has seen."""
+
+    inner: optax.OptState
+    ema: optax.Params
+    count: jax.Array
+
+
+def ema_decay_at(decay: float, count: jax.Array) -> jax.Array:
+    """The decay of EMA update `count` (from 0), as diffusers' EMAModel: 0 first (the average starts at the
+    first updated parameters), then min(decay, (1 + count) / (10 + count))."""
+    count = count.astype(jnp.float32)
+    return jnp.where(count == 0, 0.0, jnp.minimum(decay, (1.0 + count) / (10.0 + count)))
+
+
+def with_ema(optimizer: optax.GradientTransformation, decay: float) -> optax.GradientTransformation:
+    """`optimizer`, also keeping an exponential moving average of the parameters it produces (float32, in its
+    state, so checkpoints hold it): ema <- d ema + (1 - d) p_new with d = `ema_decay_at(decay, count)`."""
+
+    def init(params):
+        average = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)  # its own buffers (donated)
+        return EmaState(optimizer.init(params), average, jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        updates, inner = optimizer.update(updates, state.inner, params)
+        current = optax.apply_updates(params, updates)
+        d = ema_decay_at(decay, state.count)
+        average = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p.astype(jnp.float32), state.ema, current)
+        return updates, EmaState(inner, average, state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state):
+    """The moving average of a `with_ema` optimizer's state."""
+    return opt_state.ema
 
 
 def eval_params(name: str, opt_state, params):

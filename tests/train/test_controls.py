@@ -1,19 +1,27 @@
 """Training controls in a real (tiny) run: each changes what it should and nothing else, and reaches the exported
 adapter and the run's fingerprint."""
 
+import json
+import re
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 from jaxlora import load_model
 from jaxlora.adapters.base import AdapterParam
 from jaxlora.models.demo import write_random_checkpoint
+from jaxlora.train.__main__ import build_parser, resolve_settings
 from jaxlora.train.checkpoints import Checkpoints
-from jaxlora.train.config import TrainConfig
+from jaxlora.train.config import SettingsError, TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import fingerprint, prepare_run, run_training
 from jaxlora.train.optim import eval_params
+from jaxlora.train.report import write_run_outputs
 from tests.train.test_train import FP32, ONE_LEVEL, QUIET, small_data
 
 TINY = {"steps": 3, "batch_size": 2, "rank": 2, "gradient_checkpointing": False, **FP32}
@@ -51,3 +59,90 @@ def test_schedule_free_run_exports_the_averaged_iterate(one_level_model, tmp_pat
         for x, y in zip(jax.tree.leaves(trained), jax.tree.leaves(adapter_tree(result.model_with_lora)), strict=True)
     ]
     assert max(differences) > 1e-6  # y and x differ after three steps
+
+
+def test_every_control_together_trains_and_reaches_the_files(one_level_model, tmp_path, module_compile_cache):
+    """One run with every control off its default (one compile): finite losses, the rate in the progress
+    line, the EMA adapter beside (or instead of) the trained one, and the settings in the files' metadata."""
+    latents, context = small_data()
+    dataset = make_dataset(latents, context, empty={"c_crossattn": np.zeros_like(context[:1])})
+    controls = {
+        "lr_scheduler": "cosine",
+        "warmup_steps": 1,
+        "optimizer": "Lion",
+        "learning_rate": 1e-3,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "timestep_sampling": "logit_normal",
+        "noise_offset": 0.05,
+        "min_snr_gamma": 5.0,
+        "loss_target": "native",
+        "caption_dropout": 0.5,
+        "ema_decay": 0.9,
+    }
+    config = TrainConfig(**{**TINY, "steps": 4}, **controls)
+    lines = []
+    result = run_training(one_level_model, dataset, config, progress=lines.append, log_every_seconds=0.0)
+    assert len(result.loss_map["loss"]) == 4 and np.isfinite(result.loss_map["loss"]).all()
+    rates = [float(m.group(1)) for line in lines if (m := re.search(r" lr (\S+) ", line))]
+    assert rates[0] == 0.0 and max(rates) == pytest.approx(1e-3, rel=1e-6)  # warmup from 0, then the peak
+
+    beside = write_run_outputs(result, config, tmp_path / "beside", "x")
+    instead = write_run_outputs(result, config, tmp_path / "instead", "x", ema_export="instead")
+    assert beside["ema adapter"].name == "x_4_steps_00001_ema.safetensors" and "ema adapter" not in instead
+    trained, ema = (load_file(beside[name]) for name in ("adapter", "ema adapter"))
+    assert trained.keys() == ema.keys() and any(not np.array_equal(trained[k], ema[k]) for k in trained)
+    replaced = load_file(instead["adapter"])
+    assert all(np.array_equal(replaced[k], ema[k]) for k in ema)
+    for path, weights in ((beside["adapter"], "trained"), (beside["ema adapter"], "ema"), (instead["adapter"], "ema")):
+        with safe_open(path, framework="numpy") as file:
+            settings = json.loads(file.metadata()["training_settings"])
+        assert settings["exported_weights"] == weights
+        assert {key: settings[key] for key in controls} == controls
+
+
+def test_fingerprint_holds_every_control_and_no_output_setting():
+    """Each training control changes the fingerprint (a resumed run with another value is refused); the output
+    settings (ema_export) are run options, outside it. steps enter only through a decaying schedule."""
+    model = SimpleNamespace(variant=SimpleNamespace(name="sd1"))
+    dataset = make_dataset(*small_data())
+    base = fingerprint(TrainConfig(), model, dataset)
+    changed = {
+        "lr_scheduler": "constant_with_warmup",
+        "warmup_steps": 2,
+        "lr_cycles": 2,
+        "lr_power": 2.0,
+        "lr_min_ratio": 0.1,
+        "weight_decay": 0.1,
+        "beta1": 0.8,
+        "beta2": 0.9,
+        "eps": 1e-6,
+        "max_grad_norm": 1.0,
+        "timestep_sampling": "mode",
+        "logit_mean": 0.5,
+        "logit_std": 0.5,
+        "mode_scale": 1.0,
+        "noise_offset": 0.1,
+        "min_snr_gamma": 5.0,
+        "loss_target": "native",
+        "caption_dropout": 0.1,
+        "ema_decay": 0.99,
+    }
+    for key, value in changed.items():
+        settings = {key: value, **({"lr_scheduler": "constant_with_warmup"} if key == "warmup_steps" else {})}
+        other = fingerprint(TrainConfig(**settings), model, dataset)
+        assert other[key] != base[key], key
+    assert "ema_export" not in base and base["schedule_steps"] is None
+    longer = fingerprint(TrainConfig(steps=32), model, dataset)
+    assert longer == base  # a constant rate resumes to more steps
+    cosine = [fingerprint(TrainConfig(steps=s, lr_scheduler="cosine"), model, dataset) for s in (16, 32)]
+    assert cosine[0]["schedule_steps"] == 16 and cosine[0] != cosine[1]
+
+
+def test_ema_settings_that_cannot_work_are_refused():
+    with pytest.raises(SettingsError, match="needs an EMA") as error:
+        resolve_settings(build_parser().parse_args(["--ema-export", "instead"]))
+    assert error.value.key == "ema_export"
+    with pytest.raises(SettingsError, match="average of its iterates") as error:
+        TrainConfig(optimizer="ScheduleFreeAdamW", ema_decay=0.99)
+    assert error.value.key == "ema_decay"

@@ -15,7 +15,15 @@ import torch
 
 from jaxlora.train import config as config_module
 from jaxlora.train.config import SettingsError, TrainConfig
-from jaxlora.train.optim import LOSSES, OPTIMIZERS, OptimizerSettings, eval_params, make_optimizer
+from jaxlora.train.optim import (
+    LOSSES,
+    OPTIMIZERS,
+    OptimizerSettings,
+    ema_params,
+    eval_params,
+    make_optimizer,
+    with_ema,
+)
 
 TORCH_OPTIMIZERS = {
     "AdamW": torch.optim.AdamW,
@@ -178,3 +186,34 @@ def test_settings_an_optimizer_cannot_use_are_refused(settings, key, message):
     with pytest.raises(SettingsError, match=message) as error:
         TrainConfig(**settings)
     assert error.value.key == key
+
+
+def test_ema_follows_the_numpy_reference():
+    """with_ema over SGD: the average starts at the first updated parameters, then decays by
+    min(decay, (1 + k) / (10 + k)) at update k (diffusers' EMAModel); the updates themselves are SGD's (fp32,
+    rtol 1e-6)."""
+    rng = np.random.default_rng(3)
+    start = rng.standard_normal(4).astype(np.float32)
+    grads = [rng.standard_normal(4).astype(np.float32) for _ in range(40)]
+    optimizer = with_ema(make_optimizer("SGD", 0.1), 0.8)
+    params = {"w": jnp.asarray(start)}
+    state = optimizer.init(params)
+    expected_params, expected_ema = start.astype(np.float64), None
+    for k, grad in enumerate(grads):
+        updates, state = optimizer.update({"w": jnp.asarray(grad)}, state, params)
+        params = optax.apply_updates(params, updates)
+        expected_params = expected_params - 0.1 * grad
+        decay = 0.0 if k == 0 else min(0.8, (1 + k) / (10 + k))
+        expected_ema = expected_params if k == 0 else decay * expected_ema + (1 - decay) * expected_params
+        np.testing.assert_allclose(np.asarray(params["w"]), expected_params, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ema_params(state)["w"]), expected_ema, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(ema_params(state)["w"]), np.asarray(params["w"]), atol=1e-3)
+
+
+def test_ema_holds_its_own_buffers():
+    """The average is a copy, not the parameters' buffers: the step donates both, and a buffer donated twice is
+    an error."""
+    params = {"w": jnp.ones(3)}
+    state = with_ema(make_optimizer("SGD", 0.1), 0.9).init(params)
+    assert ema_params(state)["w"] is not params["w"]
+    assert ema_params(state)["w"].unsafe_buffer_pointer() != params["w"].unsafe_buffer_pointer()
