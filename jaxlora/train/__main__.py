@@ -172,7 +172,7 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
     from jaxlora.parallel.placement import is_writer
     from jaxlora.train.compile_cache import enable_compilation_cache
     from jaxlora.train.loop import NonFiniteLossError, run_training, with_host_adapters
-    from jaxlora.train.report import output_stem, write_run_outputs
+    from jaxlora.train.report import AdapterSaves, output_stem, write_run_outputs
 
     processes.initialize(distributed, os.environ)
     if compile_cache:
@@ -200,6 +200,8 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
                 checkpoint_every=run.checkpoint_every,
                 resume=run.resume,
                 existing=existing,
+                save_every=run.save_every,
+                on_save=AdapterSaves(config, run.output_dir, run.prefix, run.format, run.save_last, run.ema_export),
             )
         except (ValueError, OSError, FolderInUseError) as error:
             print(f"error: {error}", file=sys.stderr)

@@ -124,6 +124,8 @@ MEANINGS = {
     "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
     "resume": "continue the latest unfinished run of this output folder and prefix, or the run named (run_00002)",
     "ema_export": "with ema_decay: write the EMA adapter beside the trained one (<name>ema.safetensors) or instead",
+    "save_every": "write a ComfyUI-loadable adapter into <prefix>_saves/ every N steps (0: only the final one)",
+    "save_last": "keep only the last K adapters saved during the run (0: all)",
     "keep_checkpoints": "keep a finished run's checkpoints (by default deleted once the adapter is written)",
 }
 
@@ -299,12 +301,15 @@ class RunOptions:
     resume: bool | str = False  # True: the latest unfinished run; a name: that run
     keep_checkpoints: bool = False
     ema_export: str = "beside"
+    save_every: int = 0
+    save_last: int = 0
 
     def __post_init__(self) -> None:
         check_types(self)
         check_choices(self)
-        if self.checkpoint_every < 0:
-            raise SettingsError("checkpoint_every", f"checkpoint_every must be 0 or more, got {self.checkpoint_every}")
+        for name in ("checkpoint_every", "save_every", "save_last"):
+            if getattr(self, name) < 0:
+                raise SettingsError(name, f"{name} must be 0 or more, got {getattr(self, name)}")
         check_prefix(self.prefix)
 
     @classmethod

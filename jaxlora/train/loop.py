@@ -25,7 +25,7 @@ from jaxlora.dtypes import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
 from jaxlora.models.sampling import ModelSampling
 from jaxlora.parallel.mesh import MeshLayout, check_batch, make_mesh
-from jaxlora.parallel.placement import place_tree, to_host
+from jaxlora.parallel.placement import is_writer, place_tree, to_host
 from jaxlora.train.checkpoints import Checkpoints, open_run
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
@@ -322,20 +322,26 @@ def run_training(
     progress: Callable[[str], None] | None = None,
     log_every_seconds: float = 2.0,
     existing: ExistingAdapter | None = None,
+    save_every: int = 0,
+    on_save: SaveHook | None = None,
 ) -> TrainResult:
     """Train `config.steps` optimizer steps and return the node's outputs, with checkpoints in a new run folder
     under `checkpoint_dir` (every `checkpoint_every` steps, at the end and on Ctrl-C), or continuing a run there:
     `resume=True` takes the latest unfinished one, a string names it. `existing` is the `existing_lora` file as
-    `preflight` read it, so it is read once."""
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be 0 or more (0: at the end and on Ctrl-C), got {checkpoint_every}")
+    `preflight` read it, so it is read once. Every `save_every` steps before the last, `on_save` (e.g.
+    `report.AdapterSaves`) gets the total steps and the models carrying the adapter and its EMA (or None),
+    gathered to the host; on several processes only process 0 calls it."""
+    for name, value in (("checkpoint_every", checkpoint_every), ("save_every", save_every)):
+        if value < 0:
+            raise ValueError(f"{name} must be 0 or more, got {value}")
     progress = progress or (lambda line: print(line, file=sys.stderr))
     run = prepare_run(model, dataset, config, existing)
+    saves = (save_every, on_save) if save_every and on_save is not None else None
     if checkpoint_dir is None:
-        return _train(model, dataset, config, run, None, checkpoint_every, progress, log_every_seconds)
+        return _train(model, dataset, config, run, None, checkpoint_every, progress, log_every_seconds, saves)
     checkpoints = open_run(checkpoint_dir, fingerprint(config, model, dataset), resume, config.steps)
     with checkpoints.in_use():
-        return _train(model, dataset, config, run, checkpoints, checkpoint_every, progress, log_every_seconds)
+        return _train(model, dataset, config, run, checkpoints, checkpoint_every, progress, log_every_seconds, saves)
 
 
 def _train(
@@ -347,6 +353,7 @@ def _train(
     checkpoint_every: int,
     progress: Callable[[str], None],
     log_every_seconds: float,
+    saves: tuple[int, SaveHook] | None = None,
 ) -> TrainResult:
     graph, adapters, opt_state, base = run.graph, run.adapters, run.opt_state, run.base
     data, perm_key, settings, layout = run.data, run.perm_key, run.settings, run.layout
@@ -410,6 +417,10 @@ def _train(
             if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
                 collect()
                 checkpoints.save(done, adapters, opt_state, history)
+            if saves is not None and done % saves[0] == 0 and done < config.steps:
+                trained, ema = host_models(model, config, run, adapters, opt_state)
+                if is_writer():
+                    saves[1](done + run.previous_steps, trained, ema)
             if time.perf_counter() - last_log >= log_every_seconds or done == config.steps or stop:
                 collect()
                 last_log = time.perf_counter()
@@ -429,10 +440,27 @@ def _train(
     if checkpoints is not None and done > start:
         checkpoints.save(done, adapters, opt_state, history)
 
-    adapted = with_adapters(model, run, eval_params(config.optimizer, opt_state, adapters))
-    ema = None if config.ema_decay is None else with_adapters(model, run, ema_params(opt_state))
+    adapted, ema = trained_models(model, config, run, adapters, opt_state)
     lora = export_adapter(with_host_adapters(adapted), "comfyui", resolve_dtype(config.lora_dtype))
     return TrainResult(adapted, lora, {"loss": history}, done + run.previous_steps, stats, checkpoints, ema)
+
+
+SaveHook = Callable[[int, DiffusionModel, DiffusionModel | None], object]
+
+
+def trained_models(
+    model: DiffusionModel, config: TrainConfig, run: PreparedRun, adapters: nnx.State, opt_state
+) -> tuple[DiffusionModel, DiffusionModel | None]:
+    """The models carrying the adapter to use (schedule-free: its average) and its EMA (None without one)."""
+    adapted = with_adapters(model, run, eval_params(config.optimizer, opt_state, adapters))
+    return adapted, None if config.ema_decay is None else with_adapters(model, run, ema_params(opt_state))
+
+
+def host_models(model, config, run, adapters, opt_state) -> tuple[DiffusionModel, DiffusionModel | None]:
+    """`trained_models` with their adapters copied to the host (every process takes part on a mesh), so the next
+    step may donate the device buffers."""
+    adapted, ema = trained_models(model, config, run, adapters, opt_state)
+    return with_host_adapters(adapted), ema and with_host_adapters(ema)
 
 
 def with_adapters(model: DiffusionModel, run: PreparedRun, adapters: nnx.State) -> DiffusionModel:
@@ -490,4 +518,13 @@ def train_lora(
     return run_training(model, dataset, config, **run_options)
 
 
-RUN_OPTIONS = ("checkpoint_dir", "checkpoint_every", "resume", "progress", "log_every_seconds", "existing")
+RUN_OPTIONS = (
+    "checkpoint_dir",
+    "checkpoint_every",
+    "resume",
+    "progress",
+    "log_every_seconds",
+    "existing",
+    "save_every",
+    "on_save",
+)

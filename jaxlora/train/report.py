@@ -155,6 +155,47 @@ def save_adapter(
     return save_lora(model, path, style, config.lora_dtype, info)
 
 
+class AdapterSaves:
+    """Adapter files written during a run every `save_every` steps (the loop calls this with the total steps and
+    the trained and EMA models): `<output_dir>/<prefix>_saves/<base>_<steps>_steps_<counter:05>_.safetensors`
+    (ComfyUI loads them; the counter as in `output_stem`), each written atomically and never over a file. Only
+    the last `keep_last` saves of this run are kept (0: all); files of other runs are never touched."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        output_dir: str | Path,
+        prefix: str,
+        style: str = "comfyui",
+        keep_last: int = 0,
+        ema_export: str = "beside",
+    ):
+        folder, base = os.path.split(prefix)
+        self.folder = Path(output_dir) / folder / f"{base}_saves"
+        self.base, self.config, self.style, self.keep_last, self.ema_export = base, config, style, keep_last, ema_export
+        self.written: list[list[Path]] = []
+
+    def __call__(self, steps: int, model: DiffusionModel, ema: DiffusionModel | None) -> list[Path]:
+        files = adapter_files(model, ema, self.ema_export)
+        for _ in range(COUNTER_ATTEMPTS):
+            stem = output_stem(self.folder, self.base, steps)
+            try:
+                paths = [
+                    save_adapter(model, f"{stem}{suffix}.safetensors", self.config, steps, self.style, weights)
+                    for model, suffix, weights in files.values()
+                ]
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"{stem}.safetensors: {COUNTER_ATTEMPTS} counters taken by other runs meanwhile")
+        self.written.append(paths)
+        while self.keep_last and len(self.written) > self.keep_last:
+            for path in self.written.pop(0):
+                path.unlink(missing_ok=True)
+        return paths
+
+
 def _loss_json(losses: list[float], per_step: int) -> bytes:
     """Strict JSON (NaN and Infinity are not JSON), so non-finite losses become null."""
     values = [loss if math.isfinite(loss) else None for loss in losses]

@@ -12,16 +12,17 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from jaxlora import load_model
+from jaxlora import attach_adapters, load_model
 from jaxlora.adapters.base import AdapterParam
 from jaxlora.models.demo import write_random_checkpoint
+from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.__main__ import build_parser, resolve_settings
 from jaxlora.train.checkpoints import Checkpoints
 from jaxlora.train.config import SettingsError, TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import fingerprint, prepare_run, run_training
 from jaxlora.train.optim import eval_params
-from jaxlora.train.report import write_run_outputs
+from jaxlora.train.report import AdapterSaves, write_run_outputs
 from tests.train.test_train import FP32, ONE_LEVEL, QUIET, small_data
 
 TINY = {"steps": 3, "batch_size": 2, "rank": 2, "gradient_checkpointing": False, **FP32}
@@ -82,8 +83,14 @@ def test_every_control_together_trains_and_reaches_the_files(one_level_model, tm
     }
     config = TrainConfig(**{**TINY, "steps": 4}, **controls)
     lines = []
-    result = run_training(one_level_model, dataset, config, progress=lines.append, log_every_seconds=0.0)
+    saves = AdapterSaves(config, tmp_path / "saves", "loras/x", keep_last=2)
+    result = run_training(
+        one_level_model, dataset, config, progress=lines.append, log_every_seconds=0.0, save_every=1, on_save=saves
+    )
     assert len(result.loss_map["loss"]) == 4 and np.isfinite(result.loss_map["loss"]).all()
+    # saved after steps 1, 2 and 3 (the last step's adapter is the run's output), the last two kept, EMA beside
+    names = sorted(path.name for path in (tmp_path / "saves" / "loras" / "x_saves").iterdir())
+    assert names == [f"x_{s}_steps_0000{s}_{w}.safetensors" for s in (2, 3) for w in ("", "ema")]
     rates = [float(m.group(1)) for line in lines if (m := re.search(r" lr (\S+) ", line))]
     assert rates[0] == 0.0 and max(rates) == pytest.approx(1e-3, rel=1e-6)  # warmup from 0, then the peak
 
@@ -146,3 +153,20 @@ def test_ema_settings_that_cannot_work_are_refused():
     with pytest.raises(SettingsError, match="average of its iterates") as error:
         TrainConfig(optimizer="ScheduleFreeAdamW", ema_decay=0.99)
     assert error.value.key == "ema_decay"
+
+
+def test_saves_keep_the_last_k_of_this_run_and_never_overwrite(tmp_path):
+    """AdapterSaves on a model with fresh adapters: counters go on past other runs' files, only this run's older
+    saves are deleted, and each file is a complete adapter with its steps in the metadata."""
+    model = load_model(write_random_checkpoint(DEMO_UNET, tmp_path / "unet.safetensors"), dtype="fp32")
+    attach_adapters(model.network, "LoRA", 2, 0)
+    folder = tmp_path / "out" / "x_saves"
+    folder.mkdir(parents=True)
+    (folder / "x_9_steps_00004_.safetensors").write_bytes(b"another run's")
+    saves = AdapterSaves(TrainConfig(), tmp_path / "out", "x", keep_last=2)
+    for steps in (10, 20, 30):
+        saves(steps, model, None)
+    names = sorted(path.name for path in folder.iterdir())
+    assert names == ["x_20_steps_00006_.safetensors", "x_30_steps_00007_.safetensors", "x_9_steps_00004_.safetensors"]
+    with safe_open(folder / names[1], framework="numpy") as file:
+        assert file.metadata()["steps"] == "30" and len(list(file.keys())) > 0
