@@ -255,6 +255,10 @@ class TrainConfig:
         return cls(**_known(cls, values, "training settings"))
 
 
+_TRAINING_FIELDS = [spec.name for spec in fields(TrainConfig)]
+TRAINING_CONTROLS = tuple(_TRAINING_FIELDS[_TRAINING_FIELDS.index("lr_scheduler") :])  # schedules, optimizer, ...
+
+
 def check_schedule(config: TrainConfig) -> None:
     """A warmup needs a schedule that has one, and a decaying schedule needs steps after its warmup."""
     if config.warmup_steps and config.lr_scheduler == "constant":

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import jax
@@ -27,7 +27,7 @@ from jaxlora.models.sampling import ModelSampling
 from jaxlora.parallel.mesh import MeshLayout, check_batch, make_mesh
 from jaxlora.parallel.placement import is_writer, place_tree, to_host
 from jaxlora.train.checkpoints import Checkpoints, open_run
-from jaxlora.train.config import TrainConfig
+from jaxlora.train.config import TRAINING_CONTROLS, TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
 from jaxlora.train.objective import Objective
 from jaxlora.train.optim import OptimizerSettings, ema_params, eval_params, loss_function, make_optimizer, with_ema
@@ -182,21 +182,9 @@ class PreparedRun:
     schedule: float | Callable[[int], object]  # the learning rate of each optimizer step
 
 
-def objective(config: TrainConfig) -> Objective:
-    return Objective(
-        config.timestep_sampling,
-        config.logit_mean,
-        config.logit_std,
-        config.mode_scale,
-        config.noise_offset,
-        config.min_snr_gamma,
-        config.loss_target,
-        config.caption_dropout,
-    )
-
-
-def optimizer_settings(config: TrainConfig) -> OptimizerSettings:
-    return OptimizerSettings(config.weight_decay, config.beta1, config.beta2, config.eps, config.max_grad_norm)
+def settings_of(kind: type, config: TrainConfig):
+    """The `kind` dataclass (Objective, OptimizerSettings) of a run: its fields are TrainConfig fields by name."""
+    return kind(**{spec.name: getattr(config, spec.name) for spec in fields(kind)})
 
 
 def prepare_run(
@@ -211,7 +199,7 @@ def prepare_run(
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
     schedule = learning_rate_schedule(config)
-    optimizer = make_optimizer(config.optimizer, schedule, optimizer_settings(config))
+    optimizer = make_optimizer(config.optimizer, schedule, settings_of(OptimizerSettings, config))
     if config.ema_decay is not None:
         optimizer = with_ema(optimizer, config.ema_decay)
     opt_state = optimizer.init(adapters)
@@ -224,7 +212,7 @@ def prepare_run(
         optimizer,
         sampling,
         None if layout is None else layout.batch,
-        objective(config),
+        settings_of(Objective, config),
     )
     dropout = config.caption_dropout > 0
     data = [device_arrays(bucket, model, dtype, config.guidance, dropout) for bucket in dataset.buckets]
@@ -307,8 +295,13 @@ def fingerprint(config: TrainConfig, model: DiffusionModel, dataset: Dataset) ->
     settings = config.as_dict()
     settings.pop("steps")  # a run may be resumed to train longer
     settings.pop("mesh")  # and on other devices: checkpoints are restored onto the new layout
-    # a decaying learning rate is shaped by the run's length, so there the steps must match
-    settings["schedule_steps"] = config.steps if config.lr_scheduler in DECAYING else None
+    # controls at their defaults are left out, so runs from before a control existed resume as they were
+    defaults = TrainConfig()
+    for name in TRAINING_CONTROLS:
+        if settings[name] == getattr(defaults, name):
+            del settings[name]
+    if config.lr_scheduler in DECAYING:  # a decaying rate is shaped by the run's length: the steps must match
+        settings["schedule_steps"] = config.steps
     return {**settings, "family": model.variant.name, "dataset": [[b.size, *b.shape] for b in dataset.buckets]}
 
 

@@ -4,7 +4,7 @@ called from `train.step`; with the defaults (`Objective()`) the step is the node
 
 Noise levels are drawn as t in (0, 1), the fraction of the way to pure noise (t = 1 - ComfyUI's percent), and
 mapped to sigma by the model's own `percent_to_sigma`, so a flow model's shift (`flow_shift`) applies on top, as
-SD3 and Flux trainers shift their sampled t.
+rectified-flow trainers shift their sampled t.
 """
 
 from __future__ import annotations

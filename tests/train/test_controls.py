@@ -6,6 +6,7 @@ import re
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,7 +18,7 @@ from jaxlora.adapters.base import AdapterParam
 from jaxlora.models.demo import write_random_checkpoint
 from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.__main__ import build_parser, resolve_settings
-from jaxlora.train.checkpoints import Checkpoints
+from jaxlora.train.checkpoints import Checkpoints, ResumeError, open_run
 from jaxlora.train.config import SettingsError, TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import fingerprint, prepare_run, run_training
@@ -110,7 +111,8 @@ def test_every_control_together_trains_and_reaches_the_files(one_level_model, tm
 
 def test_fingerprint_holds_every_control_and_no_output_setting():
     """Each training control changes the fingerprint (a resumed run with another value is refused); the output
-    settings (ema_export) are run options, outside it. steps enter only through a decaying schedule."""
+    settings (ema_export, save_every, save_last) are run options, outside it. steps enter only through a
+    decaying schedule."""
     model = SimpleNamespace(variant=SimpleNamespace(name="sd1"))
     dataset = make_dataset(*small_data())
     base = fingerprint(TrainConfig(), model, dataset)
@@ -138,8 +140,8 @@ def test_fingerprint_holds_every_control_and_no_output_setting():
     for key, value in changed.items():
         settings = {key: value, **({"lr_scheduler": "constant_with_warmup"} if key == "warmup_steps" else {})}
         other = fingerprint(TrainConfig(**settings), model, dataset)
-        assert other[key] != base[key], key
-    assert "ema_export" not in base and base["schedule_steps"] is None
+        assert other[key] == value and key not in base, key  # defaults are left out: older runs still match
+    assert not {"ema_export", "save_every", "save_last", "schedule_steps"} & set(base)
     longer = fingerprint(TrainConfig(steps=32), model, dataset)
     assert longer == base  # a constant rate resumes to more steps
     cosine = [fingerprint(TrainConfig(steps=s, lr_scheduler="cosine"), model, dataset) for s in (16, 32)]
@@ -170,3 +172,16 @@ def test_saves_keep_the_last_k_of_this_run_and_never_overwrite(tmp_path):
     assert names == ["x_20_steps_00006_.safetensors", "x_30_steps_00007_.safetensors", "x_9_steps_00004_.safetensors"]
     with safe_open(folder / names[1], framework="numpy") as file:
         assert file.metadata()["steps"] == "30" and len(list(file.keys())) > 0
+
+
+def test_resume_refuses_a_changed_control_naming_it(tmp_path):
+    """A run checkpointed with ema_decay 0.99 does not resume with 0.9 (the message names the setting), and does
+    resume with the same training settings."""
+    model = SimpleNamespace(variant=SimpleNamespace(name="sd1"))
+    dataset = make_dataset(*small_data())
+    run = open_run(tmp_path, fingerprint(TrainConfig(ema_decay=0.99), model, dataset), False, 16)
+    run.save(1, {"a": jnp.zeros(2)}, {"b": jnp.zeros(1)}, [0.5])
+    with pytest.raises(ResumeError, match="ema_decay: checkpoint 0.99, now 0.9"):
+        open_run(tmp_path, fingerprint(TrainConfig(ema_decay=0.9), model, dataset), True, 16)
+    resumed = open_run(tmp_path, fingerprint(TrainConfig(ema_decay=0.99), model, dataset), True, 16)
+    assert resumed.directory == run.directory
