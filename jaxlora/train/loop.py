@@ -486,9 +486,11 @@ def train_lora(
     `latents`: raw VAE latents [N, C, H, W] (ComfyUI LATENT `samples`), or a list of such arrays of different
     resolutions. `positive`: the text conditioning, an array [N or 1, T, D] or a dict with `c_crossattn` and,
     the family's other fields (`pooled_output`, sizes) (or a list matching `latents`). `options` are the
-    TrainConfig additions (remat_policy, bypass, prediction, mesh) and run_training's (checkpoint_dir,
-    checkpoint_every, resume, progress). Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and
-    steps (including the existing adapter's).
+    TrainConfig additions (remat_policy, bypass, prediction, mesh, and the training controls such as
+    lr_scheduler, warmup_steps, weight_decay, max_grad_norm, timestep_sampling, min_snr_gamma, loss_target,
+    ema_decay) and run_training's (checkpoint_dir, checkpoint_every, resume, progress, save_every, on_save).
+    Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and steps (including the existing
+    adapter's), and with ema_decay the ema_model.
     """
     run_options = {k: options.pop(k) for k in list(options) if k in RUN_OPTIONS}
     config = TrainConfig(
