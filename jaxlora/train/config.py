@@ -45,6 +45,15 @@ CONTROL_RANGES = {
     "caption_dropout": (0.0, 0.99),
     "ema_decay": (0.5, 0.999999),
 }
+# a knob -> (the setting that chooses its owner, the owners it applies to); set elsewhere it would do nothing
+KNOB_OWNERS = {
+    "lr_cycles": ("lr_scheduler", ("cosine_with_restarts",)),
+    "lr_power": ("lr_scheduler", ("polynomial",)),
+    "lr_min_ratio": ("lr_scheduler", ("linear", "cosine", "cosine_with_restarts", "polynomial")),
+    "logit_mean": ("timestep_sampling", ("logit_normal",)),
+    "logit_std": ("timestep_sampling", ("logit_normal",)),
+    "mode_scale": ("timestep_sampling", ("mode",)),
+}
 # optimizer -> the hyper-parameters it takes (the others are refused), as in train.optim.OPTIMIZERS
 OPTIMIZER_KNOBS = {
     "AdamW": ("weight_decay", "beta1", "beta2", "eps"),
@@ -260,7 +269,12 @@ TRAINING_CONTROLS = tuple(_TRAINING_FIELDS[_TRAINING_FIELDS.index("lr_scheduler"
 
 
 def check_schedule(config: TrainConfig) -> None:
-    """A warmup needs a schedule that has one, and a decaying schedule needs steps after its warmup."""
+    """A warmup needs a schedule that has one, a decaying schedule needs steps after its warmup, and a knob moved
+    off its default needs the schedule or noise distribution it belongs to (it would be ignored otherwise)."""
+    defaults = {spec.name: spec.default for spec in fields(config)}
+    for name, (owner, owners) in KNOB_OWNERS.items():
+        if getattr(config, name) != defaults[name] and getattr(config, owner) not in owners:
+            raise SettingsError(name, f"{name} applies to {owner} {' or '.join(owners)}, not {getattr(config, owner)}")
     if config.warmup_steps and config.lr_scheduler == "constant":
         raise SettingsError(
             "warmup_steps", "warmup_steps needs a schedule with a warmup: lr_scheduler constant_with_warmup, or another"

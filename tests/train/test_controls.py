@@ -19,7 +19,7 @@ from jaxlora.models.demo import write_random_checkpoint
 from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.__main__ import build_parser, resolve_settings
 from jaxlora.train.checkpoints import Checkpoints, ResumeError, open_run
-from jaxlora.train.config import SettingsError, TrainConfig
+from jaxlora.train.config import KNOB_OWNERS, SettingsError, TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import fingerprint, prepare_run, run_training
 from jaxlora.train.optim import eval_params
@@ -138,7 +138,8 @@ def test_fingerprint_holds_every_control_and_no_output_setting():
         "ema_decay": 0.99,
     }
     for key, value in changed.items():
-        settings = {key: value, **({"lr_scheduler": "constant_with_warmup"} if key == "warmup_steps" else {})}
+        owner = KNOB_OWNERS.get(key, ("lr_scheduler", ("constant_with_warmup",)) if key == "warmup_steps" else None)
+        settings = {key: value, **({owner[0]: owner[1][0]} if owner else {})}
         other = fingerprint(TrainConfig(**settings), model, dataset)
         assert other[key] == value and key not in base, key  # defaults are left out: older runs still match
     assert not {"ema_export", "save_every", "save_last", "schedule_steps"} & set(base)

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from jaxlora.train import config as config_module
-from jaxlora.train.config import SettingsError, TrainConfig
+from jaxlora.train.config import KNOB_OWNERS, SettingsError, TrainConfig
 from jaxlora.train.loop import progress_line
 from jaxlora.train.optim import make_optimizer
 from jaxlora.train.schedule import SCHEDULES, learning_rate_schedule, rate_at
@@ -36,14 +36,10 @@ def closed_form(name: str, step: int, cycles: int = 3, power: float = 2.0, min_r
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_schedule_values_match_the_closed_form_at_every_step(name):
+    knobs = {"lr_cycles": 3, "lr_power": 2.0, "lr_min_ratio": 0.1}  # each where its schedule takes it
+    owned = {key: value for key, value in knobs.items() if name in KNOB_OWNERS[key][1]}
     config = TrainConfig(
-        learning_rate=PEAK,
-        steps=STEPS,
-        lr_scheduler=name,
-        warmup_steps=0 if name == "constant" else WARMUP,
-        lr_cycles=3,
-        lr_power=2.0,
-        lr_min_ratio=0.1,
+        learning_rate=PEAK, steps=STEPS, lr_scheduler=name, warmup_steps=0 if name == "constant" else WARMUP, **owned
     )
     schedule = learning_rate_schedule(config)
     actual = [rate_at(schedule, step) for step in range(STEPS)]
@@ -80,6 +76,10 @@ def test_names_match_the_settings_check():
         ({"lr_scheduler": "cosine_with_restarts", "lr_cycles": 0}, "lr_cycles", "between 1"),
         ({"lr_min_ratio": 1.5}, "lr_min_ratio", "between 0"),
         ({"lr_scheduler": "exponential"}, "lr_scheduler", "must be one of"),
+        ({"lr_scheduler": "cosine", "lr_power": 2.0}, "lr_power", "applies to lr_scheduler polynomial"),
+        ({"lr_min_ratio": 0.1}, "lr_min_ratio", "not constant"),
+        ({"logit_std": 0.5}, "logit_std", "applies to timestep_sampling logit_normal"),
+        ({"timestep_sampling": "logit_normal", "mode_scale": 1.0}, "mode_scale", "not logit_normal"),
     ],
 )
 def test_impossible_schedules_are_refused_naming_the_setting(settings, key, message):
