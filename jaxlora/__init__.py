@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from jaxlora.adapters.attach import attach_adapters
     from jaxlora.adapters.lora_files import load_lora, save_lora
+    from jaxlora.encoders.make_dataset import make_image_dataset
     from jaxlora.models.diffusion import DiffusionModel, load_model
     from jaxlora.train.data import load_dataset, save_dataset
     from jaxlora.train.loop import train_lora
@@ -21,6 +22,7 @@ _MODULES = {
     "load_dataset": "jaxlora.train.data",
     "load_lora": "jaxlora.adapters.lora_files",
     "load_model": "jaxlora.models.diffusion",
+    "make_image_dataset": "jaxlora.encoders.make_dataset",
     "save_dataset": "jaxlora.train.data",
     "save_lora": "jaxlora.adapters.lora_files",
     "train_lora": "jaxlora.train.loop",
@@ -31,6 +33,7 @@ __all__ = [
     "load_dataset",
     "load_lora",
     "load_model",
+    "make_image_dataset",
     "save_dataset",
     "save_lora",
     "train_lora",

@@ -17,12 +17,14 @@ from jaxlora.adapters.formats import AdapterFileError, export_adapter
 from jaxlora.models.demo import demo_dataset, write_random_checkpoint
 from jaxlora.models.family import STYLES
 from jaxlora.models.flux_family import TINY_FLUX_DEV, TINY_FLUX_SCHNELL
+from jaxlora.models.nextdit_family import TINY_LUMINA2, TINY_Z_IMAGE
 from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import run_training
 from tests.models.tiny_unets import SD2, SDXL
 from tests.train.test_flux_train import flux_data
+from tests.train.test_nextdit_train import nextdit_data
 
 ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")
 CONFIGS = {
@@ -138,6 +140,53 @@ PINNED = {
 # In CI: every algorithm on the cheapest UNet and LoRA on SDXL and Flux dev; the rest with `pytest -m slow`.
 IN_CI = {*(("sd1", a) for a in ALGORITHMS), ("sdxl", "LoRA"), ("flux-dev", "LoRA")}
 
+# NextDiT (Z-Image, Lumina 2): LoRA on Z-Image in CI.
+CONFIGS |= {"z-image": TINY_Z_IMAGE, "lumina2": TINY_LUMINA2}
+NEXTDIT_PINNED = {
+    ("z-image", "LoRA"): {
+        "comfyui": "005e251d2f19ce87204315094b17823d650f8fbae997837c824dde04ed2bb0d7",
+        "kohya": "e56bbf1b718db8c09d6dad7c44a69463a6790d398028628a0645571d72518daa",
+        "peft": "e1240fa6c35d341711d098d63a8436047ed3dec729ca2adf17552daa2fa6831b",
+    },
+    ("z-image", "LoHa"): {
+        "comfyui": "2a8737afa9c0698db96c45aa7035d5b3b1865ade165d101278e508a5912a4c2c",
+        "kohya": "7a55af6ae21a60316372e3b9267c27bd8a770ce250627e0344a2a2fedf230d13",
+        "peft": "refused",
+    },
+    ("z-image", "LoKr"): {
+        "comfyui": "acd866f5e22dc385906171b0036df1207b7cd70f2954afccf563dee8fe5db97c",
+        "kohya": "924cc05072b73c72918de1ed852676e4d87c85e274fa5593f4483889245de068",
+        "peft": "refused",
+    },
+    ("z-image", "OFT"): {
+        "comfyui": "89c290e5ddc3ca42a021a7acd19ab91fa061e0052c8a06ecd5bd0a1fa6c73da2",
+        "kohya": "0bd32b21e2fb3c88b23668dc450942ab436733c43921ac7812eec5c05f3b46ac",
+        "peft": "refused",
+    },
+    ("lumina2", "LoRA"): {
+        "comfyui": "3d6136925140dadd700028d70b930c77fe33f95e59aa4fe31e2f2f3891ddc3b3",
+        "kohya": "e3506d641ac3e76092425b2944b5d87c4e56df86f3264f91d5fbebf3a9f830d5",
+        "peft": "refused",
+    },
+    ("lumina2", "LoHa"): {
+        "comfyui": "88a70a59e54326261b58fb452a3ab7edee66767c792227bb8b4fbc132fdfafb5",
+        "kohya": "951d5444f4b526626fa2d4547734dfeec33fe475721ad9b2ab9819089fb5c5dd",
+        "peft": "refused",
+    },
+    ("lumina2", "LoKr"): {
+        "comfyui": "ba066c88438e892db9b1641b4214c4f1b321094d33ba8fa434008f3656f5bceb",
+        "kohya": "24de0a8bf675222980085294298c14c53653af7a8879e321882e356ceab912f6",
+        "peft": "refused",
+    },
+    ("lumina2", "OFT"): {
+        "comfyui": "aed6a1768c6c18f70bae0f57ee0b8ae0760ee68daf4bad5c42e3da66f8ea15fd",
+        "kohya": "4bf8d2b18fc55e27f2697d67f841bea6360eddda45e0983957d260ed3dfea46c",
+        "peft": "refused",
+    },
+}
+PINNED |= NEXTDIT_PINNED
+IN_CI |= {("z-image", "LoRA")}
+
 
 def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
@@ -149,6 +198,9 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
 
 
 def family_data(family: str):
+    if family in ("z-image", "lumina2"):
+        latents, conditioning = nextdit_data(CONFIGS[family].cap_feat_dim, count=2, size=4)
+        return make_dataset(latents, conditioning)
     if family.startswith("flux"):
         latents, conditioning = flux_data(count=2, size=4)
         return make_dataset(latents, conditioning)

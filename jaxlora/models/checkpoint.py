@@ -12,7 +12,9 @@ so no device ever holds the whole model.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,36 @@ def read_index(path: str | Path) -> CheckpointIndex:
     return CheckpointIndex(path, shapes, metadata)
 
 
+# safetensors' numpy reader has no fp8 dtypes (it looks them up on numpy); such tensors are read from the mapped file.
+FP8_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
+class TensorFile:
+    """An open .safetensors file read tensor by tensor (`get_tensor`), fp8-stored ones included (the
+    `*_fp8_e4m3fn` files users download): those come as ml_dtypes arrays, to be cast by the caller."""
+
+    def __init__(self, path: Path):
+        self._file = safe_open(path, framework="numpy")
+        with open(path, "rb") as raw:
+            (length,) = struct.unpack("<Q", raw.read(8))
+            self._header = json.loads(raw.read(length))
+        self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length)
+
+    def get_tensor(self, key: str) -> np.ndarray:
+        entry = self._header[key]
+        if entry["dtype"] not in FP8_DTYPES:
+            return self._file.get_tensor(key)
+        start, stop = entry["data_offsets"]
+        return np.asarray(self._data[start:stop]).view(FP8_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self._data
+        self._file.__exit__(*exc)
+
+
 def torch_parameters(network: nnx.Module) -> Iterator[tuple[str, LayerSite, str]]:
     """(file key without prefix, layer site, "weight"|"bias") for every parameter, in module order; a stacked
     layer gives one entry per block. The site reads like the layer (`getattr(site, name).shape`,
@@ -75,7 +107,7 @@ def torch_parameters(network: nnx.Module) -> Iterator[tuple[str, LayerSite, str]
         for name in ("weight", "bias"):
             if getattr(site.layer, name) is not None:
                 key = site.layer.weight_key if name == "weight" else name
-                yield f"{site.path}.{key}", site, name
+                yield (f"{site.path}.{key}" if key else site.path), site, name
 
 
 def check_keys(network: nnx.Module, shapes: Mapping[str, tuple[int, ...]], prefix: str) -> None:
@@ -153,11 +185,13 @@ def load_network(
     in (unless `weights` is False: the structure alone is what adapter-file conversion needs), onto their shards
     when a `mesh` is given."""
     family, prefix = find_family(index.shapes)
-    unprefixed = {k[len(prefix) :]: s for k, s in index.shapes.items() if k.startswith(prefix)}
+    ignored = {prefix + key for key in family.ignored_keys}
+    shapes = {k: s for k, s in index.shapes.items() if k not in ignored}
+    unprefixed = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
     config, variant = family.infer_config(unprefixed)
     network = family.build(config)
-    check_keys(network, index.shapes, prefix)
+    check_keys(network, shapes, prefix)
     if weights:
-        with safe_open(index.path, framework="numpy") as f:
+        with TensorFile(index.path) as f:
             read_parameters(network, f, prefix, dtype, mesh)
     return LoadedNetwork(network, family, variant, prefix)

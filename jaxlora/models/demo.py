@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxlora.models.checkpoint import torch_parameters
@@ -30,14 +31,20 @@ def demo_dataset(count: int = 8, size: int = 16, seed: int = 0) -> tuple[np.ndar
 
 
 def random_tensors(config: Any, seed: int = 0) -> dict[str, np.ndarray]:
-    """float32 tensors in torch layout, keyed as in a bare diffusion model.
+    """float32 tensors in torch layout, keyed as in a bare diffusion model of any family (its config)."""
+    return random_network_tensors(family_of_config(config).build(config), seed)
+
+
+def random_network_tensors(network: nnx.Module, seed: int = 0) -> dict[str, np.ndarray]:
+    """float32 tensors in torch layout for every parameter of `network` (a diffusion model or an encoder), keyed
+    by its module paths.
 
     Weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2): every layer contributes,
     unlike a real initialisation whose zeroed output convs would hide layout errors.
     """
     rng = np.random.default_rng(seed)
     tensors = {}
-    for key, site, name in torch_parameters(family_of_config(config).build(config)):
+    for key, site, name in torch_parameters(network):
         shape = site.torch_shape(name)
         if name == "bias":
             value = 0.1 * rng.standard_normal(shape)

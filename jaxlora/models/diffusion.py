@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from jaxlora.dtypes import PREDICTIONS, resolve_dtype
-from jaxlora.models.checkpoint import load_network, read_index
+from jaxlora.models.checkpoint import TensorFile, load_network, read_index
 from jaxlora.models.family import AdapterNames, ConditioningField, ModelFamily, Variant
 from jaxlora.models.registry import family_of_config
 from jaxlora.models.sampling import LatentFormat, ModelSampling
@@ -128,7 +127,7 @@ def load_model(
     loaded = load_network(index, dtype, weights, mesh)
 
     def read_tensor(key: str) -> np.ndarray:
-        with safe_open(index.path, framework="numpy") as f:
+        with TensorFile(index.path) as f:
             return f.get_tensor(loaded.prefix + key)
 
     keys = {key[len(loaded.prefix) :] for key in index.shapes if key.startswith(loaded.prefix)} | set(index.shapes)

@@ -56,6 +56,7 @@ class Variant:
     modelspec_architecture: str
     kohya_v2: bool = False
     kohya_v_suffix: bool = False
+    resolution: int = 512  # the side, in pixels, of the square area it was trained at (the default bucket area)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,30 @@ class AdapterNames:
     exports: Mapping[str, Mapping[str, Mapping[str, NameTarget]]]
 
 
+def kohya_transformer_name(path: str) -> str:
+    """kohya's name of a layer of a network held in ComfyUI's own layout: `lora_unet_` and the path with `_`."""
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def transformer_export_names(path: str, style: str, diffusers: Mapping[str, NameTarget]) -> dict[str, NameTarget]:
+    """The base names under which an adapter of layer `path` of a DiT in ComfyUI's layout is written in `style`:
+    `diffusion_model.<path>` (`comfyui`), the kohya name, or `transformer.<name>` for each of the layer's
+    `diffusers` names (`peft`; row slices of a fused weight, or none where diffusers has no name for it)."""
+    if style == "comfyui":
+        return {f"diffusion_model.{path}": NameTarget(path)}
+    if style == "kohya":
+        return {kohya_transformer_name(path): NameTarget(path)}
+    if style != "peft":
+        raise ValueError(f"unknown adapter style {style!r}; use one of {STYLES}")
+    return {f"transformer.{name}": target for name, target in diffusers.items()}
+
+
+def refuse_prediction_override(variant: Variant, prediction: str) -> None:
+    """Flow models have one parameterisation: an eps or v choice is refused by name."""
+    if prediction != "auto":
+        raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+
+
 @dataclass(frozen=True)
 class ConditioningField:
     """A dataset field the network needs: its name and width (last axis)."""
@@ -93,6 +118,34 @@ class ConditioningField:
     name: str
     width: int
     meaning: str
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """One text encoder a family conditions on, run as ComfyUI's CLIPTextEncode runs it.
+
+    `role` names the encoder ("l" CLIP-L, "g" OpenCLIP bigG, "h" OpenCLIP ViT-H, "t5" T5-XXL); for CLIP towers
+    `layer` is the hidden layer counted from the end, `normed` whether it passes the final layer norm,
+    `pad_with_end` the padding token (end token, or 0), `projected` whether the pooled output goes through the
+    tower's projection when it has one; `hidden` whether its hidden states are part of `c_crossattn` (a family may
+    take only a tower's pooled output); `min_length` the padded token count of a T5 row."""
+
+    role: str
+    layer: int = -1
+    normed: bool = True
+    pad_with_end: bool = True
+    projected: bool = True
+    hidden: bool = True
+    min_length: int = 0
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """How captions become a family's `c_crossattn` (the towers' hidden states side by side, in this order) and
+    `pooled_output` (the pooled output of the tower `pooled_from`; None: the family takes none)."""
+
+    towers: tuple[TextTower, ...]
+    pooled_from: str | None = None
 
 
 class ModelFamily(ABC):
@@ -105,6 +158,8 @@ class ModelFamily(ABC):
       the user when a file has them instead;
     - `number_fields`: per-sample numbers a dataset may carry for the network (sizes, guidance), read from
       ComfyUI's conditioning as floats;
+    - `ignored_keys`: keys (without prefix) the family's files may hold that its network never uses; the loader
+      skips them;
     - `config_type`: the network config class; `demo_config`: a tiny config with every block kind, for the
       built-in demo and tests.
     """
@@ -114,6 +169,7 @@ class ModelFamily(ABC):
     markers: tuple[str, ...]
     foreign_layouts: Mapping[str, str]
     number_fields: tuple[str, ...]
+    ignored_keys: tuple[str, ...] = ()
     config_type: type
     demo_config: Any
 
@@ -170,6 +226,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def describe(self, config: Any) -> list[tuple[str, str]]:
         """Rows (label, value) that `python -m jaxlora.inspect` prints about the architecture."""
+
+    def text_conditioning(self, variant: Variant, config: Any) -> TextConditioning:
+        """The text encoders that turn captions into this family's conditioning (datasets from images)."""
+        raise ValueError(
+            f"{variant.description}: datasets from captioned images are not supported for this family yet; "
+            "encode the dataset in ComfyUI (MakeTrainingDataset + SaveTrainingDataset)"
+        )
 
     def latent_channels(self, config: Any) -> int:
         return config.in_channels

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.layers import Linear, RMSNorm, layer_norm, sinusoidal_embedding
+from jaxlora.models.rope import apply_rope, rope_tables
 from jaxlora.models.stack import Stack
 
 PATCH = 2
@@ -112,28 +113,12 @@ class SelfAttention(nnx.Module):
         return self.norm.query_norm(q), self.norm.key_norm(k), v
 
 
-def rope_tables(img_hw: tuple[int, int], txt_len: int, axes_dim, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [txt_len + h*w, head_dim/2] for the token positions ComfyUI builds: text ids zero, image ids
-    (0, row, column). Computed in float64 and rounded to float32, as BFL's `rope`; static, so no trace cost."""
+def rope_ids(img_hw: tuple[int, int], txt_len: int) -> np.ndarray:
+    """The token positions ComfyUI builds for Flux: text ids zero, image ids (0, row, column), text first."""
     height, width = img_hw
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     img_ids = np.stack([np.zeros(height * width), rows.reshape(-1), cols.reshape(-1)], axis=-1)
-    ids = np.concatenate([np.zeros((txt_len, 3)), img_ids]).astype(np.float64)
-    angles = []
-    for axis, dim in enumerate(axes_dim):
-        omega = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-        angles.append(ids[:, axis, None] * omega)
-    angles = np.concatenate(angles, axis=-1)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate consecutive pairs (x0, x1) of every head by the position's angles; x [B, L, H, D], in float32."""
-    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = jnp.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], axis=-1)
-    return rotated.reshape(x.shape).astype(x.dtype)
+    return np.concatenate([np.zeros((txt_len, 3)), img_ids])
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -263,15 +248,8 @@ class Flux(nnx.Module):
             vec = vec + self.guidance_in(sinusoidal_embedding(TIME_FACTOR * guidance, EMBED_DIM).astype(dtype))
         vec = vec + self.vector_in(y.astype(dtype))
         txt = self.txt_in(context.astype(dtype))
-        cos, sin = (
-            jnp.asarray(t)
-            for t in rope_tables(
-                (padded.shape[1] // PATCH, padded.shape[2] // PATCH),
-                txt.shape[1],
-                self.config.axes_dim,
-                self.config.theta,
-            )
-        )
+        ids = rope_ids((padded.shape[1] // PATCH, padded.shape[2] // PATCH), txt.shape[1])
+        cos, sin = (jnp.asarray(t) for t in rope_tables(ids, self.config.axes_dim, self.config.theta))
         run = {"remat_policy": self.remat_policy, "scan": self.scan}
         img, txt = self.double_blocks((img, txt), vec, cos, sin, **run)
         (joint,) = self.single_blocks((jnp.concatenate([txt, img], axis=1),), vec, cos, sin, **run)

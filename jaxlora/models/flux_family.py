@@ -16,9 +16,12 @@ from jaxlora.models.family import (
     AdapterNames,
     ConditioningField,
     ModelFamily,
+    TextConditioning,
+    TextTower,
     UnknownLayoutError,
     Variant,
     key_indices,
+    refuse_prediction_override,
 )
 from jaxlora.models.flux import Flux, FluxConfig
 from jaxlora.models.flux_names import export_names, import_aliases
@@ -27,8 +30,13 @@ from jaxlora.models.sampling import FlowSchedule, LatentFormat, ModelSampling, d
 FLUX_LATENT = LatentFormat(scale_factor=0.3611, shift=0.1159)
 FLUX_SHIFT = 1.15  # ModelSamplingFlux's default mu
 DEFAULT_GUIDANCE = 3.5  # ComfyUI's Flux guidance when the conditioning carries none
-FLUX_DEV = Variant("flux-dev", "Flux.1 dev", FLUX_LATENT, "flux1", "flux-1-dev/lora")
-FLUX_SCHNELL = Variant("flux-schnell", "Flux.1 schnell", FLUX_LATENT, "flux1", "flux-1-schnell/lora")
+FLUX_DEV = Variant("flux-dev", "Flux.1 dev", FLUX_LATENT, "flux1", "flux-1-dev/lora", resolution=1024)
+FLUX_SCHNELL = Variant("flux-schnell", "Flux.1 schnell", FLUX_LATENT, "flux1", "flux-1-schnell/lora", resolution=1024)
+# ComfyUI's FluxClipModel (comfy/text_encoders/flux.py): T5-XXL's final states (rows padded to at least 256 tokens)
+# as the context, and CLIP-L's pooled output without its projection.
+TEXT_CONDITIONING = TextConditioning(
+    (TextTower("l", projected=False, hidden=False), TextTower("t5", min_length=256)), pooled_from="l"
+)
 
 # Flux with every block kind at a size that compiles in seconds. The head width is fixed by the RoPE axes
 # (16 + 56 + 56 = 128), so two heads make a 256-wide model; text and pooled widths are the real T5/CLIP-L ones.
@@ -112,13 +120,11 @@ class FluxFamily(ModelFamily):
         return Flux(config)
 
     def load_sampling(self, variant, config, read_tensor, keys, prediction):
-        if prediction != "auto":
-            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        refuse_prediction_override(variant, prediction)
         return flux_sampling(variant)
 
     def run_sampling(self, variant, loaded, prediction, shift):
-        if prediction != "auto":
-            raise ValueError(f"{variant.description} predicts a flow; prediction {prediction!r} does not apply")
+        refuse_prediction_override(variant, prediction)
         return loaded if shift is None else flux_sampling(variant, shift)
 
     def conditioning(self, variant, config: FluxConfig):
@@ -140,6 +146,9 @@ class FluxFamily(ModelFamily):
             default = [DEFAULT_GUIDANCE if guidance is None else guidance]
             inputs["guidance"] = jnp.asarray(conditioning.get("guidance", default), jnp.float32)
         return inputs
+
+    def text_conditioning(self, variant, config: FluxConfig) -> TextConditioning:
+        return TEXT_CONDITIONING
 
     def adapter_names(self, variant, config: FluxConfig, layer_paths: Sequence[str]) -> AdapterNames:
         """ComfyUI's Flux key map (spec 8.4); `peft` writes diffusers names, row slices of fused weights."""

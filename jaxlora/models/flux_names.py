@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from jaxlora.models.family import STYLES, NameTarget
+from jaxlora.models.family import NameTarget, kohya_transformer_name, transformer_export_names
 
 # Row slices of fused weights in units of the hidden size: [start, stop).
 PIECES = {"q": (0, 1), "k": (1, 2), "v": (2, 3), "mlp": (3, 7), "qkv": (0, 3)}
@@ -96,10 +96,6 @@ def diffusers_names(path: str, hidden_size: int, include_import_only: bool = Fal
     }
 
 
-def kohya_name(path: str) -> str:
-    return "lora_unet_" + path.replace(".", "_")
-
-
 def import_aliases(paths: Iterable[str], hidden_size: int) -> dict[str, NameTarget]:
     """Every base name ComfyUI's loader accepts for the model's layers (spec 8.4) -> what it patches.
 
@@ -108,7 +104,7 @@ def import_aliases(paths: Iterable[str], hidden_size: int) -> dict[str, NameTarg
     aliases: dict[str, NameTarget] = {}
     for path in paths:
         whole = NameTarget(path)
-        named = {f"diffusion_model.{path}": whole, kohya_name(path): whole}
+        named = {f"diffusion_model.{path}": whole, kohya_transformer_name(path): whole}
         if _BLOCK_PATH.match(path) and path.endswith(".linear1"):
             named[f"diffusion_model.{path}_qkv"] = NameTarget(path, _rows("qkv", hidden_size))
         for name, target in diffusers_names(path, hidden_size, include_import_only=True).items():
@@ -123,10 +119,4 @@ def export_names(path: str, hidden_size: int, style: str) -> dict[str, NameTarge
     """The base names under which an adapter of the BFL layer `path` is written in `style`, each with the rows it
     covers: one name for `comfyui` and `kohya`; for `peft`, `transformer.<diffusers name>` per row slice (none for
     a layer diffusers does not have)."""
-    if style == "comfyui":
-        return {f"diffusion_model.{path}": NameTarget(path)}
-    if style == "kohya":
-        return {kohya_name(path): NameTarget(path)}
-    if style != "peft":
-        raise ValueError(f"unknown adapter style {style!r}; use one of {STYLES}")
-    return {f"transformer.{name}": target for name, target in diffusers_names(path, hidden_size).items()}
+    return transformer_export_names(path, style, diffusers_names(path, hidden_size) if style == "peft" else {})

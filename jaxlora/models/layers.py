@@ -233,16 +233,43 @@ class RMSNorm(WeightLayer):
     weight_key = "scale"
     adaptable = False
 
-    def __init__(self, dim: int, *, eps: float = 1e-6):
+    def __init__(self, dim: int, *, eps: float | None = 1e-6):
         self.weight = _placeholder(dim)
         self.bias = None
         self.adapter = nnx.data(None)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # eps None: the machine epsilon of the compute dtype, as torch.nn.RMSNorm's default.
+        eps = float(jnp.finfo(x.dtype).eps) if self.eps is None else self.eps
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
         return y.astype(x.dtype) * self.weight_as(x.dtype)
+
+
+class AffineRMSNorm(RMSNorm):
+    """torch.nn.RMSNorm with its affine `weight` (ComfyUI's `ops.RMSNorm`): file key `<path>.weight`, and trained
+    by ComfyUI's trainer like any norm scale (a full `diff`)."""
+
+    weight_key = "weight"
+    adaptable = True
+
+
+class RawParameter(WeightLayer):
+    """A bare tensor the file stores at the module path itself (learned pad tokens): no `.weight` suffix, no
+    layout change, and not adapted (ComfyUI's trainer adapts layers, not raw parameters)."""
+
+    torch_to_flax = (0, 1)
+    weight_key = ""
+    adaptable = False
+
+    def __init__(self, *shape: int):
+        self.weight = _placeholder(*shape)
+        self.bias = None
+        self.adapter = nnx.data(None)
+
+    def __call__(self, dtype: jnp.dtype) -> jax.Array:
+        return self.weight_as(dtype)
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
@@ -263,3 +290,18 @@ def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) ->
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = jnp.asarray(t, jnp.float32)[..., None] * freqs
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class Embedding(WeightLayer):
+    """A lookup table [rows, width] (token or position embeddings), stored as torch stores it; not adapted."""
+
+    torch_to_flax = (0, 1)
+    adaptable = False
+
+    def __init__(self, rows: int, width: int):
+        self.weight = _placeholder(rows, width)
+        self.bias = None
+        self.adapter = nnx.data(None)
+
+    def lookup(self, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        return jnp.take(self.weight_as(dtype), ids, axis=0)

@@ -8,9 +8,10 @@ from typing import Any
 
 from jaxlora.models.family import ModelFamily, UnknownLayoutError, Variant
 from jaxlora.models.flux_family import FLUX_FAMILY
+from jaxlora.models.nextdit_family import NEXTDIT_FAMILY
 from jaxlora.models.unet_family import UNET_FAMILY
 
-FAMILIES: tuple[ModelFamily, ...] = (UNET_FAMILY, FLUX_FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (UNET_FAMILY, FLUX_FAMILY, NEXTDIT_FAMILY)
 DEMO_FAMILY = UNET_FAMILY  # the built-in demo trains its `demo_config`: the cheapest network to compile
 
 # Per-sample numbers a dataset may carry for some family's network.
@@ -53,7 +54,7 @@ def find_family(keys: Iterable[str]) -> tuple[ModelFamily, str]:
 
 
 def supported_models() -> str:
-    """The variants users can load, for help texts and messages: "Stable Diffusion 1.x, ..., Flux.1 schnell"."""
+    """The variants users can load, for help texts and messages: "Stable Diffusion 1.x, ..., Lumina 2"."""
     return ", ".join(variant.description for family in FAMILIES for variant in family.variants)
 
 

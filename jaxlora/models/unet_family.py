@@ -22,6 +22,8 @@ from jaxlora.models.family import (
     ConditioningField,
     ModelFamily,
     NameTarget,
+    TextConditioning,
+    TextTower,
     UnknownLayoutError,
     Variant,
     key_indices,
@@ -43,7 +45,20 @@ SD2 = Variant(
     kohya_v2=True,
     kohya_v_suffix=True,
 )
-SDXL = Variant("sdxl", "Stable Diffusion XL", SDXL_LATENT, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")
+SDXL = Variant(
+    "sdxl", "Stable Diffusion XL", SDXL_LATENT, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", resolution=1024
+)
+# ComfyUI's CLIPTextEncode per variant (comfy/sd1_clip.py, sd2_clip.py, sdxl_clip.py): SD1.x the last CLIP-L layer
+# after the final norm; SD2.x ViT-H's penultimate layer, normed, padded with 0; SDXL CLIP-L's and bigG's penultimate
+# layers un-normed side by side (768 + 1280), bigG's projected pooled output.
+TEXT_CONDITIONING = {
+    "sd1": TextConditioning((TextTower("l"),)),
+    "sd2": TextConditioning((TextTower("h", layer=-2, pad_with_end=False),)),
+    "sdxl": TextConditioning(
+        (TextTower("l", layer=-2, normed=False), TextTower("g", layer=-2, normed=False, pad_with_end=False)),
+        pooled_from="g",
+    ),
+}
 # variant -> (context width, `y` width, heads, head width): what tells the variants apart, and the head rule.
 VARIANT_SHAPES = {SD1: (768, None, 8, None), SD2: (1024, None, None, 64), SDXL: (2048, 2816, None, 64)}
 # Variants whose kohya files name layers by their diffusers names (sd-scripts' SD1/SD2 UNet).
@@ -290,6 +305,9 @@ class UNetFamily(ModelFamily):
 
     def adapter_names(self, variant, config, layer_paths):
         return unet_adapter_names(variant, config, layer_paths)
+
+    def text_conditioning(self, variant, config: UNetConfig):
+        return TEXT_CONDITIONING[variant.name]
 
     def describe(self, config: UNetConfig):
         y = f", y {config.adm_in_channels}-d" if config.adm_in_channels else ""

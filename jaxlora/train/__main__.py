@@ -131,9 +131,11 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunOptions, TrainConfig,
     settings = settings_from(args)
     try:
         run = RunOptions.from_dict({k: v for k, v in settings.items() if k in RUN_FLAGS})
-        demo = run.model is None and run.dataset is None
-        if not demo and (run.model is None or run.dataset is None):
-            raise SettingsError("model", "give both --model and --dataset (or neither, for the demo)")
+        demo = run.model is None and run.dataset is None and run.images is None
+        if run.dataset is not None and run.images is not None:
+            raise SettingsError("images", "give --dataset or --images, not both")
+        if not demo and (run.model is None or (run.dataset is None and run.images is None)):
+            raise SettingsError("model", "give --model and --dataset (or --images), or neither for the demo")
         training = {k: v for k, v in settings.items() if k not in RUN_FLAGS}
         config = TrainConfig.from_dict({**DEMO_SETTINGS, **training} if demo else training)
         if run.ema_export != "beside" and config.ema_decay is None:
@@ -256,7 +258,10 @@ def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path)
     else:
         model_path = Path(run.model)
     header = load_model(model_path, weights=False)  # the header alone: cheaper than the dataset, so checked first
-    dataset = make_dataset(*demo_dataset()) if demo else load_dataset(run.dataset)
+    if demo:
+        dataset = make_dataset(*demo_dataset())
+    else:
+        dataset = load_dataset(encode_images(run, header) if run.images is not None else run.dataset)
     existing = preflight(header, dataset, config)
     for warning in batch_size_warnings(dataset, config.batch_size):
         print(f"warning: {warning}", file=sys.stderr)
@@ -271,6 +276,31 @@ def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path)
         raise ValueError(f"--format {run.format}: {error}") from error
     model = load_model(model_path, config.training_dtype, config.prediction, mesh=config.mesh)
     return model, dataset, existing
+
+
+def encode_images(run: RunOptions, header) -> Path:
+    """The dataset folder of `run.images` for this model, made in the output folder (named by what it is made
+    from, so a changed image or caption makes a new one and an unchanged folder is re-used); the encoders are
+    released before the model's weights load."""
+    import gc
+
+    from jaxlora.encoders.make_dataset import ImageDatasetSettings, make_image_dataset
+
+    text_encoders = [f.strip() for f in (run.text_encoders or "").split(",") if f.strip()]
+    settings = ImageDatasetSettings(run.resolution or header.variant.resolution)
+    folder = make_image_dataset(
+        run.images,
+        run.model,
+        Path(run.output_dir) / f"{run.prefix}_datasets",
+        run.tokenizers,
+        settings,
+        vae_path=run.vae,
+        text_encoders=text_encoders,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        name_by_inputs=True,
+    )
+    gc.collect()
+    return folder
 
 
 def summary(result, stats, paths: dict[str, Path]) -> str:

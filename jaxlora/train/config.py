@@ -88,6 +88,11 @@ CHOICES = {
 MEANINGS = {
     "model": ".safetensors checkpoint of a supported model (the README lists them; jaxlora.inspect checks one)",
     "dataset": "SaveTrainingDataset folder, or a .safetensors dataset file or folder of them",
+    "images": "folder of captioned images to encode into the dataset (instead of --dataset)",
+    "resolution": "images: bucket side in pixels, area resolution^2 (0: the model's, 512 or 1024)",
+    "vae": "images: VAE file, when the checkpoint has none (ComfyUI's models/vae/)",
+    "text_encoders": "images: text-encoder files, comma-separated (ComfyUI's models/text_encoders/)",
+    "tokenizers": "images: folder of tokenizer files, e.g. ComfyUI's comfy/ (none: fetched once from the hub)",
     "batch_size": "samples per micro-step",
     "grad_accumulation_steps": "micro-steps whose gradients make one optimizer step",
     "steps": "optimizer steps to train in this run",
@@ -312,6 +317,11 @@ class RunOptions:
 
     model: str | None = None
     dataset: str | None = None
+    images: str | None = None
+    resolution: int = 0
+    vae: str | None = None
+    text_encoders: str | None = None
+    tokenizers: str | None = None
     output_dir: str = "output"
     prefix: str = "loras/jaxlora_trained_lora"
     format: str = "comfyui"
@@ -325,6 +335,10 @@ class RunOptions:
     def __post_init__(self) -> None:
         check_types(self)
         check_choices(self)
+        if self.resolution < 0 or self.resolution % 8:
+            raise SettingsError(
+                "resolution", f"resolution must be 0 (the model's) or a multiple of 8, got {self.resolution}"
+            )
         for name in ("checkpoint_every", "save_every", "save_last"):
             if getattr(self, name) < 0:
                 raise SettingsError(name, f"{name} must be 0 or more, got {getattr(self, name)}")

@@ -1,10 +1,11 @@
 """ComfyUI's LoRA loading, re-implemented in numpy from the spec (sections 4 and 8.2-8.4, load side) and ComfyUI's
-source (`comfy/lora.py` load_lora and calculate_weight, `comfy/utils.py` flux_to_diffusers, ModelPatcher
-add_patches), as the oracle for exported files: which keys it consumes, and how it patches the model's weights.
+source (`comfy/lora.py` load_lora and calculate_weight, `comfy/utils.py` flux_to_diffusers and
+z_image_to_diffusers, ModelPatcher add_patches), as the oracle for exported files: which keys it consumes, and how
+it patches the model's weights.
 
 Independent of jaxlora's key tables: the model's keys come from its torch-layout state dict, the UNet's
-diffusers names from diffusers' own single-file converter, and Flux's diffusers names from a transcription of
-ComfyUI's `flux_to_diffusers` below.
+diffusers names from diffusers' own single-file converter, and Flux's and NextDiT's diffusers names from
+transcriptions of ComfyUI's `flux_to_diffusers` and `z_image_to_diffusers` below.
 """
 
 from __future__ import annotations
@@ -133,6 +134,16 @@ def flux_to_diffusers(hidden_size: int, depth: int, depth_single: int, prefix: s
     return key_map
 
 
+def add_weight_aliases(key_map: dict, diffusers: dict, spellings: tuple[str, ...]) -> None:
+    """For each `.weight` key of a diffusers map, its base name in every spelling (`{}` the dotted base name,
+    `{flat}` with underscores) -> the map's target."""
+    for k, to in diffusers.items():
+        if k.endswith(".weight"):
+            base = k[: -len(".weight")]
+            for spelling in spellings:
+                key_map[spelling.format(base, flat=base.replace(".", "_"))] = to
+
+
 def flux_key_map(state_dict: dict[str, np.ndarray]):
     """`model_lora_keys_unet` for a Flux model (spec 8.4): the generic names, the diffusers names in four
     spellings, and `linear1_qkv`. Hidden size and depths are read from the state dict, as ComfyUI detects them."""
@@ -143,19 +154,67 @@ def flux_key_map(state_dict: dict[str, np.ndarray]):
     }
     hidden_size = state_dict["diffusion_model.img_in.weight"].shape[0]
     diffusers = flux_to_diffusers(hidden_size, len(blocks["double_blocks"]), len(blocks["single_blocks"]))
-    for k, to in diffusers.items():
-        if k.endswith(".weight"):
-            base = k[: -len(".weight")]
-            for alias in (
-                f"transformer.{base}",
-                f"lycoris_{base.replace('.', '_')}",
-                f"lora_transformer_{base.replace('.', '_')}",
-                base,
-            ):
-                key_map[alias] = to
+    add_weight_aliases(key_map, diffusers, ("transformer.{}", "lycoris_{flat}", "lora_transformer_{flat}", "{}"))
     for k in state_dict:
         if k.endswith(".weight") and ".linear1." in k:
             key_map[k.replace(".linear1.weight", ".linear1_qkv")] = (k, (0, 0, hidden_size * 3))
+    return key_map
+
+
+def z_image_to_diffusers(dim: int, n_layers: int, n_refiners: int = 2, prefix: str = "diffusion_model."):
+    """`comfy/utils.py` z_image_to_diffusers: Z-Image original/diffusers key -> model key, or (model key,
+    (dim, start, length)) for a row slice of the fused qkv. ComfyUI's unet config has no refiner depth, so the
+    function's default of 2 applies whatever the model has."""
+    key_map = {}
+
+    def block(src, dst):
+        for end in ("weight", "bias"):
+            for j, name in enumerate(("to_q", "to_k", "to_v")):
+                key_map[f"{src}.attention.{name}.{end}"] = (f"{dst}.attention.qkv.{end}", (0, j * dim, dim))
+        renamed = {
+            "attention.norm_q.weight": "attention.q_norm.weight",
+            "attention.norm_k.weight": "attention.k_norm.weight",
+            "attention.to_out.0.weight": "attention.out.weight",
+            "attention.to_out.0.bias": "attention.out.bias",
+        }
+        same = ["attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"]
+        same += ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+        renamed |= {f"{name}.weight": f"{name}.weight" for name in same}
+        renamed |= {f"adaLN_modulation.0.{end}": f"adaLN_modulation.0.{end}" for end in ("weight", "bias")}
+        for k, v in renamed.items():
+            key_map[f"{src}.{k}"] = f"{dst}.{v}"
+
+    for i in range(n_layers):
+        block(f"layers.{i}", f"{prefix}layers.{i}")
+    for i in range(n_refiners):
+        block(f"context_refiner.{i}", f"{prefix}context_refiner.{i}")
+        block(f"noise_refiner.{i}", f"{prefix}noise_refiner.{i}")
+    basic = {
+        "final_layer.linear": "all_final_layer.2-1.linear",
+        "final_layer.adaLN_modulation.1": "all_final_layer.2-1.adaLN_modulation.1",
+        "x_embedder": "all_x_embedder.2-1",
+        "cap_embedder.1": "cap_embedder.1",
+        "t_embedder.mlp.0": "t_embedder.mlp.0",
+        "t_embedder.mlp.2": "t_embedder.mlp.2",
+    }
+    for model_name, name in basic.items():
+        for end in ("weight", "bias"):
+            key_map[f"{name}.{end}"] = f"{prefix}{model_name}.{end}"
+    key_map["cap_embedder.0.weight"] = f"{prefix}cap_embedder.0.weight"
+    for token in ("x_pad_token", "cap_pad_token"):
+        key_map[token] = f"{prefix}{token}"
+    return key_map
+
+
+def lumina2_key_map(state_dict: dict[str, np.ndarray]):
+    """`model_lora_keys_unet` for a Lumina2-class model (Lumina 2, Z-Image): the generic names, and each
+    z_image_to_diffusers weight name as `diffusion_model.`, `transformer.`, `lycoris_` and bare. The width is the
+    caption embedder's output and the depth the `layers.N` count, as ComfyUI detects them."""
+    key_map = model_key_map(state_dict, {})
+    dim = state_dict["diffusion_model.cap_embedder.1.weight"].shape[0]
+    n_layers = len({k.split(".")[2] for k in state_dict if k.startswith("diffusion_model.layers.")})
+    diffusers = z_image_to_diffusers(dim, n_layers)
+    add_weight_aliases(key_map, diffusers, ("diffusion_model.{}", "transformer.{}", "lycoris_{flat}", "{}"))
     return key_map
 
 

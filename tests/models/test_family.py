@@ -18,7 +18,7 @@ from jaxlora.models.stack import layer_sites
 
 PACKAGE = Path(__file__).resolve().parents[2] / "jaxlora"
 FAMILY_FILES = {"registry.py"} | {
-    f"{stem}{suffix}" for stem in ("unet", "flux") for suffix in (".py", "_family.py", "_names.py")
+    f"{stem}{suffix}" for stem in ("unet", "flux", "nextdit") for suffix in (".py", "_family.py", "_names.py")
 }
 
 

@@ -131,7 +131,7 @@ def test_dataset_for_another_model_is_refused(files, tmp_path, capsys):
 
 def test_model_without_dataset_is_a_usage_error(files, capsys):
     assert main(["--model", str(files[0])]) == 2
-    assert "give both --model and --dataset" in capsys.readouterr().err
+    assert "give --model and --dataset (or --images)" in capsys.readouterr().err
 
 
 def test_help_shows_every_flag_with_default_choices_and_meaning_grouped_and_the_demo():
