@@ -4,7 +4,7 @@ headless (no Colab: the built-in demo on CPU), so a broken cell fails here."""
 import ast
 import json
 import re
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import nbformat
@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 from safetensors import safe_open
 
 from jaxlora.adapters.formats import STYLES
-from jaxlora.train.config import CHOICES, TrainConfig
+from jaxlora.train.config import CHOICES, TRAINING_CONTROLS, RunOptions, TrainConfig
 from tests.encoders.conftest import write_clip_tokenizer
 from tests.encoders.test_make_dataset import write_images, write_sd1_checkpoint
 
@@ -65,6 +65,19 @@ def test_form_holds_the_node_inputs_with_their_defaults_and_choices():
             assert spec == list(CHOICES[name]), name
     TrainConfig.from_dict({name: form[name][0] for name in NODE_INPUTS if name != "existing_lora"})
     assert form["key_style"] == ("comfyui", list(STYLES))
+
+
+def test_form_controls_have_the_settings_defaults_and_choices():
+    """The training controls on the form (empty text stands for none) start at the node's behaviour."""
+    form = form_fields(read_notebook())
+    defaults = {**asdict(TrainConfig()), **asdict(RunOptions())}
+    shown = [name for name in (*TRAINING_CONTROLS, "ema_export", "save_every", "save_last") if name in form]
+    assert {"lr_scheduler", "warmup_steps", "timestep_sampling", "ema_decay", "save_every"} <= set(shown)
+    for name in shown:
+        value, spec = form[name]
+        assert value == ("" if defaults[name] is None else defaults[name]), name
+        if name in CHOICES:
+            assert spec == list(CHOICES[name]), name
 
 
 def test_defaults_fit_together_and_the_install_source_is_documented():

@@ -35,7 +35,7 @@ from jaxlora.models.checkpoint import read_index
 from jaxlora.models.diffusion import load_model
 from jaxlora.train.data import save_dataset
 
-FORMAT = 1  # bump when the written data would differ for the same inputs
+FORMAT = 2  # bump when the written data would differ for the same inputs (2: the empty caption's fields)
 MANIFEST = "dataset.json"
 IMAGES_PER_CALL = 4  # VAE batch: fixed, so each bucket compiles once
 TILE_LIMIT = 4  # captions of different lengths tile to their lcm; beyond 4x the longest, ComfyUI refuses too
@@ -141,8 +141,8 @@ def make_image_dataset(
     if out.exists():
         raise FileExistsError(f"{out} exists and is not a jaxlora image dataset; choose another folder")
 
-    captions = load_caption_encoder(recipe, [*text_files, model_path], found, settings.dtype).encode(
-        [image.caption for image in images]
+    *captions, empty = load_caption_encoder(recipe, [*text_files, model_path], found, settings.dtype).encode(
+        [image.caption for image in images] + [""]  # the empty caption: what caption dropout trains with
     )
     vae = _vae_function(load_vae(vae_path or model_path, settings.dtype))
     groups: dict[tuple[int, int], list[int]] = {}
@@ -160,7 +160,8 @@ def make_image_dataset(
                 fields = _bucket_fields([images[i] for i in members], [captions[i] for i in members], buckets, model)
                 repeats = np.repeat(np.arange(len(members)), [images[i].repeats for i in members])
                 name = f"bucket_{width}x{height}.safetensors"
-                save_dataset(scratch / name, latents[repeats], **{k: v[repeats] for k, v in fields.items()})
+                fields = {k: v[repeats] for k, v in fields.items()}
+                save_dataset(scratch / name, latents[repeats], empty=empty, **fields)
                 written.append(
                     {
                         "file": name,

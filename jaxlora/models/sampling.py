@@ -157,21 +157,37 @@ def _interpolate_noise(sigma: jax.Array, noise: jax.Array, x0: jax.Array) -> jax
     return sigma * noise + (1.0 - sigma) * x0
 
 
+def _noise_target(sigma: jax.Array, noise: jax.Array, x0: jax.Array) -> jax.Array:
+    return noise
+
+
+def _v_target(sigma: jax.Array, noise: jax.Array, x0: jax.Array) -> jax.Array:
+    # the output that _v_denoised turns into x0 exactly: (noise - sigma x0) / sqrt(sigma^2 + 1)
+    return (noise - sigma * x0) / jnp.sqrt(sigma**2 + 1.0)
+
+
+def _velocity_target(sigma: jax.Array, noise: jax.Array, x0: jax.Array) -> jax.Array:
+    # d x_t / d sigma of x_t = sigma noise + (1 - sigma) x0
+    return noise - x0
+
+
 @dataclass(frozen=True)
 class Parameterisation:
     """What a network's input and output mean in sigma space; one row per ComfyUI model-sampling type.
 
-    Each function takes sigma already shaped to broadcast against the latent.
+    Each function takes sigma already shaped to broadcast against the latent. `target` is the output a perfect
+    network gives for a sample noised by `noise_scaling` (what a trainer with the native loss compares with).
     """
 
     calculate_input: Callable[[jax.Array, jax.Array], jax.Array]
     calculate_denoised: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
     noise_scaling: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    target: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-EPS = Parameterisation(_unit_variance_input, _eps_denoised, _add_noise)
-V_PREDICTION = Parameterisation(_unit_variance_input, _v_denoised, _add_noise)
-CONST = Parameterisation(_identity_input, _eps_denoised, _interpolate_noise)
+EPS = Parameterisation(_unit_variance_input, _eps_denoised, _add_noise, _noise_target)
+V_PREDICTION = Parameterisation(_unit_variance_input, _v_denoised, _add_noise, _v_target)
+CONST = Parameterisation(_identity_input, _eps_denoised, _interpolate_noise, _velocity_target)
 PARAMETERISATIONS: dict[str, Parameterisation] = {"eps": EPS, "v": V_PREDICTION, "const": CONST}
 
 
@@ -214,6 +230,10 @@ class ModelSampling:
     def noise_scaling(self, sigma: ArrayLike, noise: jax.Array, x0: jax.Array) -> jax.Array:
         """The noisy sample x_t for clean latents x0 (ComfyUI's max_denoise=False path)."""
         return self.parameterisation.noise_scaling(_per_sample(sigma, x0), noise, x0)
+
+    def target(self, sigma: ArrayLike, noise: jax.Array, x0: jax.Array) -> jax.Array:
+        """The raw output that denoises `noise_scaling(sigma, noise, x0)` to x0: eps, v or flow velocity."""
+        return self.parameterisation.target(_per_sample(sigma, x0), noise, x0)
 
     def timestep(self, sigma: ArrayLike) -> jax.Array:
         return self.schedule.timestep(sigma)

@@ -138,6 +138,8 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunOptions, TrainConfig,
             raise SettingsError("model", "give --model and --dataset (or --images), or neither for the demo")
         training = {k: v for k, v in settings.items() if k not in RUN_FLAGS}
         config = TrainConfig.from_dict({**DEMO_SETTINGS, **training} if demo else training)
+        if run.ema_export != "beside" and config.ema_decay is None:
+            raise SettingsError("ema_export", f"ema_export {run.ema_export} needs an EMA: set ema_decay (e.g. 0.999)")
     except SettingsError as error:
         if error.key in settings and error.key not in flags_given(args) and "config" in args:
             raise type(error)(error.key, f"{args.config}: {error}") from None
@@ -172,7 +174,7 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
     from jaxlora.parallel.placement import is_writer
     from jaxlora.train.compile_cache import enable_compilation_cache
     from jaxlora.train.loop import NonFiniteLossError, run_training, with_host_adapters
-    from jaxlora.train.report import output_stem, write_run_outputs
+    from jaxlora.train.report import AdapterSaves, output_stem, write_run_outputs
 
     processes.initialize(distributed, os.environ)
     if compile_cache:
@@ -200,6 +202,8 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
                 checkpoint_every=run.checkpoint_every,
                 resume=run.resume,
                 existing=existing,
+                save_every=run.save_every,
+                on_save=AdapterSaves(config, run.output_dir, run.prefix, run.format, run.save_last, run.ema_export),
             )
         except (ValueError, OSError, FolderInUseError) as error:
             print(f"error: {error}", file=sys.stderr)
@@ -215,11 +219,21 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
                 file=sys.stderr,
             )
             return INTERRUPTED
-        result = replace(result, model_with_lora=with_host_adapters(result.model_with_lora))
+        result = replace(
+            result,
+            model_with_lora=with_host_adapters(result.model_with_lora),
+            ema_model=result.ema_model and with_host_adapters(result.ema_model),
+        )
         if not is_writer():  # on several processes, process 0 writes the outputs
             return 0
         paths = write_run_outputs(
-            result, config, run.output_dir, run.prefix, run.format, keep_checkpoints=run.keep_checkpoints
+            result,
+            config,
+            run.output_dir,
+            run.prefix,
+            run.format,
+            keep_checkpoints=run.keep_checkpoints,
+            ema_export=run.ema_export,
         )
     print(f"done in {time.perf_counter() - started:.1f} s" + (" (demo)" if demo else ""))
     print(summary(result, result.stats, paths))

@@ -4,7 +4,7 @@ read or anything compiled.
 
 This module imports no JAX, so that a bad flag, TOML value or output folder is refused in a fraction of a second.
 The registries' names are therefore spelled out here (tests check them against `adapters.attach.ALGORITHMS`,
-`train.optim.OPTIMIZERS` and `LOSSES`, and `models.family.STYLES`).
+`train.optim.OPTIMIZERS` and `LOSSES`, `train.schedule.SCHEDULES` and `models.family.STYLES`).
 """
 
 from __future__ import annotations
@@ -26,11 +26,51 @@ RANGES = {
     "rank": (1, 128),
     "seed": (0, 2**64 - 1),
 }
+# jaxlora's numeric training controls -> (lowest, highest); None (where allowed) is never out of range
+CONTROL_RANGES = {
+    "warmup_steps": (0, 100000),
+    "lr_cycles": (1, 1000),
+    "lr_power": (1e-6, 100.0),
+    "lr_min_ratio": (0.0, 1.0),
+    "weight_decay": (0.0, 10.0),
+    "beta1": (0.0, 0.999999),
+    "beta2": (0.0, 0.999999),
+    "eps": (1e-38, 1.0),
+    "max_grad_norm": (1e-8, 1e8),
+    "logit_mean": (-10.0, 10.0),
+    "logit_std": (1e-3, 10.0),
+    "mode_scale": (-1.0, 1.75),  # where SD3's mode density stays a monotone map of u
+    "noise_offset": (0.0, 1.0),
+    "min_snr_gamma": (1e-3, 1e6),
+    "caption_dropout": (0.0, 0.99),
+    "ema_decay": (0.5, 0.999999),
+}
+# a knob -> (the setting that chooses its owner, the owners it applies to); set elsewhere it would do nothing
+KNOB_OWNERS = {
+    "lr_cycles": ("lr_scheduler", ("cosine_with_restarts",)),
+    "lr_power": ("lr_scheduler", ("polynomial",)),
+    "lr_min_ratio": ("lr_scheduler", ("linear", "cosine", "cosine_with_restarts", "polynomial")),
+    "logit_mean": ("timestep_sampling", ("logit_normal",)),
+    "logit_std": ("timestep_sampling", ("logit_normal",)),
+    "mode_scale": ("timestep_sampling", ("mode",)),
+}
+# optimizer -> the hyper-parameters it takes (the others are refused), as in train.optim.OPTIMIZERS
+OPTIMIZER_KNOBS = {
+    "AdamW": ("weight_decay", "beta1", "beta2", "eps"),
+    "Adam": ("weight_decay", "beta1", "beta2", "eps"),
+    "SGD": ("weight_decay",),
+    "RMSprop": ("weight_decay", "beta2", "eps"),
+    "Adafactor": ("weight_decay", "eps"),
+    "Lion": ("weight_decay", "beta1", "beta2"),
+    "Prodigy": ("weight_decay", "beta1", "beta2", "eps"),
+    "ScheduleFreeAdamW": ("weight_decay", "beta1", "beta2", "eps"),
+}
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 BYPASS_ALGORITHMS = ("LoRA",)  # algorithms with an activation form y = x W + h(x)
 STYLES = ("comfyui", "kohya", "peft")  # adapter key styles
 CHOICES = {
-    "optimizer": ("AdamW", "Adam", "SGD", "RMSprop"),
+    "optimizer": tuple(OPTIMIZER_KNOBS),
     "loss_function": ("MSE", "L1", "Huber", "SmoothL1"),
     "training_dtype": TRAINING_DTYPES,
     "lora_dtype": TRAINING_DTYPES,
@@ -38,6 +78,10 @@ CHOICES = {
     "remat_policy": REMAT_POLICIES,
     "prediction": PREDICTIONS,
     "format": STYLES,
+    "ema_export": ("beside", "instead"),
+    "lr_scheduler": SCHEDULES,
+    "timestep_sampling": ("uniform", "logit_normal", "mode"),
+    "loss_target": ("x0", "native"),
 }
 
 # One line of meaning per setting, for --help and the notebook's form.
@@ -54,7 +98,8 @@ MEANINGS = {
     "steps": "optimizer steps to train in this run",
     "learning_rate": "the optimizer's step size",
     "rank": "adapter rank (OFT: block size)",
-    "optimizer": "torch's optimizer of that name, with torch's defaults",
+    "optimizer": "the node's four with torch's defaults, or Adafactor, Lion, Prodigy (learning_rate ~1), "
+    "ScheduleFreeAdamW",
     "loss_function": "loss between the denoised and the clean latents",
     "seed": "seeds noise, timesteps, batches and adapter initialisation",
     "training_dtype": "dtype of the frozen weights and activations",
@@ -68,11 +113,33 @@ MEANINGS = {
     "mesh": "device mesh such as data=2,fsdp=4 (-1: the devices left); none: one device",
     "guidance": "models with a guidance input (guidance-distilled): guidance for samples whose data carries none",
     "flow_shift": "flow-matching models: the sampling shift (none: the model's own)",
+    "lr_scheduler": "learning-rate shape after the warmup (constant: the node's fixed rate)",
+    "warmup_steps": "steps of linear warmup from 0 to learning_rate (not with constant)",
+    "lr_cycles": "cosine_with_restarts: the number of cosine cycles",
+    "lr_power": "polynomial: the decay's power (1: linear)",
+    "lr_min_ratio": "decaying schedules: the final rate as a fraction of learning_rate",
+    "weight_decay": "the optimizer's weight decay (none: its default, AdamW 0.01, others 0)",
+    "beta1": "first-moment decay where the optimizer has one (none: its default, 0.9)",
+    "beta2": "second-moment decay (RMSprop: alpha) where the optimizer has one (none: its default)",
+    "eps": "the optimizer's epsilon where it has one (none: its default)",
+    "max_grad_norm": "clip the gradients' global norm to this before the update (none: no clipping)",
+    "timestep_sampling": "noise-level distribution: uniform (the node's), logit_normal or mode (SD3)",
+    "logit_mean": "logit_normal: mean of the normal whose sigmoid is the noise fraction t (t = 1: pure noise)",
+    "logit_std": "logit_normal: standard deviation of that normal",
+    "mode_scale": "mode: SD3's scale s of f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u)",
+    "noise_offset": "eps/v models: scale of per-channel constant noise added to the noise (0: none)",
+    "min_snr_gamma": "eps/v models: weight samples by min(SNR, gamma) in x0 terms (none: unweighted)",
+    "loss_target": "x0 (the node's x0-space loss) or native (the model's own target: eps, v or flow velocity)",
+    "caption_dropout": "probability of training a sample on the empty caption (the dataset must carry it)",
+    "ema_decay": "keep an exponential moving average of the adapter with this decay, e.g. 0.999 (none: no EMA)",
     "output_dir": "folder for the adapter, loss history and plot",
     "prefix": "file name prefix inside the output folder, may include sub-folders",
     "format": "adapter key style: comfyui, kohya (A1111/Forge) or peft (LoRA only)",
     "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
     "resume": "continue the latest unfinished run of this output folder and prefix, or the run named (run_00002)",
+    "ema_export": "with ema_decay: write the EMA adapter beside the trained one (<name>ema.safetensors) or instead",
+    "save_every": "write a ComfyUI-loadable adapter into <prefix>_saves/ every N steps (0: only the final one)",
+    "save_last": "keep only the last K adapters saved during the run (0: all)",
     "keep_checkpoints": "keep a finished run's checkpoints (by default deleted once the adapter is written)",
 }
 
@@ -147,14 +214,38 @@ class TrainConfig:
     mesh: str | None = None  # device mesh, e.g. "data=2,fsdp=4" (-1: the rest); None: one device
     guidance: float | None = None  # models with a guidance input: for samples whose data carries none
     flow_shift: float | None = None  # flow models: the sampling shift (None: the family's default)
+    # learning-rate schedule (train.schedule)
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    lr_cycles: int = 1
+    lr_power: float = 1.0
+    lr_min_ratio: float = 0.0
+    # optimizer hyper-parameters (train.optim; None: the optimizer's default)
+    weight_decay: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    max_grad_norm: float | None = None
+    # noise and loss (train.objective)
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    loss_target: str = "x0"
+    caption_dropout: float = 0.0
+    ema_decay: float | None = None  # moving average of the adapter (train.optim.with_ema)
 
     def __post_init__(self) -> None:
         check_types(self)
-        for name, (low, high) in RANGES.items():
+        for name, (low, high) in {**RANGES, **CONTROL_RANGES}.items():
             value = getattr(self, name)
-            if not low <= value <= high:
+            if value is not None and not low <= value <= high:
                 raise SettingsError(name, f"{name} must be between {low} and {high}, got {value!r}")
         check_choices(self)
+        check_schedule(self)
+        check_optimizer(self)
         for name in ("guidance", "flow_shift"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -178,6 +269,48 @@ class TrainConfig:
         return cls(**_known(cls, values, "training settings"))
 
 
+_TRAINING_FIELDS = [spec.name for spec in fields(TrainConfig)]
+TRAINING_CONTROLS = tuple(_TRAINING_FIELDS[_TRAINING_FIELDS.index("lr_scheduler") :])  # schedules, optimizer, ...
+
+
+def check_schedule(config: TrainConfig) -> None:
+    """A warmup needs a schedule that has one, a decaying schedule needs steps after its warmup, and a knob moved
+    off its default needs the schedule or noise distribution it belongs to (it would be ignored otherwise)."""
+    defaults = {spec.name: spec.default for spec in fields(config)}
+    for name, (owner, owners) in KNOB_OWNERS.items():
+        if getattr(config, name) != defaults[name] and getattr(config, owner) not in owners:
+            raise SettingsError(name, f"{name} applies to {owner} {' or '.join(owners)}, not {getattr(config, owner)}")
+    if config.warmup_steps and config.lr_scheduler == "constant":
+        raise SettingsError(
+            "warmup_steps", "warmup_steps needs a schedule with a warmup: lr_scheduler constant_with_warmup, or another"
+        )
+    if config.lr_scheduler not in ("constant", "constant_with_warmup") and config.warmup_steps >= config.steps:
+        raise SettingsError(
+            "warmup_steps",
+            f"lr_scheduler {config.lr_scheduler} decays after its warmup: warmup_steps ({config.warmup_steps}) must "
+            f"be less than steps ({config.steps})",
+        )
+
+
+def check_optimizer(config: TrainConfig) -> None:
+    """A hyper-parameter the optimizer does not have is refused (it would be silently ignored); schedule-free
+    AdamW replaces a decaying schedule by its averaging, so it takes only constant rates (with warmup)."""
+    knobs = OPTIMIZER_KNOBS[config.optimizer]
+    for name in ("weight_decay", "beta1", "beta2", "eps"):
+        if getattr(config, name) is not None and name not in knobs:
+            raise SettingsError(name, f"optimizer {config.optimizer} has no {name}; it takes {list(knobs)}")
+    if config.optimizer == "ScheduleFreeAdamW" and config.ema_decay is not None:
+        raise SettingsError(
+            "ema_decay", "ScheduleFreeAdamW exports an average of its iterates already: leave ema_decay unset"
+        )
+    if config.optimizer == "ScheduleFreeAdamW" and config.lr_scheduler not in ("constant", "constant_with_warmup"):
+        raise SettingsError(
+            "lr_scheduler",
+            f"ScheduleFreeAdamW needs no decaying schedule (it averages instead), got lr_scheduler "
+            f"{config.lr_scheduler}: use constant or constant_with_warmup",
+        )
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """Where a run reads and writes: the command line's and TOML file's keys that are not training settings."""
@@ -195,6 +328,9 @@ class RunOptions:
     checkpoint_every: int = 0
     resume: bool | str = False  # True: the latest unfinished run; a name: that run
     keep_checkpoints: bool = False
+    ema_export: str = "beside"
+    save_every: int = 0
+    save_last: int = 0
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -203,8 +339,9 @@ class RunOptions:
             raise SettingsError(
                 "resolution", f"resolution must be 0 (the model's) or a multiple of 8, got {self.resolution}"
             )
-        if self.checkpoint_every < 0:
-            raise SettingsError("checkpoint_every", f"checkpoint_every must be 0 or more, got {self.checkpoint_every}")
+        for name in ("checkpoint_every", "save_every", "save_last"):
+            if getattr(self, name) < 0:
+                raise SettingsError(name, f"{name} must be 0 or more, got {getattr(self, name)}")
         check_prefix(self.prefix)
 
     @classmethod

@@ -6,6 +6,10 @@ On disk a dataset is a `.safetensors` file, or a folder of them, holding `latent
 per-sample numbers such as image sizes or guidance [N or 1] (`ModelFamily.number_fields`). A folder
 written by ComfyUI's SaveTrainingDataset node (`shard_XXXX.pkl`) is read too. Files of different latent shapes
 become separate buckets.
+
+A `.safetensors` dataset may also carry the empty caption's conditioning (what the text encoders give for ""),
+which caption dropout trains with: `empty.c_crossattn` [1, T, D] and, for models with a pooled output,
+`empty.pooled_output` [1, P]; the sample's other fields (sizes, guidance) stay its own.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from jaxlora.models.family import UnknownLayoutError
 from jaxlora.models.registry import describe_keys, find_family
 
 SEQUENCE_FIELDS = {"c_crossattn": 3, "pooled_output": 2}  # name -> rank with the sample axis
+EMPTY = "empty."  # key prefix of the empty caption's conditioning in a dataset file
 
 
 class DatasetError(ValueError):
@@ -41,6 +46,7 @@ class Bucket:
     latents: np.ndarray
     conditioning: Mapping[str, np.ndarray]
     source: str = "arrays"
+    empty: Mapping[str, np.ndarray] | None = None  # the empty caption's conditioning fields, one row each
 
     @property
     def size(self) -> int:
@@ -65,8 +71,11 @@ def _as_array(value) -> np.ndarray:
     return array.astype(np.float32) if array.dtype == ml_dtypes.bfloat16 else array
 
 
-def make_bucket(latents, conditioning: Mapping | np.ndarray, source: str = "arrays") -> Bucket:
-    """Check one group of samples: latents [N, C, H, W]; each conditioning field with N rows or 1."""
+def make_bucket(
+    latents, conditioning: Mapping | np.ndarray, source: str = "arrays", empty: Mapping | None = None
+) -> Bucket:
+    """Check one group of samples: latents [N, C, H, W]; each conditioning field with N rows or 1; the empty
+    caption's fields (optional) one row each, among the conditioning's fields."""
     latents = _as_array(latents)
     if latents.ndim != 4:
         raise DatasetError(f"{source}: latents must be [N, C, H, W], got shape {latents.shape}")
@@ -92,7 +101,15 @@ def make_bucket(latents, conditioning: Mapping | np.ndarray, source: str = "arra
                 "latent or a single one for all"
             )
         fields[name] = value
-    return Bucket(latents, fields, source)
+    if empty is not None:
+        empty = make_bucket(latents[:1], empty, f"{source} (the empty caption)").conditioning
+        for name, value in empty.items():
+            if name not in fields or value.shape[0] != 1 or value.shape[-1] != fields[name].shape[-1]:
+                raise DatasetError(
+                    f"{source}: the empty caption's `{name}` {value.shape} must match a conditioning field of the "
+                    f"samples ({', '.join(f'{k} {v.shape}' for k, v in fields.items())}) with one row"
+                )
+    return Bucket(latents, fields, source, empty)
 
 
 def _rows(value: np.ndarray, count: int) -> np.ndarray:
@@ -130,22 +147,25 @@ def merge_buckets(buckets: Sequence[Bucket]) -> tuple[Bucket, ...]:
                 parts = [_tile_tokens(p, tokens) for p in parts]
             fields[name] = np.concatenate(parts)
         latents = np.concatenate([b.latents for b in group])
-        merged.append(Bucket(latents, fields, ", ".join(b.source for b in group)))
+        empty = group[0].empty if all(b.empty is not None for b in group) else None
+        merged.append(Bucket(latents, fields, ", ".join(b.source for b in group), empty))
     return tuple(merged)
 
 
-def make_dataset(latents, positive) -> Dataset:
+def make_dataset(latents, positive, empty: Mapping | None = None) -> Dataset:
     """The node's inputs as a dataset: `latents` [N, C, H, W] (or a list of such arrays, one bucket each) and
-    `positive`, the conditioning: an array [N or 1, T, D] or a dict of fields (or a list matching `latents`)."""
+    `positive`, the conditioning: an array [N or 1, T, D] or a dict of fields (or a list matching `latents`);
+    `empty`, the empty caption's conditioning fields for caption dropout (optional)."""
     if isinstance(latents, list | tuple):
         positives = positive if isinstance(positive, list | tuple) else [positive] * len(latents)
         if len(positives) != len(latents):
             raise DatasetError(f"{len(positives)} conditioning entries for {len(latents)} latent groups")
         buckets = [
-            make_bucket(lat, pos, f"latents[{i}]") for i, (lat, pos) in enumerate(zip(latents, positives, strict=True))
+            make_bucket(lat, pos, f"latents[{i}]", empty)
+            for i, (lat, pos) in enumerate(zip(latents, positives, strict=True))
         ]
     else:
-        buckets = [make_bucket(latents, positive)]
+        buckets = [make_bucket(latents, positive, empty=empty)]
     return Dataset(merge_buckets(buckets))
 
 
@@ -161,7 +181,8 @@ def _read_safetensors(path: Path) -> Bucket:
     except (SafetensorError, OSError) as error:
         raise DatasetError(f"{path} is not a readable .safetensors file: {error}") from error
     latents = tensors.pop("latents")
-    return make_bucket(latents, tensors, str(path))
+    empty = {key[len(EMPTY) :]: tensors.pop(key) for key in list(tensors) if key.startswith(EMPTY)}
+    return make_bucket(latents, tensors, str(path), empty or None)
 
 
 def _not_a_dataset(path: Path, keys: list[str]) -> DatasetError:
@@ -201,16 +222,20 @@ def load_dataset(path: str | Path) -> Dataset:
     return Dataset(merge_buckets([_read_safetensors(file) for file in files]))
 
 
-def save_dataset(path: str | Path, latents: np.ndarray, c_crossattn: np.ndarray, **conditioning) -> Path:
+def save_dataset(
+    path: str | Path, latents: np.ndarray, c_crossattn: np.ndarray, empty: Mapping | None = None, **conditioning
+) -> Path:
     """Write numpy arrays as a jaxlora dataset file (never over an existing file).
 
     `latents` [N, C, H, W] are raw VAE latents (not yet multiplied by the latent format's scale factor);
     `c_crossattn` [N or 1, T, D]; optional `pooled_output` [N or 1, P] and per-sample numbers (image sizes,
-    `guidance`) as arrays [N or 1] or scalars.
+    `guidance`) as arrays [N or 1] or scalars. `empty`: the empty caption's `c_crossattn` (and `pooled_output`),
+    for caption dropout, written as `empty.<field>`.
     """
-    bucket = make_bucket(latents, {"c_crossattn": c_crossattn, **conditioning}, str(path))
+    bucket = make_bucket(latents, {"c_crossattn": c_crossattn, **conditioning}, str(path), empty)
     tensors = {"latents": np.ascontiguousarray(bucket.latents)}
     tensors.update({k: np.ascontiguousarray(v) for k, v in bucket.conditioning.items()})
+    tensors.update({EMPTY + k: np.ascontiguousarray(v) for k, v in (bucket.empty or {}).items()})
     return write_new_file(path, save(tensors))
 
 
@@ -249,13 +274,24 @@ def batch_size_warnings(dataset: Dataset, batch_size: int) -> list[str]:
 
 
 def device_arrays(
-    bucket: Bucket, model: DiffusionModel, dtype: jnp.dtype, guidance: float | None = None
+    bucket: Bucket, model: DiffusionModel, dtype: jnp.dtype, guidance: float | None = None, with_empty: bool = False
 ) -> dict[str, jnp.ndarray]:
     """What the train step reads: latents cast to the training dtype first (as ComfyUI does), then scaled by the
     latent format, NHWC; and the network's keyword inputs (context, `y`, guidance) built by the model.
-    `guidance` replaces the family's default for samples whose data carries none."""
+    `guidance` replaces the family's default for samples whose data carries none. `with_empty` adds "empty", the
+    network inputs with the empty caption's fields (caption dropout); both contexts are then tiled to a common
+    token length, as ComfyUI batches captions of different lengths."""
     latents = jnp.asarray(bucket.latents).astype(dtype)
+    conditioning = dict(bucket.conditioning)
+    arrays = {}
+    if with_empty:
+        empty = {**conditioning, **bucket.empty}
+        tokens = math.lcm(conditioning["c_crossattn"].shape[1], empty["c_crossattn"].shape[1])
+        conditioning["c_crossattn"] = _tile_tokens(conditioning["c_crossattn"], tokens)
+        empty["c_crossattn"] = _tile_tokens(empty["c_crossattn"], tokens)
+        arrays["empty"] = model.network_inputs(empty, bucket.shape[1:], dtype, guidance)
     return {
         "latents": jnp.transpose(model.latent_format.process_in(latents), (0, 2, 3, 1)),
-        **model.network_inputs(bucket.conditioning, bucket.shape[1:], dtype, guidance),
+        **model.network_inputs(conditioning, bucket.shape[1:], dtype, guidance),
+        **arrays,
     }

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import jax
@@ -25,12 +25,14 @@ from jaxlora.dtypes import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
 from jaxlora.models.sampling import ModelSampling
 from jaxlora.parallel.mesh import MeshLayout, check_batch, make_mesh
-from jaxlora.parallel.placement import place_tree, to_host
+from jaxlora.parallel.placement import is_writer, place_tree, to_host
 from jaxlora.train.checkpoints import Checkpoints, open_run
-from jaxlora.train.config import TrainConfig
+from jaxlora.train.config import TRAINING_CONTROLS, TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
-from jaxlora.train.optim import loss_function, make_optimizer
+from jaxlora.train.objective import Objective
+from jaxlora.train.optim import OptimizerSettings, ema_params, eval_params, loss_function, make_optimizer, with_ema
 from jaxlora.train.perf import device_peak, step_flops
+from jaxlora.train.schedule import DECAYING, learning_rate_schedule, rate_at
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
 
 
@@ -75,6 +77,7 @@ class TrainResult:
     steps: int
     stats: RunStats = field(default_factory=RunStats)
     checkpoints: Checkpoints | None = None  # the run's folder, marked finished once its outputs are written
+    ema_model: DiffusionModel | None = None  # with ema_decay: the model carrying the averaged adapter
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,20 @@ def preflight(
         check_batch(config.mesh, config.batch_size, [b.size for b in dataset.buckets], jax.device_count())
     if config.guidance is not None and "guidance" not in model.network_input_names:
         raise ValueError(f"guidance applies to models with a guidance input, not {model.variant.description}")
-    model.run_sampling(config.prediction, config.flow_shift)
+    sampling = model.run_sampling(config.prediction, config.flow_shift)
+    if sampling.prediction == "const":
+        for name in ("noise_offset", "min_snr_gamma"):
+            if getattr(config, name):
+                raise ValueError(
+                    f"{name} applies to eps and v models; {model.variant.description} is a flow model (its noise "
+                    "levels span sigma 0 to 1, so offset noise and SNR weighting do not carry over): leave it unset"
+                )
+    if config.caption_dropout and any(bucket.empty is None for bucket in dataset.buckets):
+        raise ValueError(
+            "caption_dropout needs the empty caption's conditioning, which this dataset does not carry: add it to "
+            "the dataset file as `empty.c_crossattn` (and `empty.pooled_output` where the model takes one), e.g. "
+            "with jaxlora.save_dataset(..., empty=...)"
+        )
     if existing is None and (existing := read_existing(config)) is not None:
         import_adapter(model, existing.tensors)  # checked once, where the file is read
     return existing
@@ -163,6 +179,12 @@ class PreparedRun:
     sampling: ModelSampling
     previous_steps: int
     existing: ExistingAdapter | None
+    schedule: float | Callable[[int], object]  # the learning rate of each optimizer step
+
+
+def settings_of(kind: type, config: TrainConfig):
+    """The `kind` dataclass (Objective, OptimizerSettings) of a run: its fields are TrainConfig fields by name."""
+    return kind(**{spec.name: getattr(config, spec.name) for spec in fields(kind)})
 
 
 def prepare_run(
@@ -176,7 +198,10 @@ def prepare_run(
     network, previous_steps = adapted_network(model, config, dtype, existing)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
-    optimizer = make_optimizer(config.optimizer, config.learning_rate)
+    schedule = learning_rate_schedule(config)
+    optimizer = make_optimizer(config.optimizer, schedule, settings_of(OptimizerSettings, config))
+    if config.ema_decay is not None:
+        optimizer = with_ema(optimizer, config.ema_decay)
     opt_state = optimizer.init(adapters)
     sampling = model.run_sampling(config.prediction, config.flow_shift)
     settings = StepSettings(
@@ -187,8 +212,10 @@ def prepare_run(
         optimizer,
         sampling,
         None if layout is None else layout.batch,
+        settings_of(Objective, config),
     )
-    data = [device_arrays(bucket, model, dtype, config.guidance) for bucket in dataset.buckets]
+    dropout = config.caption_dropout > 0
+    data = [device_arrays(bucket, model, dtype, config.guidance, dropout) for bucket in dataset.buckets]
     perm_key = permutation_key(config.seed)
     if layout is not None:
         adapters, opt_state, base = (
@@ -198,7 +225,7 @@ def prepare_run(
         )
         data, perm_key = place_tree((data, perm_key), layout.replicated)
     return PreparedRun(
-        graph, adapters, opt_state, base, data, perm_key, settings, layout, sampling, previous_steps, existing
+        graph, adapters, opt_state, base, data, perm_key, settings, layout, sampling, previous_steps, existing, schedule
     )
 
 
@@ -237,15 +264,24 @@ def stop_requests():
 
 
 def progress_line(
-    done: int, total: int, loss: float, rate: float, samples_rate: float, mfu: float | None, width: int = 24
+    done: int,
+    total: int,
+    loss: float,
+    rate: float,
+    samples_rate: float,
+    mfu: float | None,
+    learning_rate: float,
+    width: int = 24,
 ) -> str:
-    """One line of progress; `loss` is the mean over the micro-steps since the previous line."""
+    """One line of progress; `loss` is the mean over the micro-steps since the previous line, `learning_rate` the
+    rate of the last step taken."""
     filled = round(width * done / total)
     eta = (total - done) / rate if rate > 0 else 0.0
     bar = "#" * filled + "." * (width - filled)
     utilisation = "" if mfu is None else f"  MFU {mfu:.1%}"
     return (
-        f"step {done}/{total} [{bar}] mean loss {loss:.4f}  {rate:.2f} steps/s  {samples_rate:.2f} samples/s"
+        f"step {done}/{total} [{bar}] mean loss {loss:.4f}  lr {learning_rate:.3g}  {rate:.2f} steps/s  "
+        f"{samples_rate:.2f} samples/s"
         f"{utilisation}  eta {eta:.0f} s"
     )
 
@@ -259,6 +295,13 @@ def fingerprint(config: TrainConfig, model: DiffusionModel, dataset: Dataset) ->
     settings = config.as_dict()
     settings.pop("steps")  # a run may be resumed to train longer
     settings.pop("mesh")  # and on other devices: checkpoints are restored onto the new layout
+    # controls at their defaults are left out, so runs from before a control existed resume as they were
+    defaults = TrainConfig()
+    for name in TRAINING_CONTROLS:
+        if settings[name] == getattr(defaults, name):
+            del settings[name]
+    if config.lr_scheduler in DECAYING:  # a decaying rate is shaped by the run's length: the steps must match
+        settings["schedule_steps"] = config.steps
     return {**settings, "family": model.variant.name, "dataset": [[b.size, *b.shape] for b in dataset.buckets]}
 
 
@@ -272,20 +315,26 @@ def run_training(
     progress: Callable[[str], None] | None = None,
     log_every_seconds: float = 2.0,
     existing: ExistingAdapter | None = None,
+    save_every: int = 0,
+    on_save: SaveHook | None = None,
 ) -> TrainResult:
     """Train `config.steps` optimizer steps and return the node's outputs, with checkpoints in a new run folder
     under `checkpoint_dir` (every `checkpoint_every` steps, at the end and on Ctrl-C), or continuing a run there:
     `resume=True` takes the latest unfinished one, a string names it. `existing` is the `existing_lora` file as
-    `preflight` read it, so it is read once."""
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be 0 or more (0: at the end and on Ctrl-C), got {checkpoint_every}")
+    `preflight` read it, so it is read once. Every `save_every` steps before the last, `on_save` (e.g.
+    `report.AdapterSaves`) gets the total steps and the models carrying the adapter and its EMA (or None),
+    gathered to the host; on several processes only process 0 calls it."""
+    for name, value in (("checkpoint_every", checkpoint_every), ("save_every", save_every)):
+        if value < 0:
+            raise ValueError(f"{name} must be 0 or more, got {value}")
     progress = progress or (lambda line: print(line, file=sys.stderr))
     run = prepare_run(model, dataset, config, existing)
+    saves = (save_every, on_save) if save_every and on_save is not None else None
     if checkpoint_dir is None:
-        return _train(model, dataset, config, run, None, checkpoint_every, progress, log_every_seconds)
+        return _train(model, dataset, config, run, None, checkpoint_every, progress, log_every_seconds, saves)
     checkpoints = open_run(checkpoint_dir, fingerprint(config, model, dataset), resume, config.steps)
     with checkpoints.in_use():
-        return _train(model, dataset, config, run, checkpoints, checkpoint_every, progress, log_every_seconds)
+        return _train(model, dataset, config, run, checkpoints, checkpoint_every, progress, log_every_seconds, saves)
 
 
 def _train(
@@ -297,6 +346,7 @@ def _train(
     checkpoint_every: int,
     progress: Callable[[str], None],
     log_every_seconds: float,
+    saves: tuple[int, SaveHook] | None = None,
 ) -> TrainResult:
     graph, adapters, opt_state, base = run.graph, run.adapters, run.opt_state, run.base
     data, perm_key, settings, layout = run.data, run.perm_key, run.settings, run.layout
@@ -360,6 +410,10 @@ def _train(
             if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
                 collect()
                 checkpoints.save(done, adapters, opt_state, history)
+            if saves is not None and done % saves[0] == 0 and done < config.steps:
+                trained, ema = host_models(model, config, run, adapters, opt_state)
+                if is_writer():
+                    saves[1](done + run.previous_steps, trained, ema)
             if time.perf_counter() - last_log >= log_every_seconds or done == config.steps or stop:
                 collect()
                 last_log = time.perf_counter()
@@ -367,7 +421,8 @@ def _train(
                 rate, samples_rate = stats.steps_run / elapsed, stats.samples / elapsed
                 interval_loss = float(np.mean(history[logged:]))  # every micro-step since the last line
                 logged = len(history)
-                progress(progress_line(done, config.steps, interval_loss, rate, samples_rate, stats.mfu(elapsed)))
+                mfu, learning_rate = stats.mfu(elapsed), rate_at(run.schedule, done - 1)
+                progress(progress_line(done, config.steps, interval_loss, rate, samples_rate, mfu, learning_rate))
             if stop:
                 stats.interrupted = done < config.steps  # Ctrl-C during the last step stops nothing
                 break
@@ -378,10 +433,33 @@ def _train(
     if checkpoints is not None and done > start:
         checkpoints.save(done, adapters, opt_state, history)
 
-    network = nnx.merge(graph, adapters, base)
-    adapted = DiffusionModel(network, model.family, model.variant, run.sampling, model.source)
+    adapted, ema = trained_models(model, config, run, adapters, opt_state)
     lora = export_adapter(with_host_adapters(adapted), "comfyui", resolve_dtype(config.lora_dtype))
-    return TrainResult(adapted, lora, {"loss": history}, done + run.previous_steps, stats, checkpoints)
+    return TrainResult(adapted, lora, {"loss": history}, done + run.previous_steps, stats, checkpoints, ema)
+
+
+SaveHook = Callable[[int, DiffusionModel, DiffusionModel | None], object]
+
+
+def trained_models(
+    model: DiffusionModel, config: TrainConfig, run: PreparedRun, adapters: nnx.State, opt_state
+) -> tuple[DiffusionModel, DiffusionModel | None]:
+    """The models carrying the adapter to use (schedule-free: its average) and its EMA (None without one)."""
+    adapted = with_adapters(model, run, eval_params(config.optimizer, opt_state, adapters))
+    return adapted, None if config.ema_decay is None else with_adapters(model, run, ema_params(opt_state))
+
+
+def host_models(model, config, run, adapters, opt_state) -> tuple[DiffusionModel, DiffusionModel | None]:
+    """`trained_models` with their adapters copied to the host (every process takes part on a mesh), so the next
+    step may donate the device buffers."""
+    adapted, ema = trained_models(model, config, run, adapters, opt_state)
+    return with_host_adapters(adapted), ema and with_host_adapters(ema)
+
+
+def with_adapters(model: DiffusionModel, run: PreparedRun, adapters: nnx.State) -> DiffusionModel:
+    """The trained model: the run's network carrying `adapters` (float32 masters are cast by export)."""
+    network = nnx.merge(run.graph, adapters, run.base)
+    return DiffusionModel(network, model.family, model.variant, run.sampling, model.source)
 
 
 def train_lora(
@@ -408,9 +486,11 @@ def train_lora(
     `latents`: raw VAE latents [N, C, H, W] (ComfyUI LATENT `samples`), or a list of such arrays of different
     resolutions. `positive`: the text conditioning, an array [N or 1, T, D] or a dict with `c_crossattn` and,
     the family's other fields (`pooled_output`, sizes) (or a list matching `latents`). `options` are the
-    TrainConfig additions (remat_policy, bypass, prediction, mesh) and run_training's (checkpoint_dir,
-    checkpoint_every, resume, progress). Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and
-    steps (including the existing adapter's).
+    TrainConfig additions (remat_policy, bypass, prediction, mesh, and the training controls such as
+    lr_scheduler, warmup_steps, weight_decay, max_grad_norm, timestep_sampling, min_snr_gamma, loss_target,
+    ema_decay) and run_training's (checkpoint_dir, checkpoint_every, resume, progress, save_every, on_save).
+    Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and steps (including the existing
+    adapter's), and with ema_decay the ema_model.
     """
     run_options = {k: options.pop(k) for k in list(options) if k in RUN_OPTIONS}
     config = TrainConfig(
@@ -433,4 +513,13 @@ def train_lora(
     return run_training(model, dataset, config, **run_options)
 
 
-RUN_OPTIONS = ("checkpoint_dir", "checkpoint_every", "resume", "progress", "log_every_seconds", "existing")
+RUN_OPTIONS = (
+    "checkpoint_dir",
+    "checkpoint_every",
+    "resume",
+    "progress",
+    "log_every_seconds",
+    "existing",
+    "save_every",
+    "on_save",
+)

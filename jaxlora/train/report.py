@@ -97,11 +97,14 @@ def write_run_outputs(
     prefix: str,
     style: str = "comfyui",
     keep_checkpoints: bool = False,
+    ema_export: str = "beside",
 ) -> dict[str, Path]:
     """Save a finished run as ComfyUI's SaveLoRA would name it: `<stem>.safetensors` (the adapter in `style`, with
     the settings in its metadata) and the loss history beside it; then mark its checkpoint folder finished, its
     checkpoints deleted unless `keep_checkpoints`. Returns {"adapter", "loss json", "loss csv", "loss plot":
-    path}; the CLI and the notebook share it so their files are the same.
+    path}; the CLI and the notebook share it so their files are the same. A run with an EMA (`ema_decay`) also
+    writes its averaged adapter as `<stem>ema.safetensors` ("ema adapter"), or with `ema_export="instead"` as
+    `<stem>.safetensors` in place of the trained one.
 
     An interrupted run is refused (its adapter is not the one asked for: resume it). If another run takes the
     same counter meanwhile, the next one is used: nothing is lost or overwritten."""
@@ -110,22 +113,87 @@ def write_run_outputs(
             f"the run stopped at step {result.steps} of {config.steps}; no adapter is written for it: resume it to "
             "finish" + (f" (its checkpoint is in {result.checkpoints.directory})" if result.checkpoints else "")
         )
-    model = result.model_with_lora
-    info = adapter_info(model, config.lora_dtype, result.steps, config.training_dtype, config.as_dict())
+    files = adapter_files(result.model_with_lora, result.ema_model, ema_export)
     for _ in range(COUNTER_ATTEMPTS):
         stem = output_stem(output_dir, prefix, result.steps)
         try:
-            adapter = save_lora(result.model_with_lora, f"{stem}.safetensors", style, config.lora_dtype, info)
+            paths = {
+                name: save_adapter(model, f"{stem}{suffix}.safetensors", config, result.steps, style, weights)
+                for name, (model, suffix, weights) in files.items()
+            }
             break
         except FileExistsError:  # another run finished with the same name just now: take the next counter
             continue
     else:
         raise FileExistsError(f"{stem}.safetensors: {COUNTER_ATTEMPTS} counters taken by other runs meanwhile")
-    paths = {"adapter": adapter}
     paths.update(write_loss_history(stem, result.loss_map["loss"], config.grad_accumulation_steps))
     if result.checkpoints is not None:
-        result.checkpoints.finish(adapter, keep_checkpoints)
+        result.checkpoints.finish(paths["adapter"], keep_checkpoints)
     return paths
+
+
+def adapter_files(
+    trained: DiffusionModel, ema: DiffusionModel | None, ema_export: str
+) -> dict[str, tuple[DiffusionModel, str, str]]:
+    """{output name: (model carrying the adapter, file-name suffix after the stem, which weights)} of a run."""
+    if ema is None:
+        return {"adapter": (trained, "", "trained")}
+    if ema_export == "instead":
+        return {"adapter": (ema, "", "ema")}
+    if ema_export != "beside":
+        raise ValueError(f"ema_export must be 'beside' or 'instead', got {ema_export!r}")
+    return {"adapter": (trained, "", "trained"), "ema adapter": (ema, "ema", "ema")}
+
+
+def save_adapter(
+    model: DiffusionModel, path: str, config: TrainConfig, steps: int, style: str, weights: str = "trained"
+) -> Path:
+    """One adapter file with the run's settings in its metadata; `weights` says whether it holds the trained
+    adapter or its moving average (`exported_weights`). Never over an existing file (FileExistsError)."""
+    settings = {**config.as_dict(), "exported_weights": weights}
+    info = adapter_info(model, config.lora_dtype, steps, config.training_dtype, settings)
+    return save_lora(model, path, style, config.lora_dtype, info)
+
+
+class AdapterSaves:
+    """Adapter files written during a run every `save_every` steps (the loop calls this with the total steps and
+    the trained and EMA models): `<output_dir>/<prefix>_saves/<base>_<steps>_steps_<counter:05>_.safetensors`
+    (ComfyUI loads them; the counter as in `output_stem`), each written atomically and never over a file. Only
+    the last `keep_last` saves of this run are kept (0: all); files of other runs are never touched."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        output_dir: str | Path,
+        prefix: str,
+        style: str = "comfyui",
+        keep_last: int = 0,
+        ema_export: str = "beside",
+    ):
+        folder, base = os.path.split(prefix)
+        self.folder = Path(output_dir) / folder / f"{base}_saves"
+        self.base, self.config, self.style, self.keep_last, self.ema_export = base, config, style, keep_last, ema_export
+        self.written: list[list[Path]] = []
+
+    def __call__(self, steps: int, model: DiffusionModel, ema: DiffusionModel | None) -> list[Path]:
+        files = adapter_files(model, ema, self.ema_export)
+        for _ in range(COUNTER_ATTEMPTS):
+            stem = output_stem(self.folder, self.base, steps)
+            try:
+                paths = [
+                    save_adapter(model, f"{stem}{suffix}.safetensors", self.config, steps, self.style, weights)
+                    for model, suffix, weights in files.values()
+                ]
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"{stem}.safetensors: {COUNTER_ATTEMPTS} counters taken by other runs meanwhile")
+        self.written.append(paths)
+        while self.keep_last and len(self.written) > self.keep_last:
+            for path in self.written.pop(0):
+                path.unlink(missing_ok=True)
+        return paths
 
 
 def _loss_json(losses: list[float], per_step: int) -> bytes:

@@ -23,6 +23,16 @@ from flax import nnx
 
 from jaxlora.models.sampling import ModelSampling
 from jaxlora.parallel.mesh import MeshLayout
+from jaxlora.train.objective import (
+    DROPOUT_STREAM,
+    OFFSET_STREAM,
+    Objective,
+    draw_percent,
+    drop_captions,
+    offset_noise,
+    prediction_and_target,
+    weighted_loss,
+)
 
 PERMUTATION_STREAM = 0x5EED
 
@@ -52,6 +62,7 @@ class StepSettings:
     optimizer: optax.GradientTransformation
     sampling: ModelSampling
     batch_sharding: jax.sharding.Sharding | None = None  # on a mesh: the batch dimension split over its devices
+    objective: Objective = Objective()  # noise levels, offset, weighting, target, caption dropout (the node's)
 
 
 def _split_batch(array: jax.Array, settings: StepSettings) -> jax.Array:
@@ -69,31 +80,37 @@ def _rows(array: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def micro_step_loss(graph, adapters, base, data, key_data, perm_key, micro_step, settings: StepSettings):
-    """The loss of one micro-step: pick samples, noise them, denoise, compare with x0 (every family's objective)."""
-    sampling = settings.sampling
+    """The loss of one micro-step: pick samples, noise them, denoise, compare with x0 (every family's objective;
+    `settings.objective` may change the noise levels, add offset noise, weight samples, compare the native target
+    or drop captions). `data["empty"]`, where present, holds the empty caption's network inputs."""
+    sampling, objective = settings.sampling, settings.objective
     count = data["latents"].shape[0]
     batch = min(settings.batch_size, count)
     index = jax.random.permutation(jax.random.fold_in(perm_key, micro_step), count)[:batch]
     x0 = _split_batch(data["latents"][index].astype(jnp.float32), settings)
-    noise_key, sigma_key = jax.random.split(jax.random.wrap_key_data(key_data, impl="threefry2x32"))
-    noise = jax.random.normal(noise_key, x0.shape, jnp.float32).astype(settings.compute_dtype).astype(jnp.float32)
-    noise = _split_batch(noise, settings)
-    # u in (0, 1): ComfyUI's u = 0 (odds 2^-24 per sample) would give sigma = 1e9 and wreck that step.
-    percent = jax.random.uniform(sigma_key, (batch,), minval=jnp.finfo(jnp.float32).tiny)
-    percent = _split_batch(percent, settings)
+    key = jax.random.wrap_key_data(key_data, impl="threefry2x32")
+    noise_key, sigma_key = jax.random.split(key)
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    if objective.noise_offset:
+        noise = noise + offset_noise(jax.random.fold_in(key, OFFSET_STREAM), x0.shape, objective.noise_offset)
+    noise = _split_batch(noise.astype(settings.compute_dtype).astype(jnp.float32), settings)
+    percent = _split_batch(draw_percent(sigma_key, batch, objective), settings)
     sigma = sampling.percent_to_sigma(percent)
     noisy = sampling.noise_scaling(sigma, noise, x0)
 
     network = nnx.merge(graph, adapters, base)
     # Everything in `data` but the latents is a keyword input of the network (context, y, guidance).
-    inputs = {name: _rows(value, index) for name, value in data.items() if name != "latents"}
+    inputs = {name: _rows(value, index) for name, value in data.items() if name not in ("latents", "empty")}
+    if objective.caption_dropout:
+        empty = {name: _rows(value, index) for name, value in data["empty"].items()}
+        inputs = drop_captions(jax.random.fold_in(key, DROPOUT_STREAM), inputs, empty, objective.caption_dropout)
     output = network(
         sampling.calculate_input(sigma, noisy).astype(settings.compute_dtype),
         sampling.timestep(sigma),
         **{name: _split_batch(value, settings) for name, value in inputs.items()},
     )
-    denoised = sampling.calculate_denoised(sigma, output.astype(jnp.float32), noisy)
-    return settings.loss(denoised, x0)
+    prediction, target = prediction_and_target(sampling, objective, sigma, output.astype(jnp.float32), noisy, noise, x0)
+    return weighted_loss(settings.loss, prediction, target, sigma, sampling, objective)
 
 
 def train_step(graph, adapters, opt_state, base, data, key_data, perm_key, first_micro_step, settings: StepSettings):

@@ -72,6 +72,7 @@ def test_dataset_from_images_trains_a_lora(made):
     assert sum(b["samples"] for b in manifest["buckets"]) == 3 + 3  # three images, and one counted three times
     dataset = load_dataset(out)
     assert sorted(b.latents.shape for b in dataset.buckets) == [(3, 4, 8, 24), (3, 4, 16, 16)]
+    assert all(b.empty["c_crossattn"].shape == (1, 77, 768) for b in dataset.buckets)  # for caption dropout
     model = load_model(checkpoint, "fp32")
     config = TrainConfig(steps=30, batch_size=2, rank=4, learning_rate=3e-3, gradient_checkpointing=False, **FP32)
     untrained, _ = adapted_network(model, config, jnp.float32)
