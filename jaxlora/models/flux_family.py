@@ -45,7 +45,7 @@ TINY_FLUX_SCHNELL = replace(TINY_FLUX_DEV, guidance_embed=False)
 
 def flux_schedule(shift: float = FLUX_SHIFT) -> FlowSchedule:
     """ModelSamplingFlux: flux_time_shift(mu, 1, t) = e^mu / (e^mu + 1/t - 1), i.e. time_snr_shift(e^mu, t)."""
-    return FlowSchedule(alpha=math.exp(shift))
+    return FlowSchedule(alpha=math.exp(shift), table_size=10000)
 
 
 def flux_resolution_shift(

@@ -72,6 +72,10 @@ class DiscreteSchedule:
         distances = jnp.abs(log_sigma[..., None] - jnp.asarray(self.log_sigmas))
         return jnp.argmin(distances, axis=-1).astype(jnp.float32)
 
+    def table(self) -> np.ndarray:
+        """The ascending sigma table ComfyUI's "simple" scheduler indexes (ModelSampling's `sigmas` buffer)."""
+        return self.sigmas
+
     def percent_to_sigma(self, percent: ArrayLike) -> jax.Array:
         """Sigma for a fraction of the denoising process: 0 is pure noise (1e9), 1 is clean (0).
 
@@ -110,9 +114,24 @@ class FlowSchedule:
 
     alpha: float
     multiplier: float = 1.0
+    table_size: int = 1000  # entries of ComfyUI's sigma buffer (ModelSamplingFlux registers 10000)
 
     def _shift(self, t: jax.Array) -> jax.Array:
         return self.alpha * t / (1.0 + (self.alpha - 1.0) * t)
+
+    def table(self) -> np.ndarray:
+        """The ascending sigma buffer ComfyUI registers: sigma(k / table_size * multiplier), k = 1 .. table_size,
+        in float32 (what the "simple" scheduler indexes; its ends are sigma_min and sigma_max)."""
+        t = np.arange(1, self.table_size + 1, dtype=np.float32) / np.float32(self.table_size)
+        return _frozen(np.asarray(self.sigma(t * np.float32(self.multiplier)), np.float32))
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.table()[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.table()[-1])
 
     def sigma(self, t: ArrayLike) -> jax.Array:
         return self._shift(jnp.asarray(t, jnp.float32) / self.multiplier)
@@ -153,6 +172,11 @@ def _identity_input(sigma: jax.Array, x: jax.Array) -> jax.Array:
     return x
 
 
+def _max_denoise_noise(sigma: jax.Array, noise: jax.Array, x0: jax.Array) -> jax.Array:
+    # ComfyUI's start of a full denoise: the noise scaled to the variance of x_t, sqrt(sigma^2 + 1)
+    return x0 + noise * jnp.sqrt(1.0 + sigma**2)
+
+
 def _interpolate_noise(sigma: jax.Array, noise: jax.Array, x0: jax.Array) -> jax.Array:
     return sigma * noise + (1.0 - sigma) * x0
 
@@ -176,18 +200,20 @@ class Parameterisation:
     """What a network's input and output mean in sigma space; one row per ComfyUI model-sampling type.
 
     Each function takes sigma already shaped to broadcast against the latent. `target` is the output a perfect
-    network gives for a sample noised by `noise_scaling` (what a trainer with the native loss compares with).
+    network gives for a sample noised by `noise_scaling` (what a trainer with the native loss compares with);
+    `start_noise` is `noise_scaling` at the start of a full denoise (ComfyUI's max_denoise).
     """
 
     calculate_input: Callable[[jax.Array, jax.Array], jax.Array]
     calculate_denoised: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
     noise_scaling: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
     target: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    start_noise: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-EPS = Parameterisation(_unit_variance_input, _eps_denoised, _add_noise, _noise_target)
-V_PREDICTION = Parameterisation(_unit_variance_input, _v_denoised, _add_noise, _v_target)
-CONST = Parameterisation(_identity_input, _eps_denoised, _interpolate_noise, _velocity_target)
+EPS = Parameterisation(_unit_variance_input, _eps_denoised, _add_noise, _noise_target, _max_denoise_noise)
+V_PREDICTION = Parameterisation(_unit_variance_input, _v_denoised, _add_noise, _v_target, _max_denoise_noise)
+CONST = Parameterisation(_identity_input, _eps_denoised, _interpolate_noise, _velocity_target, _interpolate_noise)
 PARAMETERISATIONS: dict[str, Parameterisation] = {"eps": EPS, "v": V_PREDICTION, "const": CONST}
 
 
@@ -234,6 +260,11 @@ class ModelSampling:
     def target(self, sigma: ArrayLike, noise: jax.Array, x0: jax.Array) -> jax.Array:
         """The raw output that denoises `noise_scaling(sigma, noise, x0)` to x0: eps, v or flow velocity."""
         return self.parameterisation.target(_per_sample(sigma, x0), noise, x0)
+
+    def start_noise(self, sigma: ArrayLike, noise: jax.Array, x0: jax.Array) -> jax.Array:
+        """The first sample of a full denoise from `x0` (an empty latent): ComfyUI's max_denoise path, which for
+        eps/v scales the noise by sqrt(sigma^2 + 1) instead of sigma."""
+        return self.parameterisation.start_noise(_per_sample(sigma, x0), noise, x0)
 
     def timestep(self, sigma: ArrayLike) -> jax.Array:
         return self.schedule.timestep(sigma)
