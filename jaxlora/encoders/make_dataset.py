@@ -26,12 +26,9 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.encoders.images import CaptionedImage, bucket_sizes, check_sizes, load_pixels, place, scan_folder
-from jaxlora.encoders.loading import ROLE_SLOTS, VAE_SLOTS, MissingEncoderError, find_slot, load_vae
-from jaxlora.encoders.prompts import find_tokenizer
-from jaxlora.encoders.text import T5_ROLE, TokenizerFiles, load_caption_encoder
+from jaxlora.encoders.model_files import EncoderFiles
 from jaxlora.encoders.vae import AutoencoderKL, encode
 from jaxlora.files import PARTIAL, folder_lock, write_new_file
-from jaxlora.models.checkpoint import read_index
 from jaxlora.models.diffusion import load_model
 from jaxlora.train.data import save_dataset
 
@@ -87,21 +84,6 @@ def _vae_function(vae: AutoencoderKL) -> Callable[[np.ndarray], np.ndarray]:
     return lambda images: np.asarray(run(state, jnp.asarray(images, jnp.float32)))
 
 
-def _check_encoders(model_path: Path, vae_path: Path | None, text_files: Sequence[Path], recipe) -> None:
-    """Refuse a missing VAE or text encoder by reading headers only."""
-    vae_file = vae_path or model_path
-    if find_slot(read_index(vae_file), VAE_SLOTS) is None:
-        raise MissingEncoderError(
-            f"{vae_file} has no VAE: pass --vae with the VAE file (ComfyUI keeps them in models/vae/)"
-        )
-    for tower in recipe.towers:
-        if not any(find_slot(read_index(f), ROLE_SLOTS[tower.role]) for f in (*text_files, model_path)):
-            raise MissingEncoderError(
-                f"no {tower.role.upper()} text encoder in {', '.join(str(f) for f in (*text_files, model_path))}: "
-                "pass its file with --text-encoders (ComfyUI keeps them in models/text_encoders/)"
-            )
-
-
 def make_image_dataset(
     images_folder: str | Path,
     model_path: str | Path,
@@ -118,19 +100,15 @@ def make_image_dataset(
     folder with the tokenizer files (`prompts.find_tokenizer`; None: fetched once from the hub). With
     `name_by_inputs`, `out` is a parent folder and the dataset gets a folder named after the images folder and a
     digest of the inputs, so each set of inputs has its own."""
-    out, model_path = Path(out), Path(model_path)
-    vae_path = Path(vae_path) if vae_path else None
-    text_files = [Path(f) for f in text_encoders]
-    model = load_model(model_path, weights=False)  # the header: family, variant, config
+    out = Path(out)
+    sources = EncoderFiles.of(model_path, vae_path, text_encoders, tokenizers)
+    model = load_model(sources.model, weights=False)  # the header: family, variant, config
     recipe = model.family.text_conditioning(model.variant, model.network.config)
     images = scan_folder(images_folder)
     buckets = bucket_sizes(settings.resolution, settings.step)
     check_sizes(images, buckets, settings.resolution)
-    _check_encoders(model_path, vae_path, text_files, recipe)
-    kinds = {"t5" if tower.role == T5_ROLE else "clip" for tower in recipe.towers}
-    found = TokenizerFiles(**{kind: find_tokenizer(kind, tokenizers) for kind in kinds})
-    files = [model_path, *([vae_path] if vae_path else []), *text_files]
-    made_from = fingerprint(images, files, settings)
+    found = sources.check(recipe)
+    made_from = fingerprint(images, sources.all, settings)
     if name_by_inputs:
         out = out / f"{Path(images_folder).resolve().name}_{made_from[:12]}"
     if (out / MANIFEST).is_file():
@@ -141,10 +119,10 @@ def make_image_dataset(
     if out.exists():
         raise FileExistsError(f"{out} exists and is not a jaxlora image dataset; choose another folder")
 
-    *captions, empty = load_caption_encoder(recipe, [*text_files, model_path], found, settings.dtype).encode(
+    *captions, empty = sources.caption_encoder(recipe, found, settings.dtype).encode(
         [image.caption for image in images] + [""]  # the empty caption: what caption dropout trains with
     )
-    vae = _vae_function(load_vae(vae_path or model_path, settings.dtype))
+    vae = _vae_function(sources.load_vae(settings.dtype))
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(place(image.size, buckets).bucket, []).append(i)

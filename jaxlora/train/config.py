@@ -82,6 +82,8 @@ CHOICES = {
     "lr_scheduler": SCHEDULES,
     "timestep_sampling": ("uniform", "logit_normal", "mode"),
     "loss_target": ("x0", "native"),
+    "sample_sampler": ("euler", "dpmpp_2m"),  # models.samplers.SAMPLERS
+    "sample_scheduler": ("simple", "normal"),  # models.samplers.SCHEDULERS
 }
 
 # One line of meaning per setting, for --help and the notebook's form.
@@ -90,9 +92,10 @@ MEANINGS = {
     "dataset": "SaveTrainingDataset folder, or a .safetensors dataset file or folder of them",
     "images": "folder of captioned images to encode into the dataset (instead of --dataset)",
     "resolution": "images: bucket side in pixels, area resolution^2 (0: the model's, 512 or 1024)",
-    "vae": "images: VAE file, when the checkpoint has none (ComfyUI's models/vae/)",
-    "text_encoders": "images: text-encoder files, comma-separated (ComfyUI's models/text_encoders/)",
-    "tokenizers": "images: folder of tokenizer files, e.g. ComfyUI's comfy/ (none: fetched once from the hub)",
+    "vae": "images and samples: VAE file, when the checkpoint has none (ComfyUI's models/vae/)",
+    "text_encoders": "images and samples: text-encoder files, comma-separated (ComfyUI's models/text_encoders/)",
+    "tokenizers": "images and samples: folder of tokenizer files, e.g. ComfyUI's comfy/ (none: fetched once from "
+    "the hub)",
     "batch_size": "samples per micro-step",
     "grad_accumulation_steps": "micro-steps whose gradients make one optimizer step",
     "steps": "optimizer steps to train in this run",
@@ -141,6 +144,27 @@ MEANINGS = {
     "save_every": "write a ComfyUI-loadable adapter into <prefix>_saves/ every N steps (0: only the final one)",
     "save_last": "keep only the last K adapters saved during the run (0: all)",
     "keep_checkpoints": "keep a finished run's checkpoints (by default deleted once the adapter is written)",
+    "sample_every": "sample images into <prefix>_samples/ every N steps and at the end (0: no samples)",
+    "sample_prompts": "samples: text file, one prompt per line ('# ' comments; ' --n TEXT' a negative prompt)",
+    "sample_seed": "samples: seed of each prompt's starting noise (the same at every sampled step)",
+    "sample_steps": "samples: sampler steps (KSampler's default 20)",
+    "sample_sampler": "samples: euler, or dpmpp_2m (eps/v models)",
+    "sample_scheduler": "samples: ComfyUI's sigma schedule, simple or normal",
+    "sample_cfg": "samples: classifier-free guidance scale (none: 1 for flow models, whose distilled guidance goes "
+    "in the guidance input; KSampler's 8 for eps/v)",
+    "sample_guidance": "samples: the guidance input of guidance-distilled models (none: the model's default, 3.5)",
+    "sample_width": "samples: width in pixels, a multiple of 64 (0: the dataset's largest bucket)",
+    "sample_height": "samples: height in pixels, a multiple of 64 (0: the dataset's largest bucket)",
+}
+# sample-image settings -> (lowest, highest)
+SAMPLE_RANGES = {
+    "sample_every": (0, 100000),
+    "sample_seed": (0, 2**64 - 1),
+    "sample_steps": (1, 1000),
+    "sample_cfg": (0.0, 100.0),
+    "sample_guidance": (0.0, 100.0),
+    "sample_width": (0, 16384),
+    "sample_height": (0, 16384),
 }
 
 
@@ -331,10 +355,22 @@ class RunOptions:
     ema_export: str = "beside"
     save_every: int = 0
     save_last: int = 0
+    # sample images (train.samples): outputs only, they never change the adapter
+    sample_every: int = 0
+    sample_prompts: str | None = None
+    sample_seed: int = 0
+    sample_steps: int = 20
+    sample_sampler: str = "euler"
+    sample_scheduler: str = "simple"
+    sample_cfg: float | None = None
+    sample_guidance: float | None = None
+    sample_width: int = 0
+    sample_height: int = 0
 
     def __post_init__(self) -> None:
         check_types(self)
         check_choices(self)
+        check_samples(self)
         if self.resolution < 0 or self.resolution % 8:
             raise SettingsError(
                 "resolution", f"resolution must be 0 (the model's) or a multiple of 8, got {self.resolution}"
@@ -347,6 +383,22 @@ class RunOptions:
     @classmethod
     def from_dict(cls, values: Mapping[str, object]) -> RunOptions:
         return cls(**_known(cls, values, "run options"))
+
+
+def check_samples(run: RunOptions) -> None:
+    """Sample settings in range, sizes that every family's latents divide, and a prompts file when sampling is on
+    (the file itself is read by `train.sample_prompts.read_sample_prompts`)."""
+    for name, (low, high) in SAMPLE_RANGES.items():
+        value = getattr(run, name)
+        if value is not None and not low <= value <= high:
+            raise SettingsError(name, f"{name} must be between {low} and {high}, got {value!r}")
+    for name in ("sample_width", "sample_height"):
+        if getattr(run, name) % 64:
+            raise SettingsError(name, f"{name} must be 0 (the dataset's) or a multiple of 64, got {getattr(run, name)}")
+    if (run.sample_width == 0) != (run.sample_height == 0):
+        raise SettingsError("sample_width", "give both sample_width and sample_height, or neither")
+    if run.sample_every and not run.sample_prompts:
+        raise SettingsError("sample_prompts", "sample_every needs sample_prompts: a text file with one prompt per line")
 
 
 def _known(cls: type, values: Mapping[str, object], what: str) -> dict[str, object]:

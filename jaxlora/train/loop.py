@@ -51,6 +51,7 @@ class RunStats:
     flops: float = 0.0  # XLA's count, summed over the steps run (0 when the backend reports none)
     peak_flops: float | None = None  # the device's peak FLOP/s (see `perf.device_peak`)
     peak_source: str = ""
+    sample_seconds: float = 0.0  # spent sampling images, left out of train_seconds
 
     @property
     def seconds_per_step(self) -> float:
@@ -317,24 +318,35 @@ def run_training(
     existing: ExistingAdapter | None = None,
     save_every: int = 0,
     on_save: SaveHook | None = None,
+    sample_every: int = 0,
+    on_sample: SampleHook | None = None,
 ) -> TrainResult:
     """Train `config.steps` optimizer steps and return the node's outputs, with checkpoints in a new run folder
     under `checkpoint_dir` (every `checkpoint_every` steps, at the end and on Ctrl-C), or continuing a run there:
     `resume=True` takes the latest unfinished one, a string names it. `existing` is the `existing_lora` file as
     `preflight` read it, so it is read once. Every `save_every` steps before the last, `on_save` (e.g.
     `report.AdapterSaves`) gets the total steps and the models carrying the adapter and its EMA (or None),
-    gathered to the host; on several processes only process 0 calls it."""
-    for name, value in (("checkpoint_every", checkpoint_every), ("save_every", save_every)):
+    gathered to the host; on several processes only process 0 calls it. Every `sample_every` steps and after the
+    last, `on_sample` (e.g. `samples.ImageSamples`) gets the total steps, the prepared run and the adapter a
+    save would export, on the device (every process calls it); it changes nothing the run trains."""
+    for name, value in (
+        ("checkpoint_every", checkpoint_every),
+        ("save_every", save_every),
+        ("sample_every", sample_every),
+    ):
         if value < 0:
             raise ValueError(f"{name} must be 0 or more, got {value}")
     progress = progress or (lambda line: print(line, file=sys.stderr))
     run = prepare_run(model, dataset, config, existing)
     saves = (save_every, on_save) if save_every and on_save is not None else None
+    samples = (sample_every, on_sample) if sample_every and on_sample is not None else None
     if checkpoint_dir is None:
-        return _train(model, dataset, config, run, None, checkpoint_every, progress, log_every_seconds, saves)
+        return _train(model, dataset, config, run, None, checkpoint_every, progress, log_every_seconds, saves, samples)
     checkpoints = open_run(checkpoint_dir, fingerprint(config, model, dataset), resume, config.steps)
     with checkpoints.in_use():
-        return _train(model, dataset, config, run, checkpoints, checkpoint_every, progress, log_every_seconds, saves)
+        return _train(
+            model, dataset, config, run, checkpoints, checkpoint_every, progress, log_every_seconds, saves, samples
+        )
 
 
 def _train(
@@ -347,6 +359,7 @@ def _train(
     progress: Callable[[str], None],
     log_every_seconds: float,
     saves: tuple[int, SaveHook] | None = None,
+    samples: tuple[int, SampleHook] | None = None,
 ) -> TrainResult:
     graph, adapters, opt_state, base = run.graph, run.adapters, run.opt_state, run.base
     data, perm_key, settings, layout = run.data, run.perm_key, run.settings, run.layout
@@ -414,10 +427,14 @@ def _train(
                 trained, ema = host_models(model, config, run, adapters, opt_state)
                 if is_writer():
                     saves[1](done + run.previous_steps, trained, ema)
+            if samples is not None and (done % samples[0] == 0 or done == config.steps):
+                begin = time.perf_counter()
+                samples[1](done + run.previous_steps, run, eval_params(config.optimizer, opt_state, adapters))
+                stats.sample_seconds += time.perf_counter() - begin
             if time.perf_counter() - last_log >= log_every_seconds or done == config.steps or stop:
                 collect()
                 last_log = time.perf_counter()
-                elapsed = last_log - began
+                elapsed = last_log - began - stats.sample_seconds
                 rate, samples_rate = stats.steps_run / elapsed, stats.samples / elapsed
                 interval_loss = float(np.mean(history[logged:]))  # every micro-step since the last line
                 logged = len(history)
@@ -428,7 +445,7 @@ def _train(
                 break
     collect()
     jax.block_until_ready(adapters)
-    stats.train_seconds = time.perf_counter() - began
+    stats.train_seconds = time.perf_counter() - began - stats.sample_seconds
     stats.peak_memory_bytes = peak_memory()
     if checkpoints is not None and done > start:
         checkpoints.save(done, adapters, opt_state, history)
@@ -439,6 +456,7 @@ def _train(
 
 
 SaveHook = Callable[[int, DiffusionModel, DiffusionModel | None], object]
+SampleHook = Callable[[int, PreparedRun, nnx.State], object]
 
 
 def trained_models(
@@ -488,7 +506,8 @@ def train_lora(
     the family's other fields (`pooled_output`, sizes) (or a list matching `latents`). `options` are the
     TrainConfig additions (remat_policy, bypass, prediction, mesh, and the training controls such as
     lr_scheduler, warmup_steps, weight_decay, max_grad_norm, timestep_sampling, min_snr_gamma, loss_target,
-    ema_decay) and run_training's (checkpoint_dir, checkpoint_every, resume, progress, save_every, on_save).
+    ema_decay) and run_training's (checkpoint_dir, checkpoint_every, resume, progress, save_every, on_save,
+    sample_every, on_sample: e.g. `samples.prepare_samples(...)`).
     Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and steps (including the existing
     adapter's), and with ema_decay the ema_model.
     """
@@ -522,4 +541,6 @@ RUN_OPTIONS = (
     "existing",
     "save_every",
     "on_save",
+    "sample_every",
+    "on_sample",
 )
