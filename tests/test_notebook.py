@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
+import pytest
 from nbclient import NotebookClient
 from safetensors import safe_open
 
@@ -71,8 +72,16 @@ def test_form_controls_have_the_settings_defaults_and_choices():
     """The training controls on the form (empty text stands for none) start at the node's behaviour."""
     form = form_fields(read_notebook())
     defaults = {**asdict(TrainConfig()), **asdict(RunOptions())}
-    shown = [name for name in (*TRAINING_CONTROLS, "ema_export", "save_every", "save_last") if name in form]
-    assert {"lr_scheduler", "warmup_steps", "timestep_sampling", "ema_decay", "save_every"} <= set(shown)
+    outputs = (
+        "ema_export",
+        "save_every",
+        "save_last",
+        *(spec.name for spec in fields(RunOptions) if "sample_" in spec.name),
+    )
+    shown = [name for name in (*TRAINING_CONTROLS, *outputs) if name in form]
+    assert {"lr_scheduler", "warmup_steps", "timestep_sampling", "ema_decay", "save_every", "sample_every"} <= set(
+        shown
+    )
     for name in shown:
         value, spec = form[name]
         assert value == ("" if defaults[name] is None else defaults[name]), name
@@ -153,3 +162,23 @@ def test_notebook_trains_from_a_folder_of_captioned_images(tmp_path, monkeypatch
     assert len(list((tmp_path / "jaxlora_datasets").iterdir())) == 1
     loras = tmp_path / "output" / "ComfyUI" / "models" / "loras"
     assert len(list(loras.glob("jaxlora_trained_lora_2_steps_*_.safetensors"))) == 2
+
+
+@pytest.mark.slow
+def test_notebook_samples_images_during_training(tmp_path, monkeypatch):
+    """sample_every and a SAMPLE_PROMPTS file on the form: the prompts are encoded with the checkpoint's CLIP,
+    and the samples and their grid land in `<prefix>_samples` beside the adapter."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("JAXLORA_CACHE_DIR", str(tmp_path / "xla_cache"))
+    checkpoint = write_sd1_checkpoint(tmp_path / "sd1.safetensors")
+    images = write_images(tmp_path / "photos")
+    tokenizers = write_clip_tokenizer(tmp_path / "tokenizers")
+    (tmp_path / "prompts.txt").write_text("a red cat\na dog --n red\n")
+    form = {"CHECKPOINT": str(checkpoint), "IMAGES": str(images), "TOKENIZERS": str(tokenizers), "RESOLUTION": 128}
+    form |= {"sample_every": 2, "sample_prompts": str(tmp_path / "prompts.txt"), "sample_steps": 2}
+    notebook = with_parameters(read_notebook(), steps=2, checkpoint_every=1, **form)
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    samples = tmp_path / "output" / "ComfyUI" / "models" / "loras" / "jaxlora_trained_lora_samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["000002_00.png", "000002_01.png", "000002_grid.png"]

@@ -25,6 +25,7 @@ from jaxlora.train.config import (
     TrainConfig,
     check_output_folder,
 )
+from jaxlora.train.sample_prompts import read_sample_prompts
 
 RUN_FLAGS = {spec.name for spec in fields(RunOptions)}
 CLI_ONLY = {"config", "no_compile_cache", "distributed"}  # flags that are not settings (not read from TOML)
@@ -140,6 +141,13 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunOptions, TrainConfig,
         config = TrainConfig.from_dict({**DEMO_SETTINGS, **training} if demo else training)
         if run.ema_export != "beside" and config.ema_decay is None:
             raise SettingsError("ema_export", f"ema_export {run.ema_export} needs an EMA: set ema_decay (e.g. 0.999)")
+        if run.sample_every and demo:
+            raise SettingsError(
+                "sample_every",
+                "the built-in demo has no VAE or text encoders to sample with: give --model and --dataset",
+            )
+        if run.sample_every:
+            read_sample_prompts(run.sample_prompts)  # refused now, before anything loads
     except SettingsError as error:
         if error.key in settings and error.key not in flags_given(args) and "config" in args:
             raise type(error)(error.key, f"{args.config}: {error}") from None
@@ -181,7 +189,7 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
         enable_compilation_cache()
     with scratch_folder("jaxlora-demo-") as scratch:
         try:
-            model, dataset, existing = load_inputs(run, config, demo, scratch)
+            model, dataset, existing, samples = load_inputs(run, config, demo, scratch)
         except (ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -204,6 +212,8 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
                 existing=existing,
                 save_every=run.save_every,
                 on_save=AdapterSaves(config, run.output_dir, run.prefix, run.format, run.save_last, run.ema_export),
+                sample_every=run.sample_every,
+                on_sample=samples,
             )
         except (ValueError, OSError, FolderInUseError) as error:
             print(f"error: {error}", file=sys.stderr)
@@ -241,9 +251,10 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
 
 
 def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path):
-    """The model, the dataset and the existing adapter file (None without one), after every check that needs no
-    weights: the files are what their flags say, the data fit the model, the existing adapter fits, and the
-    adapter style can name what is trained."""
+    """The model, the dataset, the existing adapter file (None without one) and the sample hook (None without
+    samples), after every check that needs no weights: the files are what their flags say, the data fit the
+    model, the existing adapter fits, and the adapter style can name what is trained. The sample prompts are
+    encoded before the model's weights load, and their text encoders released."""
     from jaxlora.models.demo import demo_dataset, write_random_checkpoint
     from jaxlora.models.diffusion import load_model
     from jaxlora.models.registry import DEMO_FAMILY
@@ -274,8 +285,29 @@ def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path)
         check_style(header, config, run.format, existing)
     except ValueError as error:
         raise ValueError(f"--format {run.format}: {error}") from error
+    samples = sample_hook(run, config, header, dataset) if run.sample_every else None
     model = load_model(model_path, config.training_dtype, config.prediction, mesh=config.mesh)
-    return model, dataset, existing
+    return model, dataset, existing, samples
+
+
+def encoder_files(run: RunOptions):
+    """The files the VAE, text encoders and tokenizers come from, as the flags name them."""
+    from jaxlora.encoders.model_files import EncoderFiles
+
+    text_encoders = [f.strip() for f in (run.text_encoders or "").split(",") if f.strip()]
+    return EncoderFiles.of(run.model, run.vae, text_encoders, run.tokenizers)
+
+
+def sample_hook(run: RunOptions, config: TrainConfig, header, dataset):
+    """The `on_sample` hook writing into `<output>/<prefix>_samples/`, its prompts encoded now."""
+    from jaxlora.train.samples import SampleSettings, prepare_samples
+
+    settings = SampleSettings(**{spec.name: getattr(run, "sample_" + spec.name) for spec in fields(SampleSettings)})
+    folder = Path(run.output_dir) / f"{run.prefix}_samples"
+    sampling = header.run_sampling(config.prediction, config.flow_shift)
+    return prepare_samples(
+        header, dataset, read_sample_prompts(run.sample_prompts), encoder_files(run), settings, folder, sampling
+    )
 
 
 def encode_images(run: RunOptions, header) -> Path:
@@ -286,16 +318,16 @@ def encode_images(run: RunOptions, header) -> Path:
 
     from jaxlora.encoders.make_dataset import ImageDatasetSettings, make_image_dataset
 
-    text_encoders = [f.strip() for f in (run.text_encoders or "").split(",") if f.strip()]
+    files = encoder_files(run)
     settings = ImageDatasetSettings(run.resolution or header.variant.resolution)
     folder = make_image_dataset(
         run.images,
-        run.model,
+        files.model,
         Path(run.output_dir) / f"{run.prefix}_datasets",
-        run.tokenizers,
+        files.tokenizers,
         settings,
-        vae_path=run.vae,
-        text_encoders=text_encoders,
+        vae_path=files.vae,
+        text_encoders=files.text_encoders,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
         name_by_inputs=True,
     )

@@ -31,12 +31,16 @@ T5_PIECES = ["<pad>", "</s>", "<unk>", "▁a", "▁red", "▁cat", "▁dog", "�
 
 @pytest.fixture(scope="module")
 def t5_tokenizer_folder(tmp_path_factory):
+    return write_t5_tokenizer(tmp_path_factory.mktemp("comfy"))
+
+
+def write_t5_tokenizer(parent):
     """A small SentencePiece-style (Unigram) tokenizer.json as T5's: `</s>` appended, `<pad>` id 0, in a
-    `t5_tokenizer` sub-folder as ComfyUI keeps it."""
-    folder = tmp_path_factory.mktemp("comfy") / "t5_tokenizer"
-    folder.mkdir()
+    `t5_tokenizer` sub-folder of `parent` as ComfyUI keeps it; returns `parent`."""
+    folder = parent / "t5_tokenizer"
+    folder.mkdir(parents=True)
     tokenizer = Tokenizer(Unigram([(piece, -float(i)) for i, piece in enumerate(T5_PIECES)], unk_id=2))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tokenizer.save(str(folder / "tokenizer.json"))
-    return folder.parent
+    return parent

@@ -15,8 +15,14 @@ from jaxlora import load_model
 from jaxlora.encoders.loading import load_vae
 from jaxlora.encoders.vae import AutoencoderKL, VAEConfig
 from jaxlora.files import write_new_file
+from jaxlora.models.chroma_family import TINY_CHROMA
 from jaxlora.models.demo import random_network_tensors, random_tensors
+from jaxlora.models.diffusion import abstract_model
+from jaxlora.models.flux2_family import TINY_FLUX2_DEV
+from jaxlora.models.flux_family import TINY_FLUX_DEV
+from jaxlora.models.nextdit_family import TINY_Z_IMAGE
 from jaxlora.models.samplers import simple_sigmas
+from jaxlora.models.sampling import ModelSampling, scaled_linear_schedule
 from jaxlora.train.config import RunOptions, SettingsError, TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import run_training
@@ -100,7 +106,7 @@ def test_sample_equals_a_plain_loop_over_the_trained_model(sampled, small):
 
     @jax.jit
     def x0(x, sigma, inputs):
-        out = network(x / np.sqrt(sigma**2 + 1), jnp.full((1,), sampling.timestep(sigma)), **inputs)
+        out = network(x / jnp.sqrt(sigma**2 + 1), jnp.full((1,), sampling.timestep(sigma)), **inputs)
         return x - sigma * out
 
     for sigma, following in zip(sigmas[:-1], sigmas[1:], strict=True):
@@ -131,3 +137,19 @@ def test_prompts_file_lines_negative_prompts_and_refusals(tmp_path, small):
         check_sampling(model, SampleSettings(cfg=1.0), PROMPTS, model.sampling)
     with pytest.raises(ValueError, match="sample_guidance applies to models with a guidance input"):
         check_sampling(model, SampleSettings(guidance=3.5), PROMPTS[:1], model.sampling)
+
+
+@pytest.mark.parametrize("config", [TINY_CHROMA, TINY_Z_IMAGE, TINY_FLUX2_DEV], ids=["chroma", "nextdit", "flux2"])
+def test_families_without_text_encoders_refuse_sampling_before_loading(config):
+    model = abstract_model(config)
+    with pytest.raises(ValueError, match="no text encoders for .* yet"):
+        check_sampling(model, SampleSettings(), PROMPTS[:1], model.sampling)
+
+
+def test_flow_models_sample_with_euler_and_without_cfg_by_default():
+    flux = abstract_model(TINY_FLUX_DEV)
+    assert SampleSettings().cfg_for(flux.sampling) == 1.0
+    assert SampleSettings().cfg_for(ModelSampling("eps", scaled_linear_schedule())) == 8.0
+    with pytest.raises(ValueError, match="flow model; use"):
+        check_sampling(flux, SampleSettings(sampler="dpmpp_2m"), PROMPTS[:1], flux.sampling)
+    check_sampling(flux, SampleSettings(guidance=2.0), PROMPTS[:1], flux.sampling)  # dev has a guidance input
