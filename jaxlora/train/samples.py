@@ -39,7 +39,7 @@ from jaxlora.train.sample_prompts import SamplePrompt
 from jaxlora.train.step import noise_key_data
 
 EPS_V_CFG = 8.0  # ComfyUI KSampler's default cfg
-FLOW_CFG = 1.0  # Flux-style guidance-distilled and step-distilled models sample without CFG
+FLOW_CFG = 1.0  # the flow models here are guidance- or step-distilled: they sample without CFG
 IMAGE_DTYPE = "fp32"  # the text encoders' and VAE's weights while they are in use
 
 
