@@ -23,6 +23,7 @@ from jaxlora.models.flux_family import TINY_FLUX_DEV
 from jaxlora.models.nextdit_family import TINY_Z_IMAGE
 from jaxlora.models.samplers import simple_sigmas
 from jaxlora.models.sampling import ModelSampling, scaled_linear_schedule
+from jaxlora.train.__main__ import build_parser, resolve_settings
 from jaxlora.train.config import RunOptions, SettingsError, TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import run_training
@@ -153,3 +154,21 @@ def test_flow_models_sample_with_euler_and_without_cfg_by_default():
     with pytest.raises(ValueError, match="flow model; use"):
         check_sampling(flux, SampleSettings(sampler="dpmpp_2m"), PROMPTS[:1], flux.sampling)
     check_sampling(flux, SampleSettings(guidance=2.0), PROMPTS[:1], flux.sampling)  # dev has a guidance input
+
+
+def test_toml_file_turns_sampling_on_and_a_bad_prompts_file_is_refused_before_loading(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n")
+    settings = tmp_path / "run.toml"
+    settings.write_text(
+        f'model = "m.safetensors"\ndataset = "d"\nsample_every = 50\nsample_prompts = "{prompts}"\n'
+        'sample_sampler = "dpmpp_2m"\nsample-cfg = 6.5\nsample_width = 768\nsample_height = 512\n'
+    )
+    run, config, demo = resolve_settings(build_parser().parse_args(["--config", str(settings)]))
+    assert (run.sample_every, run.sample_sampler, run.sample_cfg, run.sample_width) == (50, "dpmpp_2m", 6.5, 768)
+    assert not demo and config == TrainConfig()  # sampling settings are outputs, not training settings
+    prompts.write_text("a red cat --s 30\n")
+    with pytest.raises(SettingsError, match="per-line option --s"):
+        resolve_settings(build_parser().parse_args(["--config", str(settings)]))
+    with pytest.raises(SettingsError, match="built-in demo has no VAE"):
+        resolve_settings(build_parser().parse_args(["--sample-every", "5", "--sample-prompts", str(prompts)]))
