@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,9 @@ from jaxlora.parallel.placement import is_writer, to_host
 from jaxlora.train.data import Dataset
 from jaxlora.train.sample_prompts import SamplePrompt
 from jaxlora.train.step import noise_key_data
+
+if TYPE_CHECKING:
+    from jaxlora.train.loop import PreparedRun
 
 EPS_V_CFG = 8.0  # ComfyUI KSampler's default cfg
 FLOW_CFG = 1.0  # the flow models here are guidance- or step-distilled: they sample without CFG
@@ -101,7 +105,14 @@ def sample_latent_hw(dataset: Dataset, settings: SampleSettings, downscale: int)
     return largest.shape[1], largest.shape[2]
 
 
-def sample_function(graph: nnx.GraphDef, sampling: ModelSampling, dtype, vae_graph: nnx.GraphDef, model, settings):
+def sample_function(
+    graph: nnx.GraphDef,
+    sampling: ModelSampling,
+    dtype: jnp.dtype,
+    vae_graph: nnx.GraphDef,
+    model: DiffusionModel,
+    settings: SampleSettings,
+) -> Callable:
     """The jitted (adapters, base, vae, inputs, negative, key data, sigmas, empty latent) -> uint8 NHWC images.
 
     The network is the train step's (`nnx.merge(graph, adapters, base)`, fed `calculate_input` in the compute
@@ -165,7 +176,7 @@ class ImageSamples:
             return None
         return self.model.network_inputs(conditioning, self.latent_hw, dtype, self.settings.guidance)
 
-    def images(self, run, adapters) -> np.ndarray:
+    def images(self, run: PreparedRun, adapters: nnx.State) -> np.ndarray:
         """Every prompt's image with `adapters` on the run's network: [prompts, H, W, 3] uint8."""
         dtype = run.settings.compute_dtype
         if self.function is None:
@@ -190,7 +201,7 @@ class ImageSamples:
             images.append(to_host(out)[0])
         return np.stack(images)
 
-    def __call__(self, steps: int, run, adapters) -> np.ndarray:
+    def __call__(self, steps: int, run: PreparedRun, adapters: nnx.State) -> np.ndarray:
         images = self.images(run, adapters)
         if is_writer():
             names = [f"{steps:06d}_{i:02d}.png" for i in range(len(images))] + [f"{steps:06d}_grid.png"]
