@@ -46,8 +46,9 @@ WAN21_LATENT = LatentFormat(
     ),
 )  # fmt: skip
 QWEN_IMAGE_SHIFT = 1.15  # supported_models.QwenImage sampling_settings: ModelSamplingFlux's mu
+# modelspec architecture and resolution as musubi-tuner writes them for Qwen-Image LoRAs.
 QWEN_IMAGE = Variant(
-    "qwen-image", "Qwen-Image", WAN21_LATENT, "qwen_image", "qwen-image/lora", resolution=1024
+    "qwen-image", "Qwen-Image", WAN21_LATENT, "qwen_image", "Qwen-Image/lora", resolution=1328
 )  # fmt: skip
 TEXT_ENCODER = "Qwen2.5-VL-7B"
 LAYERED_KEY = "time_text_embed.addition_t_embedding.weight"
