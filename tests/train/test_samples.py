@@ -21,6 +21,7 @@ from jaxlora.models.diffusion import abstract_model
 from jaxlora.models.flux2_family import TINY_FLUX2_DEV
 from jaxlora.models.flux_family import TINY_FLUX_DEV
 from jaxlora.models.nextdit_family import TINY_Z_IMAGE
+from jaxlora.models.qwen_image_family import TINY_QWEN_IMAGE
 from jaxlora.models.samplers import simple_sigmas
 from jaxlora.models.sampling import ModelSampling, scaled_linear_schedule
 from jaxlora.train.__main__ import build_parser, resolve_settings
@@ -140,7 +141,9 @@ def test_prompts_file_lines_negative_prompts_and_refusals(tmp_path, small):
         check_sampling(model, SampleSettings(guidance=3.5), PROMPTS[:1], model.sampling)
 
 
-@pytest.mark.parametrize("config", [TINY_CHROMA, TINY_Z_IMAGE, TINY_FLUX2_DEV], ids=["chroma", "nextdit", "flux2"])
+@pytest.mark.parametrize(
+    "config", [TINY_CHROMA, TINY_Z_IMAGE, TINY_FLUX2_DEV, TINY_QWEN_IMAGE], ids=["chroma", "nextdit", "flux2", "qwen"]
+)
 def test_families_without_text_encoders_refuse_sampling_before_loading(config):
     model = abstract_model(config)
     with pytest.raises(ValueError, match="no text encoders for .* yet"):
