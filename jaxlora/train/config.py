@@ -360,6 +360,26 @@ class RunOptions:
         return cls(**_known(cls, values, "run options"))
 
 
+def check_run(run: RunOptions, config: TrainConfig) -> None:
+    """The run options against the training settings: `ema_export` needs an EMA, held-out samples come from one
+    source at most and `validate_every` needs one, and the log destinations' packages are installed."""
+    from jaxlora.train.tracking import LoggerUnavailableError, check_packages  # numpy only, no JAX
+
+    if run.ema_export != "beside" and config.ema_decay is None:
+        raise SettingsError("ema_export", f"ema_export {run.ema_export} needs an EMA: set ema_decay (e.g. 0.999)")
+    if run.validation_dataset is not None and config.validation_split:
+        raise SettingsError("validation_dataset", "give validation_dataset or validation_split, not both")
+    if run.validate_every and run.validation_dataset is None and not config.validation_split:
+        raise SettingsError(
+            "validate_every", "validate_every needs held-out samples: set validation_split or validation_dataset"
+        )
+    for key, value in (("log_dir", run.log_dir), ("wandb_project", run.wandb_project)):
+        try:
+            check_packages(**{key: value})
+        except LoggerUnavailableError as error:
+            raise SettingsError(key, str(error)) from None
+
+
 def _known(cls: type, values: Mapping[str, object], what: str) -> dict[str, object]:
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(known))

@@ -140,7 +140,7 @@ def train_step(graph, adapters, opt_state, base, data, key_data, perm_key, first
     grads, losses = jax.lax.scan(accumulate, zeros, (key_data, offsets))
     grads = jax.tree.map(lambda g: g / settings.grad_accumulation_steps, grads)
     updates, opt_state = settings.optimizer.update(grads, opt_state, adapters)
-    return optax.apply_updates(adapters, updates), opt_state, {"loss": losses, "grad_norm": optax.global_norm(grads)}
+    return optax.apply_updates(adapters, updates), opt_state, {"loss": losses, "grad_norm": optax.tree.norm(grads)}
 
 
 def compile_step(graph, settings: StepSettings, layout: MeshLayout | None = None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -53,11 +54,18 @@ def _import(setting: str):
         raise _unavailable(setting) from error
 
 
-def check_packages(log_dir: str | Path | None, wandb_project: str | None) -> None:
+def check_packages(log_dir: str | Path | None = None, wandb_project: str | None = None) -> None:
     """Refuse, before anything is loaded, a destination whose package is missing."""
     for setting, value in (("log_dir", log_dir), ("wandb_project", wandb_project)):
-        if value is not None and importlib.util.find_spec(PACKAGES[setting][0]) is None:
+        if value is not None and not _installed(PACKAGES[setting][0]):
             raise _unavailable(setting)
+
+
+def _installed(module: str) -> bool:
+    """Importable without importing it (a module already imported, or put in sys.modules, counts)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
