@@ -158,8 +158,9 @@ class Checkpoints:
             "adapters": _numbered(adapters),
             "opt_state": _numbered(opt_state),
             "losses": np.asarray(losses, np.float32),
-            "validation": _validation_array(validation),
         }
+        if validation:  # orbax saves no empty arrays; a checkpoint without validation records has none
+            tree["validation"] = _validation_array(validation)
         self.manager.save(step, args=ocp.args.StandardSave(tree))
         self.manager.wait_until_finished()
         if is_writer():
@@ -194,7 +195,7 @@ class Checkpoints:
             "opt_state": _abstract(opt_state),
             "losses": np.zeros(saved["losses"].shape, np.float32),
         }
-        if "validation" in saved:  # checkpoints from before validation existed have none
+        if "validation" in saved:  # none before the first validation (and from before validation existed)
             target["validation"] = np.zeros(saved["validation"].shape, np.float32)
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         return Restored(

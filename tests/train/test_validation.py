@@ -159,6 +159,8 @@ def test_the_split_is_in_the_fingerprint_and_a_changed_one_does_not_resume(model
     resumed = open_run(tmp_path, fingerprint(config, model, train), True, 4)
     restored = resumed.restore({"a": jnp.ones(2)}, {"b": jnp.ones(1)})
     assert restored.losses == [0.5] and restored.validation == [(1, 0.25, None)]
+    resumed.save(2, {"a": jnp.zeros(2)}, {"b": jnp.zeros(1)}, [0.5, 0.4])  # no records yet: none saved
+    assert resumed.restore({"a": jnp.ones(2)}, {"b": jnp.ones(1)}).validation == []
 
 
 def test_wandb_gets_scalars_and_images_through_its_api(monkeypatch):
