@@ -24,6 +24,7 @@ from jaxlora.train.config import (
     SettingsError,
     TrainConfig,
     check_output_folder,
+    check_run,
 )
 from jaxlora.train.sample_prompts import read_sample_prompts
 
@@ -139,8 +140,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunOptions, TrainConfig,
             raise SettingsError("model", "give --model and --dataset (or --images), or neither for the demo")
         training = {k: v for k, v in settings.items() if k not in RUN_FLAGS}
         config = TrainConfig.from_dict({**DEMO_SETTINGS, **training} if demo else training)
-        if run.ema_export != "beside" and config.ema_decay is None:
-            raise SettingsError("ema_export", f"ema_export {run.ema_export} needs an EMA: set ema_decay (e.g. 0.999)")
+        check_run(run, config)
         if run.sample_every and demo:
             raise SettingsError(
                 "sample_every",
@@ -183,13 +183,14 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
     from jaxlora.train.compile_cache import enable_compilation_cache
     from jaxlora.train.loop import NonFiniteLossError, run_training, with_host_adapters
     from jaxlora.train.report import AdapterSaves, output_stem, write_run_outputs
+    from jaxlora.train.tracking import open_logs
 
     processes.initialize(distributed, os.environ)
     if compile_cache:
         enable_compilation_cache()
     with scratch_folder("jaxlora-demo-") as scratch:
         try:
-            model, dataset, existing, samples = load_inputs(run, config, demo, scratch)
+            model, dataset, existing, validation, samples = load_inputs(run, config, demo, scratch)
         except (ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -201,20 +202,25 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
             f"{dataset.size} samples in {len(dataset.buckets)} bucket(s), {config.steps} steps"
         )
         started = time.perf_counter()
+        log_dir, wandb_project = (run.log_dir, run.wandb_project) if is_writer() else (None, None)
         try:
-            result = run_training(
-                model,
-                dataset,
-                config,
-                checkpoint_dir=Path(run.output_dir) / f"{run.prefix}_checkpoints",
-                checkpoint_every=run.checkpoint_every,
-                resume=run.resume,
-                existing=existing,
-                save_every=run.save_every,
-                on_save=AdapterSaves(config, run.output_dir, run.prefix, run.format, run.save_last, run.ema_export),
-                sample_every=run.sample_every,
-                on_sample=samples,
-            )
+            with open_logs(log_dir, wandb_project, {**config.as_dict(), **vars(run)}) as logs:
+                result = run_training(
+                    model,
+                    dataset,
+                    config,
+                    checkpoint_dir=Path(run.output_dir) / f"{run.prefix}_checkpoints",
+                    checkpoint_every=run.checkpoint_every,
+                    resume=run.resume,
+                    existing=existing,
+                    save_every=run.save_every,
+                    on_save=AdapterSaves(config, run.output_dir, run.prefix, run.format, run.save_last, run.ema_export),
+                    validation_dataset=validation,
+                    validate_every=run.validate_every,
+                    logger=logs,
+                    sample_every=run.sample_every,
+                    on_sample=samples,
+                )
         except (ValueError, OSError, FolderInUseError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -251,14 +257,14 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
 
 
 def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path):
-    """The model, the dataset, the existing adapter file (None without one) and the sample hook (None without
-    samples), after every check that needs no weights: the files are what their flags say, the data fit the
-    model, the existing adapter fits, and the adapter style can name what is trained. The sample prompts are
-    encoded before the model's weights load, and their text encoders released."""
+    """The model, the dataset, the existing adapter file, the validation dataset and the sample hook (None without
+    them), after every check that needs no weights: the files are what their flags say, the data fit the model,
+    the existing adapter fits, and the adapter style can name what is trained. The sample prompts are encoded
+    before the model's weights load, and their text encoders released."""
     from jaxlora.models.demo import demo_dataset, write_random_checkpoint
     from jaxlora.models.diffusion import load_model
     from jaxlora.models.registry import DEMO_FAMILY
-    from jaxlora.train.data import batch_size_warnings, load_dataset, make_dataset
+    from jaxlora.train.data import batch_size_warnings, check_dataset, load_dataset, make_dataset
     from jaxlora.train.loop import preflight
     from jaxlora.train.report import check_style
 
@@ -274,6 +280,12 @@ def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path)
     else:
         dataset = load_dataset(encode_images(run, header) if run.images is not None else run.dataset)
     existing = preflight(header, dataset, config)
+    validation = None if run.validation_dataset is None else load_dataset(run.validation_dataset)
+    if validation is not None:
+        try:
+            check_dataset(validation, header)
+        except ValueError as error:
+            raise ValueError(f"--validation-dataset: {error}") from error
     for warning in batch_size_warnings(dataset, config.batch_size):
         print(f"warning: {warning}", file=sys.stderr)
     if existing is not None:
@@ -287,7 +299,7 @@ def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path)
         raise ValueError(f"--format {run.format}: {error}") from error
     samples = sample_hook(run, config, header, dataset) if run.sample_every else None
     model = load_model(model_path, config.training_dtype, config.prediction, mesh=config.mesh)
-    return model, dataset, existing, samples
+    return model, dataset, existing, validation, samples
 
 
 def encoder_files(run: RunOptions):
@@ -350,6 +362,10 @@ def summary(result, stats, paths: dict[str, Path]) -> str:
         rows.append(("MFU", f"{mfu:.1%} ({achieved / 1e12:.3g} of {peak})"))
     if stats.peak_memory_bytes:
         rows.append(("peak memory", f"{stats.peak_memory_bytes / 2**30:.2f} GiB"))
+    if result.validation and result.validation["step"]:
+        curves = result.validation
+        ema = f", EMA adapter {curves['ema_loss'][-1]:.5g}" if "ema_loss" in curves else ""
+        rows.append(("validation", f"loss {curves['loss'][-1]:.5g} at step {curves['step'][-1]}{ema}"))
     rows += [(name, str(path)) for name, path in paths.items()]
     return "\n".join(f"  {name:<12}{value}" for name, value in rows)
 
