@@ -64,15 +64,35 @@ def sampled(small, module_compile_cache):
         live = sum(a.nbytes for a in jax.live_arrays())
         images = hook(steps, run, adapters)
         calls.append((steps, images, live, sum(a.nbytes for a in jax.live_arrays())))
+        return images
 
-    with_samples = run_training(model, dataset, CONFIG, sample_every=2, on_sample=recording, **QUIET)
+    logged = ImageLog()
+    with_samples = run_training(model, dataset, CONFIG, sample_every=2, on_sample=recording, logger=logged, **QUIET)
     without = run_training(model, dataset, CONFIG, **QUIET)
-    return hook, calls, with_samples, without
+    return hook, calls, with_samples, without, logged.images
+
+
+class ImageLog:
+    """A `tracking.RunLog` that keeps the images it is given."""
+
+    def __init__(self):
+        self.images = []
+
+    def scalars(self, step, values):
+        pass
+
+    def image(self, name, step, image):
+        self.images.append((name, step, image))
+
+    def close(self):
+        pass
 
 
 def test_samples_are_written_every_n_steps_and_change_nothing_trained(sampled):
-    hook, calls, with_samples, without = sampled
+    hook, calls, with_samples, without, logged = sampled
     assert [c[0] for c in calls] == [2, 4]
+    assert [(name, step) for name, step, _ in logged] == [(f"samples/0{i}", s) for s in (2, 4) for i in (0, 1)]
+    np.testing.assert_array_equal(logged[-1][2], calls[-1][1][1])  # the logs get the images written
     names = sorted(p.name for p in hook.folder.iterdir())
     assert names == [f"{s:06d}_{n}.png" for s in (2, 4) for n in ("00", "01", "grid")]
     assert Image.open(hook.folder / "000004_00.png").size == (16, 16)  # latents 8 x 8, 2 pixels per latent
@@ -96,7 +116,7 @@ def test_sample_equals_a_plain_loop_over_the_trained_model(sampled, small):
     the same noise, ComfyUI's start scaling (sqrt(sigma^2 + 1)) and the VAE: the hook's last image of the second
     prompt within one level of 255 of the truncated reference (float32 on both sides; truncation to uint8 may
     flip a level)."""
-    hook, calls, with_samples, _ = sampled
+    hook, calls, with_samples, *_ = sampled
     root, model, _, captions = small
     network, sampling = with_samples.model_with_lora.network, with_samples.model_with_lora.sampling
     positive = model.network_inputs(captions[1], (8, 8), jnp.float32)
