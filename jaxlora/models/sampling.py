@@ -244,15 +244,31 @@ class ModelSampling:
 
 @dataclass(frozen=True)
 class LatentFormat:
-    """The affine map between raw VAE latents and the unit-variance latents the diffusion model works on."""
+    """The affine map between raw VAE latents and the unit-variance latents the diffusion model works on.
+
+    `shift` and `scale_factor` are one number each, or, where `channel_mean`/`channel_std` are given (video VAEs),
+    per-channel statistics as ComfyUI's `(x - mean) * scale_factor / std`, on latents with channels on axis 1
+    (NCHW or NCTHW)."""
 
     scale_factor: float
     shift: float = 0.0
+    channel_mean: tuple[float, ...] | None = None
+    channel_std: tuple[float, ...] | None = None
+
+    def _stats(self, x: jax.Array) -> tuple[jax.Array | float, jax.Array | float]:
+        if self.channel_mean is None:
+            return self.shift, 1.0
+        if x.shape[1] != len(self.channel_mean):
+            raise ValueError(f"latents of {x.shape[1]} channels for a {len(self.channel_mean)}-channel latent format")
+        shape = (1, -1, *(1,) * (x.ndim - 2))
+        return jnp.reshape(jnp.asarray(self.channel_mean), shape), jnp.reshape(jnp.asarray(self.channel_std), shape)
 
     def process_in(self, x: jax.Array) -> jax.Array:
         """Raw VAE latent -> diffusion-model latent."""
-        return (x - self.shift) * self.scale_factor
+        mean, std = self._stats(x)
+        return (x - mean) * self.scale_factor / std
 
     def process_out(self, x: jax.Array) -> jax.Array:
         """Diffusion-model latent -> raw VAE latent."""
-        return x / self.scale_factor + self.shift
+        mean, std = self._stats(x)
+        return x * std / self.scale_factor + mean
