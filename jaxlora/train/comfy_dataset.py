@@ -1,7 +1,7 @@
 """Read a folder written by ComfyUI's SaveTrainingDataset node, without torch and without running pickled code.
 
 The folder holds `shard_0000.pkl`, `shard_0001.pkl`, ... and `metadata.json` (`num_samples`, `num_shards`,
-`shard_size`). Each shard is `{"latents": [{"samples": [B, C, h, w]}, ...], "conditioning": [[[cond [1, T, D],
+`shard_size`). Each shard is `{"latents": [{"samples": [B, C, h, w] or, for video, [B, C, t, h, w]}, ...], "conditioning": [[[cond [1, T, D],
 {"pooled_output": [1, P], ...}], ...], ...]}` for a contiguous slice of the dataset. Newer ComfyUI writes shards
 with `torch.save` (a zip archive: `<root>/data.pkl` plus one `<root>/data/<key>` member of raw bytes per storage);
 older ComfyUI wrote `pickle.dump` of the same object, where every tensor storage is pickled as
@@ -237,8 +237,10 @@ def _latent_samples(latent, where: str) -> list[np.ndarray]:
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), np.ndarray):
         raise ComfyDatasetError(f"{where} must be a LATENT dict with a `samples` tensor")
     samples = latent["samples"]
-    if samples.ndim != 4:
-        raise ComfyDatasetError(f"{where}: `samples` must be [B, C, h, w], got shape {samples.shape}")
+    if samples.ndim not in (4, 5):
+        raise ComfyDatasetError(
+            f"{where}: `samples` must be [B, C, h, w] (images) or [B, C, t, h, w] (videos), got shape {samples.shape}"
+        )
     # copies: contiguous, writable, and free of the shard's buffers
     return [np.array(sample, order="C") for sample in samples]
 
