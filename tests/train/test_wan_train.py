@@ -1,0 +1,69 @@
+"""Training Wan through the same loop as the other families, on video latents [N, C, T, H, W]: buckets by frame
+count and size (an image bucket trains as 1-frame videos beside a 3-frame one), each algorithm lowers the loss on
+the tiny Wan 2.1, and data a model cannot take is refused before weights load."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlora import load_model
+from jaxlora.models.demo import write_random_checkpoint
+from jaxlora.models.wan_family import TINY_WAN21
+from jaxlora.train.config import TrainConfig
+from jaxlora.train.data import DatasetError, device_arrays, make_dataset
+from jaxlora.train.loop import adapted_network, preflight, run_training
+from tests.train.test_train import FP32, ONE_LEVEL, QUIET, fixed_draw_loss
+
+
+def video_data(count=4, frames=3, size=(4, 6), seed=0):
+    """Smooth 16-channel latents at VAE scale that move from frame to frame, and one umT5 caption for all."""
+    rng = np.random.default_rng(seed)
+    t, y, x = np.meshgrid(np.arange(frames), *(np.linspace(-1.0, 1.0, n) for n in size), indexing="ij")
+    phases = rng.uniform(0, 2 * np.pi, (count, 16, 1, 1, 1))
+    latents = (2.0 * np.sin(2.0 * (x + y + 0.3 * t) * np.pi + phases)).astype(np.float32)
+    return latents, {"c_crossattn": rng.standard_normal((1, 6, 4096)).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model(write_random_checkpoint(TINY_WAN21, tmp_path_factory.mktemp("wan") / "w.safetensors", 3), "fp32")
+
+
+def mixed_dataset():
+    """A 3-frame video bucket and a bucket of images (4-D latents) of another size."""
+    video, caption = video_data()
+    images = video_data(count=2, frames=1, size=(4, 4), seed=1)[0][:, :, 0]
+    return make_dataset([video, images], caption)
+
+
+# Each run compiles its own backward of the scanned blocks: LoRA in CI, the other algorithms with `pytest -m slow`.
+@pytest.mark.parametrize("algorithm", ["LoRA", *(pytest.param(a, marks=pytest.mark.slow) for a in ("LoHa", "LoKr", "OFT"))])
+def test_training_wan_on_videos_and_images_lowers_the_loss(model, algorithm):
+    dataset = mixed_dataset()
+    assert [b.shape for b in dataset.buckets] == [(16, 3, 4, 6), (16, 4, 4)]
+    arrays = device_arrays(dataset.buckets[1], model, jnp.float32)
+    assert arrays["latents"].shape == (2, 1, 4, 4, 16)  # images are 1-frame videos, channels last
+    config = TrainConfig(
+        steps=20, batch_size=2, rank=4, algorithm=algorithm, learning_rate=3e-3, gradient_checkpointing=False, **FP32
+    )
+    untrained, _ = adapted_network(model, config, jnp.float32)
+    result = run_training(model, dataset, config, **QUIET)
+    evaluate = lambda network: fixed_draw_loss(model, network, dataset=dataset)  # noqa: E731 (the video bucket)
+    before, after = evaluate(untrained), evaluate(result.model_with_lora.network)
+    assert len(result.loss_map["loss"]) == 20
+    assert after < 0.9 * before, (before, after)
+    assert "diffusion_model.blocks.1.self_attn.norm_k.diff" in result.lora
+    assert not any("modulation" in key for key in result.lora)
+
+
+def test_data_the_model_cannot_take_is_refused_before_training(model, tmp_path):
+    latents, caption = video_data()
+    with pytest.raises(DatasetError, match=r"c_crossattn \(4096-d\), found 2560-d: the umT5-XXL hidden states"):
+        preflight(model, make_dataset(latents, {"c_crossattn": np.zeros((1, 5, 2560), np.float32)}), TrainConfig())
+    with pytest.raises(DatasetError, match="latents have 48 channels, the model takes 16"):
+        preflight(model, make_dataset(np.zeros((1, 48, 2, 4, 4), np.float32), caption), TrainConfig())
+    unet = load_model(write_random_checkpoint(ONE_LEVEL, tmp_path / "unet.safetensors"), weights=False)
+    with pytest.raises(DatasetError, match=r"video latents \[4, 16, 3, 4, 6\] .* an image model"):
+        preflight(unet, make_dataset(latents, caption), TrainConfig())
