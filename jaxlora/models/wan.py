@@ -178,8 +178,6 @@ class Wan(nnx.Module):
         text = self.text_embedding["2"](jax.nn.gelu(text, approximate=True))
 
         cos, sin = (jnp.asarray(t) for t in rope_tables(token_positions(grid), config.axes_dim, ROPE_THETA))
-        (tokens,) = self.blocks(
-            (tokens,), e0, text, cos, sin, remat_policy=self.remat_policy, scan=self.scan
-        )
+        (tokens,) = self.blocks((tokens,), e0, text, cos, sin, remat_policy=self.remat_policy, scan=self.scan)
         out = unpatchify(self.head(tokens, e), grid, config.out_channels)
         return out[:, :frames, :height, :width].astype(dtype)

@@ -72,7 +72,11 @@ WAN22_LATENT = LatentFormat(
 )  # fmt: skip
 
 WAN21 = Variant(
-    "wan2.1-t2v", "Wan 2.1 T2V (or a Wan 2.2 A14B T2V expert)", WAN21_LATENT, "wan_2.1", "wan-2.1-t2v/lora",
+    "wan2.1-t2v",
+    "Wan 2.1 T2V (or a Wan 2.2 A14B T2V expert)",
+    WAN21_LATENT,
+    "wan_2.1",
+    "wan-2.1-t2v/lora",
     resolution=480,
 )
 WAN22_TI2V = Variant(

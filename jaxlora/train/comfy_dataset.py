@@ -1,8 +1,9 @@
 """Read a folder written by ComfyUI's SaveTrainingDataset node, without torch and without running pickled code.
 
 The folder holds `shard_0000.pkl`, `shard_0001.pkl`, ... and `metadata.json` (`num_samples`, `num_shards`,
-`shard_size`). Each shard is `{"latents": [{"samples": [B, C, h, w] or, for video, [B, C, t, h, w]}, ...], "conditioning": [[[cond [1, T, D],
-{"pooled_output": [1, P], ...}], ...], ...]}` for a contiguous slice of the dataset. Newer ComfyUI writes shards
+`shard_size`). Each shard is `{"latents": [{"samples": [B, C, h, w]}, ...], "conditioning": [[[cond [1, T, D],
+{"pooled_output": [1, P], ...}], ...], ...]}` for a contiguous slice of the dataset (video samples are
+[B, C, t, h, w]). Newer ComfyUI writes shards
 with `torch.save` (a zip archive: `<root>/data.pkl` plus one `<root>/data/<key>` member of raw bytes per storage);
 older ComfyUI wrote `pickle.dump` of the same object, where every tensor storage is pickled as
 `torch.storage._load_from_bytes(<a legacy, non-zip torch.save stream>)`.

@@ -285,7 +285,8 @@ def device_arrays(
     bucket: Bucket, model: DiffusionModel, dtype: jnp.dtype, guidance: float | None = None, with_empty: bool = False
 ) -> dict[str, jnp.ndarray]:
     """What the train step reads: latents cast to the training dtype first (as ComfyUI does), then scaled by the
-    latent format, channels last (NHWC; video NTHWC, an image a 1-frame video for a video model); and the network's keyword inputs (context, `y`, guidance) built by the model.
+    latent format, channels last (NHWC; video NTHWC, an image a 1-frame video for a video model); and the
+    network's keyword inputs (context, `y`, guidance) built by the model.
     `guidance` replaces the family's default for samples whose data carries none. `with_empty` adds "empty", the
     network inputs with the empty caption's fields (caption dropout); both contexts are then tiled to a common
     token length, as ComfyUI batches captions of different lengths."""

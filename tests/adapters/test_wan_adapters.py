@@ -126,9 +126,8 @@ def renamed(tensors: dict[str, np.ndarray], rename) -> dict[str, np.ndarray]:
     out = {}
     for key, value in tensors.items():
         base, suffix = key.split(".lora_") if ".lora_" in key else key.rsplit(".", 1)
-        out[rename(base.removeprefix("diffusion_model.")) + (f".lora_{suffix}" if ".lora_" in key else f".{suffix}")] = (
-            value
-        )
+        suffix = f".lora_{suffix}" if ".lora_" in key else f".{suffix}"
+        out[rename(base.removeprefix("diffusion_model.")) + suffix] = value
     return out
 
 

@@ -4,17 +4,19 @@ the tiny Wan 2.1, and data a model cannot take is refused before weights load.""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxlora import load_model
 from jaxlora.models.demo import write_random_checkpoint
-from jaxlora.models.wan_family import TINY_WAN21
-from jaxlora.train.config import TrainConfig
+from jaxlora.models.wan_family import A14B_BOUNDARY, TINY_WAN21
+from jaxlora.train.config import SettingsError, TrainConfig
 from jaxlora.train.data import DatasetError, device_arrays, make_dataset
 from jaxlora.train.loop import adapted_network, preflight, run_training
-from tests.train.test_train import FP32, ONE_LEVEL, QUIET, fixed_draw_loss
+from jaxlora.train.objective import Objective, draw_percent, restrict_sigma
+from tests.train.test_train import FP32, ONE_LEVEL, QUIET, fixed_draw_loss, small_data
 
 
 def video_data(count=4, frames=3, size=(4, 6), seed=0):
@@ -39,7 +41,10 @@ def mixed_dataset():
 
 
 # Each run compiles its own backward of the scanned blocks: LoRA in CI, the other algorithms with `pytest -m slow`.
-@pytest.mark.parametrize("algorithm", ["LoRA", *(pytest.param(a, marks=pytest.mark.slow) for a in ("LoHa", "LoKr", "OFT"))])
+SLOW = ("LoHa", "LoKr", "OFT")
+
+
+@pytest.mark.parametrize("algorithm", ["LoRA", *(pytest.param(a, marks=pytest.mark.slow) for a in SLOW)])
 def test_training_wan_on_videos_and_images_lowers_the_loss(model, algorithm):
     dataset = mixed_dataset()
     assert [b.shape for b in dataset.buckets] == [(16, 3, 4, 6), (16, 4, 4)]
@@ -67,3 +72,23 @@ def test_data_the_model_cannot_take_is_refused_before_training(model, tmp_path):
     unet = load_model(write_random_checkpoint(ONE_LEVEL, tmp_path / "unet.safetensors"), weights=False)
     with pytest.raises(DatasetError, match=r"video latents \[4, 16, 3, 4, 6\] .* an image model"):
         preflight(unet, make_dataset(latents, caption), TrainConfig())
+
+
+def test_an_a14b_expert_trains_only_its_own_noise_range(model, tmp_path):
+    """min_sigma/max_sigma rescale each drawn sigma onto the expert's range (musubi-tuner's min/max timestep):
+    the high-noise expert of Wan 2.2 A14B T2V sees sigma in [0.875, 1] only, the low-noise one [0, 0.875]."""
+    key = jax.random.key(0)
+    percent = draw_percent(key, 4096, Objective())
+    sigma = model.sampling.percent_to_sigma(percent)
+    boundary = A14B_BOUNDARY["t2v"]
+    high = np.asarray(restrict_sigma(sigma, Objective(min_sigma=boundary)))
+    low = np.asarray(restrict_sigma(sigma, Objective(max_sigma=boundary)))
+    assert high.min() >= boundary and high.max() <= 1.0 and low.max() <= boundary
+    np.testing.assert_allclose(high, boundary + (1.0 - boundary) * np.asarray(sigma), rtol=1e-6)
+    assert restrict_sigma(sigma, Objective()) is sigma  # the full range is the draw itself
+    with pytest.raises(SettingsError, match="min_sigma"):
+        TrainConfig(min_sigma=0.9, max_sigma=0.5)
+    unet = load_model(write_random_checkpoint(ONE_LEVEL, tmp_path / "unet.safetensors"), weights=False)
+    with pytest.raises(ValueError, match="min_sigma/max_sigma apply to flow models"):
+        preflight(unet, make_dataset(*small_data()), TrainConfig(min_sigma=0.5))
+    preflight(model, make_dataset(*video_data()), TrainConfig(min_sigma=boundary))
