@@ -8,9 +8,9 @@ The variants are told apart by the output channels, as ComfyUI does (48: Wan 2.2
 format; else Wan 2.1's format). The head width is 128 in every release (ComfyUI: `num_heads = dim // 128`).
 
 The two Wan 2.2 A14B experts have identical shapes: the user picks one by the file they train, and trains it on
-its own noise range (`sigma_range` of a run): the high-noise expert denoises sigma in [0.875, 1] of the T2V
-model's switch (Wan's `boundary` 0.875 of the shifted schedule; 0.9 for I2V), the low-noise expert [0, 0.875],
-as musubi-tuner (`--timestep_boundary`, `--min_timestep/--max_timestep`) and ai-toolkit (`train_high_noise`,
+its own noise range (a run's `min_sigma`/`max_sigma`): the high-noise expert denoises sigma in [0.875, 1] (Wan's
+T2V `boundary` 0.875 on the shifted schedule; 0.9 for I2V), the low-noise expert [0, 0.875], as musubi-tuner
+(`--min_timestep 875 --max_timestep 1000` for the high-noise file) and ai-toolkit (`train_high_noise`,
 `train_low_noise`) split them.
 
 Refused with the key named: image-to-video files (Wan 2.1 I2V/FLF `img_emb.*` with CLIP-vision features, and any

@@ -134,8 +134,8 @@ MEANINGS = {
     "loss_target": "x0 (the node's x0-space loss) or native (the model's own target: eps, v or flow velocity)",
     "caption_dropout": "probability of training a sample on the empty caption (the dataset must carry it)",
     "min_sigma": "flow models: lowest noise level trained; each drawn sigma is rescaled onto [min_sigma, max_sigma] "
-    "(a Wan 2.2 A14B high-noise expert: 0.875)",
-    "max_sigma": "flow models: highest noise level trained (a Wan 2.2 A14B low-noise expert: 0.875)",
+    "(a high-noise expert of a two-expert model, e.g. 0.875)",
+    "max_sigma": "flow models: highest noise level trained (a low-noise expert, e.g. 0.875)",
     "ema_decay": "keep an exponential moving average of the adapter with this decay, e.g. 0.999 (none: no EMA)",
     "output_dir": "folder for the adapter, loss history and plot",
     "prefix": "file name prefix inside the output folder, may include sub-folders",

@@ -30,8 +30,8 @@ class Objective:
     in x0 terms (eps/v models). `loss_target`: x0 (the node's) or native (the network's own output against
     what it should output: noise for eps, v for v, the velocity noise - x0 for flow). `caption_dropout`: the
     probability that a sample is trained with the empty caption's conditioning instead of its own.
-    `min_sigma`/`max_sigma`: the noise range a flow model trains on (one expert of a mixture such as Wan 2.2
-    A14B)."""
+    `min_sigma`/`max_sigma`: the noise range a flow model trains on (one expert of a model whose experts
+    split the noise levels)."""
 
     timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
@@ -61,8 +61,8 @@ def draw_percent(key: jax.Array, batch: int, objective: Objective) -> jax.Array:
 
 def restrict_sigma(sigma: jax.Array, objective: Objective) -> jax.Array:
     """A flow model's drawn sigma in (0, 1) rescaled onto [min_sigma, max_sigma], as musubi-tuner's
-    `--min_timestep/--max_timestep` rescale its drawn (shifted) timesteps: how one expert of Wan 2.2 A14B trains on
-    its own noise range. The full range leaves sigma as drawn."""
+    `--min_timestep/--max_timestep` rescale its drawn (shifted) timesteps: how one expert of a two-expert model trains
+    on its own noise range (the family's notes give the boundary). The full range leaves sigma as drawn."""
     if (objective.min_sigma, objective.max_sigma) == (0.0, 1.0):
         return sigma
     return objective.min_sigma + (objective.max_sigma - objective.min_sigma) * sigma
