@@ -251,8 +251,8 @@ WAN_PINNED = {
         "peft": "refused",
     },
     ("wan2.1", "LoKr"): {
-        "comfyui": "0fdddfa2b097fc9785a0bbeab2346df3b020116d5b9a1d383dbf9f1d19e9547f",
-        "kohya": "474a1ec663bf794bc64e6485f8b7681c14450d73a1c73aff29b68fffbdfe04b4",
+        "comfyui": "6b58c529ed1362efeab546a39b711ccc9a3d1d3d544c14c48691ec6fc580a2d2",
+        "kohya": "5f058256f5f8568d373b62f9e3613e1f2694ecda84460e7fc1ee4912355167a6",
         "peft": "refused",
     },
     ("wan2.1", "OFT"): {
