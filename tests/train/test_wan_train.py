@@ -13,7 +13,7 @@ from jaxlora import load_model
 from jaxlora.models.demo import write_random_checkpoint
 from jaxlora.models.wan_family import A14B_BOUNDARY, TINY_WAN21
 from jaxlora.train.config import SettingsError, TrainConfig
-from jaxlora.train.data import DatasetError, device_arrays, make_dataset
+from jaxlora.train.data import DatasetError, device_arrays, load_dataset, make_dataset
 from jaxlora.train.loop import adapted_network, preflight, run_training
 from jaxlora.train.objective import Objective, draw_percent, restrict_sigma
 from tests.train.test_train import FP32, ONE_LEVEL, QUIET, fixed_draw_loss, small_data
@@ -92,3 +92,21 @@ def test_an_a14b_expert_trains_only_its_own_noise_range(model, tmp_path):
     with pytest.raises(ValueError, match="min_sigma/max_sigma apply to flow models"):
         preflight(unet, make_dataset(*small_data()), TrainConfig(min_sigma=0.5))
     preflight(model, make_dataset(*video_data()), TrainConfig(min_sigma=boundary))
+
+
+def test_a_comfyui_video_dataset_loads_into_buckets_by_frames_and_size(model, tmp_path):
+    """SaveTrainingDataset shards of Wan video latents [1, 16, t, h, w] (and an image [1, 16, h, w]) with umT5
+    conditioning [1, 512, 4096]: one bucket per (frames, size), checked against the model."""
+    import torch
+
+    from tests.train.test_comfy_dataset import save_training_dataset
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 16, 3, 4, 6), (1, 16, 2, 4, 4), (1, 16, 3, 4, 6), (1, 16, 4, 4)]
+    latents = [{"samples": torch.randn(*shape, generator=g)} for shape in shapes]
+    conditioning = [[[torch.randn(1, 512, 4096, generator=g), {}]] for _ in shapes]
+    folder = save_training_dataset(tmp_path / "ds", latents, conditioning, shard_size=2)
+    dataset = load_dataset(folder)
+    assert [(b.size, b.shape) for b in dataset.buckets] == [(2, (16, 3, 4, 6)), (1, (16, 2, 4, 4)), (1, (16, 4, 4))]
+    np.testing.assert_array_equal(dataset.buckets[0].latents[1], latents[2]["samples"][0].numpy())
+    preflight(model, dataset, TrainConfig())
