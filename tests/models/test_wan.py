@@ -157,3 +157,13 @@ def test_wan22_i2v_concat_channels_are_refused_by_key(tmp_path):
     save_file(tensors, str(tmp_path / "w.safetensors"))
     with pytest.raises(UnknownLayoutError, match=r"patch_embedding\.weight takes 36 channels for 16"):
         load_model(tmp_path / "w.safetensors", weights=False)
+
+
+def test_inspect_describes_a_wan_file_and_runs_a_one_frame_forward(tmp_path, capsys):
+    from jaxlora.inspect import main
+
+    main([str(write_random_checkpoint(TINY_WAN22_TI2V, tmp_path / "w.safetensors")), "--latent-size", "4"])
+    out = capsys.readouterr().out
+    assert "wan2.2-ti2v-5b (Wan 2.2 TI2V-5B)" in out and "2 heads of 128" in out
+    assert "per-channel mean and std (48 channels)" in out
+    assert "output (1, 1, 4, 4, 48) finite" in out
