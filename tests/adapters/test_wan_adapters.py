@@ -155,8 +155,9 @@ def test_community_wan_loras_import_and_the_comfyui_loadable_ones_load(files):
     diffusers_file = renamed(peft, lambda path: "transformer." + names[path])
     assert "transformer.blocks.0.attn1.to_out.0.lora_B.weight" in diffusers_file
     assert "transformer.condition_embedder.time_proj.lora_A.weight" in diffusers_file
-    diffsynth = renamed(peft, lambda path: path)
-    assert "blocks.1.ffn.2.lora_A.weight" in diffsynth
+    # DiffSynth-Studio: the bare module paths, with PEFT's adapter name `default` in the suffix.
+    diffsynth = {k.replace(".weight", ".default.weight"): v for k, v in renamed(peft, lambda path: path).items()}
+    assert "blocks.1.ffn.2.lora_A.default.weight" in diffsynth
     adapted_weights = {f"diffusion_model.{path}.weight" for path in paths}
     for tensors in (diffusers_file, diffsynth):
         got = imported(files, "wan2.1", tensors)
