@@ -134,7 +134,7 @@ def test_latent_formats_are_comfyuis_per_channel_mean_and_std():
         -0.0667,
         0.4765,
     )
-    with pytest.raises(ValueError, match="latents of 16 channels for a 48-channel"):
+    with pytest.raises(ValueError, match="latents have 16 channels, the latent format has 48"):
         WAN22_LATENT.process_in(x)
 
 
