@@ -264,7 +264,7 @@ QWEN_IMAGE_PINNED = {
 }
 PINNED |= QWEN_IMAGE_PINNED
 
-# Wan 2.1 on 2-frame video latents: LoRA in CI. `peft` is refused: ComfyUI maps no diffusers names for Wan.
+# Wan 2.1 on 2-frame video latents. `peft` is refused: ComfyUI maps no diffusers names for Wan.
 CONFIGS |= {"wan2.1": TINY_WAN21}
 WAN_PINNED = {
     ("wan2.1", "LoRA"): {
@@ -289,7 +289,6 @@ WAN_PINNED = {
     },
 }
 PINNED |= WAN_PINNED
-IN_CI |= {("wan2.1", "LoRA")}
 
 
 def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
