@@ -24,6 +24,7 @@ from jaxlora.models.nextdit_family import TINY_Z_IMAGE
 from jaxlora.models.qwen_image_family import TINY_QWEN_IMAGE
 from jaxlora.models.samplers import simple_sigmas
 from jaxlora.models.sampling import ModelSampling, scaled_linear_schedule
+from jaxlora.models.wan_family import TINY_WAN21
 from jaxlora.train.__main__ import build_parser, resolve_settings
 from jaxlora.train.config import RunOptions, SettingsError, TrainConfig
 from jaxlora.train.data import make_dataset
@@ -162,7 +163,9 @@ def test_prompts_file_lines_negative_prompts_and_refusals(tmp_path, small):
 
 
 @pytest.mark.parametrize(
-    "config", [TINY_CHROMA, TINY_Z_IMAGE, TINY_FLUX2_DEV, TINY_QWEN_IMAGE], ids=["chroma", "nextdit", "flux2", "qwen"]
+    "config",
+    [TINY_CHROMA, TINY_Z_IMAGE, TINY_FLUX2_DEV, TINY_QWEN_IMAGE, TINY_WAN21],
+    ids=["chroma", "nextdit", "flux2", "qwen", "wan"],
 )
 def test_families_without_text_encoders_refuse_sampling_before_loading(config):
     model = abstract_model(config)
