@@ -152,11 +152,11 @@ def test_help_shows_every_flag_with_default_choices_and_meaning_grouped_and_the_
 
 
 def test_choices_are_the_registries_names():
-    from jaxlora.adapters.attach import ALGORITHMS, BYPASS_ALGORITHMS
+    from jaxlora.adapters.attach import ALGORITHMS
     from jaxlora.models.family import STYLES
     from jaxlora.train.optim import LOSSES, OPTIMIZERS
 
-    assert CHOICES["algorithm"] == tuple(ALGORITHMS) and set(BYPASS_ALGORITHMS) == set(config_module.BYPASS_ALGORITHMS)
+    assert CHOICES["algorithm"] == tuple(ALGORITHMS)
     assert CHOICES["optimizer"] == tuple(OPTIMIZERS) and CHOICES["loss_function"] == tuple(LOSSES)
     assert CHOICES["format"] == STYLES
 
