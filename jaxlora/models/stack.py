@@ -19,7 +19,6 @@ from flax import nnx
 from jaxlora.models.layers import WeightLayer
 from jaxlora.models.quantize import dequantize
 
-
 # Remat policies that keep their saved values in host memory instead of device memory (jax memory kinds).
 HOST_OFFLOAD_POLICIES = ("offload_dots_with_no_batch_dims",)
 

@@ -225,7 +225,8 @@ def prepare_run(
     time the trainer's own step."""
     existing = preflight(model, dataset, config, existing)
     dtype = compute_dtype(config, model)
-    network, previous_steps = adapted_network(model, config, None if config.training_dtype == "none" else dtype, existing)
+    stored = None if config.training_dtype == "none" else dtype  # "none": the frozen weights stay as stored
+    network, previous_steps = adapted_network(model, config, stored, existing)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
     schedule = learning_rate_schedule(config)

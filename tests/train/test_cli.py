@@ -16,7 +16,6 @@ from safetensors import safe_open
 import jaxlora.train.__main__ as cli
 from jaxlora.models.demo import demo_dataset, write_random_checkpoint
 from jaxlora.models.unet_family import DEMO_UNET
-from jaxlora.train import config as config_module
 from jaxlora.train.__main__ import NODE_INPUTS, build_parser, main, resolve_settings
 from jaxlora.train.config import (
     CHOICES,
