@@ -102,9 +102,10 @@ def test_offload_policy_keeps_saved_dots_in_host_memory_or_is_refused(monkeypatc
     memory refuses it by name before anything is traced."""
     graph, adapters, base = nnx.split(random_net(), AdapterParam, ...)
     x = jnp.ones((4, 8), jnp.float32)
-    traced = lambda policy: str(
-        jax.make_jaxpr(jax.grad(loss), static_argnums=(4, 5))(adapters, graph, base, x, policy, True)
-    )  # noqa: E731
+
+    def traced(policy):
+        return str(jax.make_jaxpr(jax.grad(loss), static_argnums=(4, 5))(adapters, graph, base, x, policy, True))
+
     assert "<host>" in traced("offload_dots_with_no_batch_dims")
     assert "<host>" not in traced("nothing_saveable")
     monkeypatch.setattr(stack, "host_memory_kind", lambda: None)
