@@ -4,6 +4,7 @@ ComfyUI's load math onto the unquantized model, in the same file format as one t
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import jax
@@ -16,12 +17,14 @@ from safetensors.numpy import load_file
 from jaxlora import load_model
 from jaxlora.adapters.attach import attach_imported
 from jaxlora.adapters.formats import export_adapter, import_adapter
+from jaxlora.adapters.lora_files import read_lora_file
 from jaxlora.models.demo import write_random_checkpoint
 from jaxlora.models.flux_family import TINY_FLUX_DEV
 from jaxlora.models.quantize import WeightScale
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import adapted_network, prepare_run, run_training
+from jaxlora.train.report import save_adapter
 from jaxlora.train.step import micro_step_loss, noise_key_data
 from tests.adapters.conftest import effective_state_dict
 from tests.adapters.test_export_loads_in_comfyui import assert_same_weights, comfyui_patched
@@ -93,7 +96,7 @@ def test_flux_lora_step_on_a_quantized_base_is_within_tolerance_of_the_wide_step
     assert 0 < error <= GRADIENT_TOLERANCE[mode], error
 
 
-def test_adapter_trained_on_int8_base_loads_in_comfyui_onto_the_wide_model(unet_file):
+def test_adapter_trained_on_int8_base_loads_in_comfyui_onto_the_wide_model(unet_file, tmp_path):
     quantized = load_model(unet_file, "fp32", quantization="int8")
     frozen = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(quantized.network, (nnx.Param, WeightScale)))}
     config = TrainConfig(
@@ -113,6 +116,10 @@ def test_adapter_trained_on_int8_base_loads_in_comfyui_onto_the_wide_model(unet_
     assert all(np.array_equal(np.asarray(v), frozen[k]) for k, v in after)
     assert any(v.dtype == np.int8 for v in frozen.values())
     assert np.abs(result.lora["diffusion_model.input_blocks.1.0.in_layers.2.lora_down.weight"]).max() > 0
+
+    # the file records the base's storage with the run's settings
+    _, metadata = read_lora_file(save_adapter(result.model_with_lora, str(tmp_path / "a"), config, 2, "comfyui"))
+    assert json.loads(metadata["training_settings"])["base_quantization"] == "int8"
 
     # the file is what a run on the wide base writes: same keys, shapes, dtypes
     wide = load_model(unet_file, "fp32")
