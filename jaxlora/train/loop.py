@@ -522,6 +522,11 @@ def train_lora(
     algorithm: str = "LoRA",
     gradient_checkpointing: bool = True,
     existing_lora: str | None = None,
+    quantized_backward: bool = False,
+    checkpoint_depth: int = 1,
+    offloading: bool = False,
+    bucket_mode: bool = False,
+    bypass_mode: bool = False,
     **options,
 ) -> TrainResult:
     """ComfyUI's Train LoRA node as a function, with its inputs, names and defaults.
@@ -529,9 +534,10 @@ def train_lora(
     `latents`: raw VAE latents [N, C, H, W] (ComfyUI LATENT `samples`), or a list of such arrays of different
     resolutions. `positive`: the text conditioning, an array [N or 1, T, D] or a dict with `c_crossattn` and,
     the family's other fields (`pooled_output`, sizes) (or a list matching `latents`). `options` are the
-    TrainConfig additions (remat_policy, bypass, prediction, mesh, and the training controls such as
-    lr_scheduler, warmup_steps, weight_decay, max_grad_norm, timestep_sampling, min_snr_gamma, loss_target,
-    ema_decay) and run_training's (checkpoint_dir, checkpoint_every, resume, progress, save_every, on_save).
+    TrainConfig additions (remat_policy, bypass, base_quantization, prediction, mesh, and the training controls
+    such as lr_scheduler, warmup_steps, weight_decay, max_grad_norm, timestep_sampling, min_snr_gamma,
+    loss_target, ema_decay) and run_training's (checkpoint_dir, checkpoint_every, resume, progress, save_every,
+    on_save). A quantized base is loaded so: `load_model(path, quantization="int8")`.
     Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and steps (including the existing
     adapter's), and with ema_decay the ema_model.
     """
@@ -550,6 +556,11 @@ def train_lora(
         algorithm=algorithm,
         gradient_checkpointing=gradient_checkpointing,
         existing_lora=existing_lora,
+        quantized_backward=quantized_backward,
+        checkpoint_depth=checkpoint_depth,
+        offloading=offloading,
+        bucket_mode=bucket_mode,
+        bypass_mode=bypass_mode,
         **options,
     )
     dataset = latents if isinstance(latents, Dataset) else make_dataset(latents, positive)
