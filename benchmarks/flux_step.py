@@ -1,7 +1,7 @@
 """The full-size Flux.1-dev (or Chroma) train step compiled from abstract inputs: XLA's memory and FLOP counts,
-and the compile time of the scanned block stacks against unrolled blocks.
+the compile time of the scanned block stacks against unrolled blocks, and the step's matrix-product FLOPs.
 
-Run from the repository root as `python benchmarks/flux_step.py --section memory|compile|all`, with
+Run from the repository root as `python benchmarks/flux_step.py --section memory|compile|flops|all`, with
 `--model chroma` and `--latent 64` to choose; prints markdown for BENCHMARKS.md. The step is the trainer's own
 (`prepare` and `lower_and_compile` of train_step.py): LoRA rank 16 with fp32 masters, AdamW, bf16 frozen base
 given as `jax.ShapeDtypeStruct`s, batch 1, 512 T5 tokens (and the pooled vector where the model takes one).
@@ -9,6 +9,8 @@ Nothing is allocated; each case compiles in a freshly spawned process.
 
 - memory: 512x512 and 1024x1024 pixels (latents 64x64 and 128x128, 16 channels), remat per block on and off.
 - compile: 512x512, remat on, blocks scanned vs unrolled (19 double and 38 single blocks).
+- flops: 512x512 and 1024x1024, remat on and off, traced only (no compile): `perf.matmul_flops` of the step,
+  the count the trainer's MFU uses.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 from load_and_forward import timed
-from train_step import lower_and_compile, markdown_table, prepare, xla_counts
+from train_step import lower_and_compile, markdown_table, prepare, trace, xla_counts
 
 from jaxlora.models.chroma import CHROMA
 from jaxlora.models.diffusion import abstract_model
@@ -29,7 +31,7 @@ from jaxlora.models.flux import FLUX_DEV
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import make_bucket
 
-SECTIONS = ("memory", "compile")
+SECTIONS = ("memory", "compile", "flops")
 TOKENS = 512
 MODELS = {"flux-dev": ("Flux.1-dev", FLUX_DEV), "chroma": ("Chroma", CHROMA)}
 
@@ -51,7 +53,7 @@ class Case:
         return [f"{pixels}x{pixels}", "on" if self.remat else "off", "scan" if self.scan else "unrolled"]
 
 
-def run_case(case: Case) -> dict:
+def run_case(case: Case, compile_step: bool = True) -> dict:
     config = case.config
     network_config = MODELS[case.model][1]
     model, building_s = timed(lambda: abstract_model(network_config, config.training_dtype))
@@ -64,17 +66,19 @@ def run_case(case: Case) -> dict:
     bucket = make_bucket(latents, conditioning)
     (step, state), prepare_s = timed(lambda: prepare(model, bucket, config))
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    if not compile_step:
+        return {"adapters s": prepare_s + building_s} | trace(step, state, config)[1]
     compiled, row = lower_and_compile(step, state, config)
     return {"adapters s": prepare_s + building_s} | row | xla_counts(compiled)
 
 
-def run_all(cases: list[Case], title: str) -> None:
+def run_all(cases: list[Case], title: str, compile_step: bool = True) -> None:
     """Print the table row by row as each case finishes (a full-size unrolled compile can take very long)."""
     print(f"{title}\n")
     labels = ("pixels", "remat", "blocks")
     for index, case in enumerate(cases):
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            table = markdown_table([(case, pool.apply(run_case, (case,)))], labels)
+            table = markdown_table([(case, pool.apply(run_case, (case, compile_step)))], labels)
         print("\n".join(table.splitlines()[2 * bool(index) :]), flush=True)
     print()
 
@@ -96,6 +100,9 @@ def main() -> None:
         run_all(cases, title)
     if "compile" in sections:
         run_all([Case(64, True, scan, args.model) for scan in (True, False)], title + ", scanned vs unrolled")
+    if "flops" in sections:
+        cases = [Case(latent, remat, model=args.model) for latent in args.latent for remat in (True, False)]
+        run_all(cases, title + ", traced only", compile_step=False)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Bucket, Dataset, make_bucket, make_dataset
 from jaxlora.train.loop import prepare_run
+from jaxlora.train.perf import matmul_flops
 from jaxlora.train.step import compile_step, noise_key_data, permutation_key
 
 SECTIONS = ("demo", "sd15-32", "abstract")
@@ -79,12 +80,20 @@ def prepare(model: DiffusionModel, bucket: Bucket, config: TrainConfig) -> tuple
     return compile_step(run.graph, run.settings, run.layout), [run.adapters, run.opt_state, run.base, run.data[0]]
 
 
-def lower_and_compile(step: jax.stages.Wrapped, state: list, config: TrainConfig) -> tuple[jax.stages.Compiled, dict]:
+def trace(step: jax.stages.Wrapped, state: list, config: TrainConfig) -> tuple[jax.stages.Traced, dict]:
+    """The step traced for `state` (no compile), with its matrix-product count (`perf.matmul_flops`: every
+    scanned block counted, unlike XLA's cost analysis)."""
     micro = config.grad_accumulation_steps
     inputs = (*state, noise_key_data(config.seed, 0, micro), permutation_key(config.seed), 0)
-    lowered, lower_s = timed(lambda: step.lower(*inputs))
+    traced, trace_s = timed(lambda: step.trace(*inputs))
+    return traced, {"trace s": trace_s, "matmul TFLOP": matmul_flops(traced.jaxpr) / 1e12}
+
+
+def lower_and_compile(step: jax.stages.Wrapped, state: list, config: TrainConfig) -> tuple[jax.stages.Compiled, dict]:
+    traced, row = trace(step, state, config)
+    lowered, lower_s = timed(traced.lower)
     compiled, compile_s = timed(lowered.compile)
-    return compiled, {"lower s": lower_s, "compile s": compile_s}
+    return compiled, row | {"lower s": lower_s, "compile s": compile_s}
 
 
 def xla_counts(compiled: jax.stages.Compiled) -> dict:

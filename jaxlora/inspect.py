@@ -41,7 +41,7 @@ def describe(model: DiffusionModel, load_seconds: float) -> str:
         ("parameters", f"{model.param_count:,} ({jnp.dtype(model.dtype).name}, {nbytes / 2**30:.2f} GiB)"),
         *model.family.describe(model.config),
         ("dataset", ", ".join(f"{f.name} {f.width}-d" for f in model.conditioning_fields)),
-        ("latent format", f"x {model.latent_format.scale_factor}, shift {model.latent_format.shift}"),
+        ("latent format", model.latent_format.describe()),
         ("load time", f"{load_seconds:.2f} s"),
     ]
     return "\n".join(f"  {name:<14}{value}" for name, value in rows)

@@ -20,6 +20,7 @@ from jaxlora.models.family import STYLES
 from jaxlora.models.flux2_family import TINY_FLUX2_KLEIN
 from jaxlora.models.flux_family import TINY_FLUX_DEV, TINY_FLUX_SCHNELL
 from jaxlora.models.nextdit_family import TINY_LUMINA2, TINY_Z_IMAGE
+from jaxlora.models.qwen_image_family import TINY_QWEN_IMAGE
 from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import make_dataset
@@ -29,6 +30,7 @@ from tests.train.test_chroma_train import chroma_data
 from tests.train.test_flux2_train import flux2_data
 from tests.train.test_flux_train import flux_data
 from tests.train.test_nextdit_train import nextdit_data
+from tests.train.test_qwen_image_train import qwen_image_data
 
 ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")
 CONFIGS = {
@@ -235,6 +237,33 @@ NEXTDIT_PINNED = {
 PINNED |= NEXTDIT_PINNED
 IN_CI |= {("z-image", "LoRA")}
 
+# Qwen-Image: LoRA in CI; `peft` names every layer (LoRA only).
+CONFIGS |= {"qwen-image": TINY_QWEN_IMAGE}
+QWEN_IMAGE_PINNED = {
+    ("qwen-image", "LoRA"): {
+        "comfyui": "cda3c12f0c1c1efc76cf1fe46aa700b78fe509169b9db706bf66dff4a2be142c",
+        "kohya": "951705f10b700cd2ebf87e44b4a4f6724abbbee9a4387436cfcabaa451024918",
+        "peft": "3116a21ee67a15afe0c3dab98948ad267ae0fb699d08196a3b1bef82e1175a21",
+    },
+    ("qwen-image", "LoHa"): {
+        "comfyui": "cc0e7661d271cbf3dbc05d39f323792d94c6a30550ea2b4ba973bb8b2aaab742",
+        "kohya": "85433349067eb4a9aa66d67745b5258cf613e4f0d2e4ab040d1df51f0955e86b",
+        "peft": "refused",
+    },
+    ("qwen-image", "LoKr"): {
+        "comfyui": "1c22c5f749d7ecde1497ffb821a04248644f5d915119c84ca14ba1610e5259c4",
+        "kohya": "9b2fcef97a697e1c2f73dbd0e3c6e285a28528640503b4d78f9e5a53256eeeb1",
+        "peft": "refused",
+    },
+    ("qwen-image", "OFT"): {
+        "comfyui": "48e366e7a7a68319672c6fa06ed9a33152372d88e65a9df99837b6ae4be9e0c9",
+        "kohya": "4280e7b93e2540efe44a2d71a71d4295f03e8628116ca574be450d6e9e70d4e0",
+        "peft": "refused",
+    },
+}
+PINNED |= QWEN_IMAGE_PINNED
+IN_CI |= {("qwen-image", "LoRA")}
+
 
 def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
@@ -246,6 +275,8 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
 
 
 def family_data(family: str):
+    if family == "qwen-image":
+        return make_dataset(*qwen_image_data(count=2, size=4))
     if family.startswith("flux2"):
         return make_dataset(*flux2_data(count=2, size=4))
     if family == "chroma":

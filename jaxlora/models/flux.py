@@ -93,7 +93,12 @@ class Modulation(nnx.Module):
         self.count = count
 
     def __call__(self, vec: jax.Array) -> list[jax.Array]:
-        return jnp.split(self.lin(jax.nn.silu(vec))[:, None, :], self.count, axis=-1)
+        return modulation_vectors(self.lin, vec, self.count)
+
+
+def modulation_vectors(linear: Linear, vec: jax.Array, count: int) -> list[jax.Array]:
+    """`count` [B, 1, hidden] vectors linear(silu(vec)) split evenly: the adaLN modulation of the Flux line."""
+    return jnp.split(linear(jax.nn.silu(vec))[:, None, :], count, axis=-1)
 
 
 class QKNorm(nnx.Module):
@@ -165,7 +170,9 @@ class DoubleStream(nnx.Module):
     vectors given from outside: six [B, 1, hidden] per stream, (shift, scale, gate) for attention, then MLP.
 
     `activation` is the MLP's nonlinearity and `mlp_in_factor` the MLP input features per hidden feature (a
-    gated activation such as SwiGLU takes 2); subclasses change them (Flux.2)."""
+    gated activation such as SwiGLU takes 2); subclasses change them (Flux.2). The projections are reached
+    through `project_qkv`, `project_out` and `feed_forward` (per stream, "img" or "txt"), which a network with
+    another module layout overrides (Qwen-Image's separate q/k/v)."""
 
     activation = staticmethod(gelu_tanh)
     mlp_in_factor = 1
@@ -178,20 +185,28 @@ class DoubleStream(nnx.Module):
             setattr(self, f"{stream}_mlp", nnx.Dict(layers))
 
     def __call__(self, img, txt, img_mod, txt_mod, cos, sin) -> tuple[jax.Array, jax.Array]:
-        img_q, img_k, img_v = self.img_attn.split_heads(modulate(img, *img_mod[:2]))
-        txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(txt, *txt_mod[:2]))
+        img_q, img_k, img_v = self.project_qkv("img", modulate(img, *img_mod[:2]))
+        txt_q, txt_k, txt_v = self.project_qkv("txt", modulate(txt, *txt_mod[:2]))
         joint = [jnp.concatenate(pair, axis=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
         out = attention(*joint, cos, sin)
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
-        img = self._finish(img, img_out, img_mod, self.img_attn, self.img_mlp)
-        txt = self._finish(txt, txt_out, txt_mod, self.txt_attn, self.txt_mlp)
-        return img, txt
+        return self._finish("img", img, img_out, img_mod), self._finish("txt", txt, txt_out, txt_mod)
 
-    def _finish(self, x, attn_out, mod, attn: SelfAttention, mlp: nnx.Dict) -> jax.Array:
+    def _finish(self, stream: str, x, attn_out, mod) -> jax.Array:
         _, _, gate1, shift2, scale2, gate2 = mod
-        x = x + gate1 * attn.proj(attn_out)
-        hidden = self.activation(mlp["0"](modulate(x, shift2, scale2)))
-        return x + gate2 * mlp["2"](hidden)
+        x = x + gate1 * self.project_out(stream, attn_out)
+        return x + gate2 * self.feed_forward(stream, modulate(x, shift2, scale2))
+
+    def project_qkv(self, stream: str, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The stream's normalised q, k and v [B, L, heads, head_dim] (the fused `<stream>_attn.qkv`)."""
+        return getattr(self, f"{stream}_attn").split_heads(x)
+
+    def project_out(self, stream: str, x: jax.Array) -> jax.Array:
+        return getattr(self, f"{stream}_attn").proj(x)
+
+    def feed_forward(self, stream: str, x: jax.Array) -> jax.Array:
+        mlp = getattr(self, f"{stream}_mlp")
+        return mlp["2"](self.activation(mlp["0"](x)))
 
 
 class DoubleStreamBlock(DoubleStream):
@@ -287,7 +302,8 @@ class JointTransformer(nnx.Module):
     every block of the stack takes (Flux's conditioning vector, Flux.2's shared modulations),
     `double_mods`/`single_mods` per-block inputs with a leading block axis (Chroma's), and `final_mods` for the
     final layer. `patch` is the side of the square of latent pixels one token takes and `text_axis` the RoPE
-    axis that carries the text position (None: text ids zero); see `rope_ids`.
+    axis that carries the text position (None: text ids zero); see `rope_ids`, which `position_ids` applies
+    unless a subclass places its tokens otherwise (Qwen-Image). `single_blocks` None: double blocks only.
     """
 
     patch = PATCH
@@ -309,14 +325,20 @@ class JointTransformer(nnx.Module):
         padded = jnp.pad(x, ((0, 0), (0, -height % patch), (0, -width % patch), (0, 0)), mode="wrap")
         img = self.img_in(patchify(padded, patch))
         grid = (padded.shape[1] // patch, padded.shape[2] // patch)
-        ids = rope_ids(grid, txt.shape[1], len(self.config.axes_dim), self.text_axis)
+        ids = self.position_ids(grid, txt.shape[1])
         cos, sin = (jnp.asarray(t) for t in rope_tables(ids, self.config.axes_dim, self.config.theta))
         run = {"remat_policy": self.remat_policy, "scan": self.scan}
         img, txt = self.double_blocks((img, txt), *double_inputs, cos, sin, per_block=double_mods, **run)
-        joint = jnp.concatenate([txt, img], axis=1)
-        (joint,) = self.single_blocks((joint,), *single_inputs, cos, sin, per_block=single_mods, **run)
-        out = self.final_layer(joint[:, txt.shape[1] :], *final_mods)
+        if self.single_blocks is not None:
+            joint = jnp.concatenate([txt, img], axis=1)
+            (joint,) = self.single_blocks((joint,), *single_inputs, cos, sin, per_block=single_mods, **run)
+            img = joint[:, txt.shape[1] :]
+        out = self.final_layer(img, *final_mods)
         return unpatchify(out, padded.shape[1], padded.shape[2], patch)[:, :height, :width]
+
+    def position_ids(self, grid: tuple[int, int], txt_len: int) -> np.ndarray:
+        """RoPE positions of the text tokens then the image tokens of a `grid` of (rows, columns) tokens."""
+        return rope_ids(grid, txt_len, len(self.config.axes_dim), self.text_axis)
 
 
 class Flux(JointTransformer):

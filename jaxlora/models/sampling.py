@@ -244,15 +244,35 @@ class ModelSampling:
 
 @dataclass(frozen=True)
 class LatentFormat:
-    """The affine map between raw VAE latents and the unit-variance latents the diffusion model works on."""
+    """The affine map between raw VAE latents and the unit-variance latents the diffusion model works on.
+
+    `channel_mean`/`channel_std`, when given, are per-channel statistics (ComfyUI's `latents_mean`/`latents_std`
+    of video-VAE formats): then `(x - mean) * scale_factor / std` over the channel axis 1
+    (NCHW), as ComfyUI computes it, and `shift` is unused."""
 
     scale_factor: float
     shift: float = 0.0
+    channel_mean: tuple[float, ...] | None = None
+    channel_std: tuple[float, ...] | None = None
+
+    def describe(self) -> str:
+        if self.channel_mean is None:
+            return f"x {self.scale_factor}, shift {self.shift}"
+        return f"per-channel mean and std ({len(self.channel_mean)} channels), x {self.scale_factor}"
+
+    def _channel(self, values: tuple[float, ...], x: jax.Array) -> jax.Array:
+        if x.shape[1] != len(values):
+            raise ValueError(f"latents have {x.shape[1]} channels, the latent format has {len(values)}")
+        return jnp.asarray(values, x.dtype).reshape(1, -1, *(1,) * (x.ndim - 2))
 
     def process_in(self, x: jax.Array) -> jax.Array:
         """Raw VAE latent -> diffusion-model latent."""
-        return (x - self.shift) * self.scale_factor
+        if self.channel_mean is None:
+            return (x - self.shift) * self.scale_factor
+        return (x - self._channel(self.channel_mean, x)) * self.scale_factor / self._channel(self.channel_std, x)
 
     def process_out(self, x: jax.Array) -> jax.Array:
         """Diffusion-model latent -> raw VAE latent."""
-        return x / self.scale_factor + self.shift
+        if self.channel_mean is None:
+            return x / self.scale_factor + self.shift
+        return x * self._channel(self.channel_std, x) / self.scale_factor + self._channel(self.channel_mean, x)

@@ -85,7 +85,8 @@ class UnsafePickleError(ComfyDatasetError):
 class ComfyDataset:
     """One entry per latent sample, in shard order.
 
-    `latents[i]` is [C, h, w] (raw VAE latents, NCHW without the batch axis) in the dtype ComfyUI saved.
+    `latents[i]` is [C, h, w] (raw VAE latents, NCHW without the batch axis; a one-frame [B, C, 1, h, w] LATENT
+    loses its frame axis) in the dtype ComfyUI saved.
     `conditioning[i]` has `c_crossattn` [T, D], `pooled_output` [P] when the text encoder gave one, and the
     `registry.NUMBER_FIELDS` present as floats. `metadata` is metadata.json ({} when the file is absent).
     `ignored_keys` names the other conditioning entries found (e.g. `attention_mask`), which are not read.
@@ -237,8 +238,12 @@ def _latent_samples(latent, where: str) -> list[np.ndarray]:
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), np.ndarray):
         raise ComfyDatasetError(f"{where} must be a LATENT dict with a `samples` tensor")
     samples = latent["samples"]
+    if samples.ndim == 5 and samples.shape[2] == 1:
+        samples = samples[:, :, 0]  # one frame of a video-VAE family's latent (ComfyUI keeps it 5-D)
     if samples.ndim != 4:
-        raise ComfyDatasetError(f"{where}: `samples` must be [B, C, h, w], got shape {samples.shape}")
+        raise ComfyDatasetError(
+            f"{where}: `samples` must be [B, C, h, w] (or [B, C, 1, h, w]), got shape {samples.shape}"
+        )
     # copies: contiguous, writable, and free of the shard's buffers
     return [np.array(sample, order="C") for sample in samples]
 

@@ -1,7 +1,8 @@
 """Training data: VAE latents with their text conditioning, grouped into resolution buckets.
 
 On disk a dataset is a `.safetensors` file, or a folder of them, holding `latents` [N, C, H, W] (ComfyUI LATENT
-`samples`: raw VAE latents, NCHW) and the conditioning fields the model's family needs (`ModelFamily.conditioning`;
+`samples`: raw VAE latents, NCHW; [N, C, 1, H, W], the one-frame latents ComfyUI keeps for families with a video
+VAE, is read as [N, C, H, W]) and the conditioning fields the model's family needs (`ModelFamily.conditioning`;
 `python -m jaxlora.inspect` lists them): `c_crossattn` [N or 1, T, D], often `pooled_output` [N or 1, P], and
 per-sample numbers such as image sizes or guidance [N or 1] (`ModelFamily.number_fields`). A folder
 written by ComfyUI's SaveTrainingDataset node (`shard_XXXX.pkl`) is read too. Files of different latent shapes
@@ -77,8 +78,12 @@ def make_bucket(
     """Check one group of samples: latents [N, C, H, W]; each conditioning field with N rows or 1; the empty
     caption's fields (optional) one row each, among the conditioning's fields."""
     latents = _as_array(latents)
+    if latents.ndim == 5 and latents.shape[2] == 1:
+        latents = latents[:, :, 0]  # an image of a video-VAE family: ComfyUI's frame axis of 1
     if latents.ndim != 4:
-        raise DatasetError(f"{source}: latents must be [N, C, H, W], got shape {latents.shape}")
+        raise DatasetError(
+            f"{source}: latents must be [N, C, H, W] (or [N, C, 1, H, W], one frame), got shape {latents.shape}"
+        )
     if not isinstance(conditioning, Mapping):
         conditioning = {"c_crossattn": conditioning}
     if "c_crossattn" not in conditioning:

@@ -33,7 +33,7 @@ from jaxlora.train.config import TRAINING_CONTROLS, TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
 from jaxlora.train.objective import Objective
 from jaxlora.train.optim import OptimizerSettings, ema_params, eval_params, loss_function, make_optimizer, with_ema
-from jaxlora.train.perf import device_peak, step_flops
+from jaxlora.train.perf import device_peak, matmul_flops
 from jaxlora.train.schedule import DECAYING, learning_rate_schedule, rate_at
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
 
@@ -50,7 +50,7 @@ class RunStats:
     samples: int = 0
     peak_memory_bytes: int | None = None
     interrupted: bool = False
-    flops: float = 0.0  # XLA's count, summed over the steps run (0 when the backend reports none)
+    flops: float = 0.0  # matrix-product FLOPs (`perf.matmul_flops`), summed over the steps run
     peak_flops: float | None = None  # the device's peak FLOP/s (see `perf.device_peak`)
     peak_source: str = ""
 
@@ -401,20 +401,20 @@ def _train(
 
     micro = config.grad_accumulation_steps
     stats = RunStats()
-    compiled = []
+    compiled, flops = [], []
     for shape, bucket in zip([b.shape for b in dataset.buckets], data, strict=True):
         progress(
             f"compiling the train step for latents {list(shape)}, batch {config.batch_size} x {micro} micro-step(s) "
             "(once per latent shape; seconds to minutes)"
         )
         begin = time.perf_counter()
-        lowered = compile_step(graph, settings, layout).lower(
+        traced = compile_step(graph, settings, layout).trace(
             adapters, opt_state, base, bucket, noise_key_data(config.seed, 0, micro), perm_key, 0
         )
-        compiled.append(lowered.compile())
+        flops.append(matmul_flops(traced.jaxpr))
+        compiled.append(traced.lower().compile())
         stats.compile_seconds += time.perf_counter() - begin
     progress(f"compiled {len(compiled)} step shape(s) in {stats.compile_seconds:.1f} s")
-    flops = [step_flops(c) or 0.0 for c in compiled]
     stats.peak_flops, stats.peak_source = device_peak()
 
     sizes = [bucket.size for bucket in dataset.buckets]

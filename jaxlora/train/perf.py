@@ -1,14 +1,20 @@
-"""Model FLOP utilisation (MFU): the FLOPs of a compiled step as XLA counts them, the device's peak, and the
-achieved fraction. Accelerators use their published dense bf16 peak; a CPU has no reliable published figure for
-the cores we get, so its peak is measured with a large fp32 matmul, the best case for the same compiler."""
+"""Model FLOP utilisation (MFU): the FLOPs of a step, the device's peak, and the achieved fraction.
+
+The trainer counts a step's FLOPs from its jaxpr (`matmul_flops`), not from XLA's cost analysis: XLA counts the
+body of a `while` loop once, so a network whose blocks run under `lax.scan` (the DiT families) would be reported
+at a fraction of its work. Accelerators use their published dense bf16 peak; a CPU has no reliable published
+figure for the cores we get, so its peak is measured with a large fp32 matmul, the best case for the same
+compiler."""
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 # Dense (no sparsity) bf16 peaks per device, FLOP/s, from the vendors' datasheets. Matched against
 # `device.device_kind` by substring, case-insensitively, first match wins (so "h100 pcie" precedes "h100").
@@ -41,6 +47,34 @@ def step_flops(compiled: jax.stages.Compiled) -> float | None:
         analysis = analysis[0] if analysis else None
     flops = (analysis or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def matmul_flops(jaxpr: jax_core.ClosedJaxpr | jax_core.Jaxpr) -> float:
+    """The multiply-add FLOPs (2 per multiply-accumulate) of every matrix product and convolution a jaxpr runs,
+    the definition MFU is stated in. A `scan` body counts `length` times; a `cond` counts its costliest branch;
+    any other nested jaxpr (jit, remat, custom derivatives, shard_map) counts once per call. A `while` loop with
+    a data-dependent trip count counts once (the step has none). Rematerialised forward passes are part of the
+    differentiated jaxpr and so are counted, as XLA counts them. Elementwise work is left out, as in MFU."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+        elif name == "conv_general_dilated":
+            # each output element reduces over the kernel's (in features per group) x (spatial) entries
+            kernel_shape = eqn.invars[1].aval.shape
+            out_features = kernel_shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * (math.prod(kernel_shape) // out_features)
+        elif name == "scan":
+            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"])
+        elif name == "cond":
+            total += max(matmul_flops(branch) for branch in eqn.params["branches"])
+        else:
+            total += sum(matmul_flops(sub) for sub in jax_core.jaxprs_in_params(eqn.params))
+    return total
 
 
 def published_peak(device: jax.Device) -> float | None:

@@ -5,7 +5,8 @@ it patches the model's weights.
 
 Independent of jaxlora's key tables: the model's keys come from its torch-layout state dict, the UNet's
 diffusers names from diffusers' own single-file converter, and Flux's and NextDiT's diffusers names from
-transcriptions of ComfyUI's `flux_to_diffusers` and `z_image_to_diffusers` below.
+transcriptions of ComfyUI's `flux_to_diffusers` and `z_image_to_diffusers` below; QwenImage's extra names from
+its branch of `model_lora_keys_unet`.
 """
 
 from __future__ import annotations
@@ -378,3 +379,17 @@ def chroma_key_map(state_dict: dict[str, np.ndarray]):
     runs unchanged (`flux_to_diffusers` over the hidden size and depths that model detection reads from the file);
     the approximator (`distilled_guidance_layer`) has only the generic `diffusion_model.`/`lora_unet_` names."""
     return flux_key_map(state_dict)
+
+
+def qwen_image_key_map(state_dict: dict[str, np.ndarray]):
+    """`model_lora_keys_unet` for `model_base.QwenImage`: the generic names, and for every `diffusion_model.<k>.weight`
+    its bare base name `<k>`, `transformer.<k>` and `lycoris_<k with _>` (`unet_to_diffusers` gives nothing for a
+    model without `num_res_blocks`)."""
+    key_map = model_key_map(state_dict, {})
+    for k in state_dict:
+        if k.startswith("diffusion_model.") and k.endswith(".weight"):
+            base = k[len("diffusion_model.") : -len(".weight")]
+            key_map[base] = k
+            key_map[f"transformer.{base}"] = k
+            key_map["lycoris_" + base.replace(".", "_")] = k
+    return key_map

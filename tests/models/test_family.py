@@ -19,7 +19,7 @@ from jaxlora.models.stack import layer_sites
 PACKAGE = Path(__file__).resolve().parents[2] / "jaxlora"
 FAMILY_FILES = {"registry.py"} | {
     f"{stem}{suffix}"
-    for stem in ("unet", "flux", "flux2", "nextdit", "chroma")
+    for stem in ("unet", "flux", "flux2", "nextdit", "chroma", "qwen_image")
     for suffix in (".py", "_family.py", "_names.py")
 }
 
