@@ -28,7 +28,13 @@ from safetensors import SafetensorError, safe_open
 
 from jaxlora.models.family import CheckpointError, ModelFamily, Variant
 from jaxlora.models.layers import WeightLayer
-from jaxlora.models.quantize import WeightScale, check_quantization, quantize_weight
+from jaxlora.models.quantize import (
+    WeightScale,
+    check_quantization,
+    quantize_weight,
+    scale_shape,
+    stored_dtype,
+)
 from jaxlora.models.registry import describe_keys, find_family
 from jaxlora.models.stack import LayerSite, layer_sites
 from jaxlora.parallel.mesh import fsdp_sharding
@@ -202,6 +208,19 @@ def read_parameters(
                 raise CheckpointError(f"{key}: the blocks of this layer are stored in different dtypes")
             store(site.layer, key, name, np.stack(arrays), None if scales[0] is None else np.stack(scales))
             del pending[(id(site.layer), name)]
+
+
+def quantize_abstract(network: nnx.Module, quantization: str) -> None:
+    """Give a network of abstract weights (`jax.ShapeDtypeStruct`s) the storage `read_parameters` gives a loaded
+    one under `quantization`: AOT compiles measure a quantized base without reading a checkpoint."""
+    for _, site, name in torch_parameters(network):
+        if site.index not in (None, 0) or not quantizes(site, name, quantization):
+            continue
+        lead = () if site.index is None else site.layer.weight.shape[:1]
+        block = tuple(site.weight.shape)
+        scale = scale_shape(block, quantization, site.permutation("weight").index(0))
+        site.layer.weight.set_value(jax.ShapeDtypeStruct(lead + block, stored_dtype(quantization)))
+        site.layer.weight_scale = WeightScale(jax.ShapeDtypeStruct(lead + scale, jnp.float32))
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.dtypes import PREDICTIONS, resolve_dtype
-from jaxlora.models.checkpoint import TensorFile, load_network, read_index
+from jaxlora.models.checkpoint import TensorFile, load_network, quantize_abstract, read_index
 from jaxlora.models.family import AdapterNames, ConditioningField, ModelFamily, Variant
-from jaxlora.models.quantize import is_quantized
+from jaxlora.models.quantize import check_quantization, is_quantized
 from jaxlora.models.registry import family_of_config
 from jaxlora.models.sampling import LatentFormat, ModelSampling
 from jaxlora.models.stack import layer_sites
@@ -142,12 +142,17 @@ def load_model(
     return DiffusionModel(loaded.network, loaded.family, loaded.variant, sampling, Path(path), quantization)
 
 
-def abstract_model(config: Any, dtype: str | jnp.dtype = "bf16") -> DiffusionModel:
-    """A model of any family built from its config, whose frozen weights are `jax.ShapeDtypeStruct`s of `dtype`:
-    it lowers and compiles a train step and holds no memory (memory and compile benchmarks of full-size models)."""
+def abstract_model(config: Any, dtype: str | jnp.dtype = "bf16", quantization: str = "none") -> DiffusionModel:
+    """A model of any family built from its config, whose frozen weights are `jax.ShapeDtypeStruct`s of `dtype`
+    (the adapted ones stored as `quantization` stores them): it lowers and compiles a train step and holds no
+    memory (memory and compile benchmarks of full-size models)."""
     family = family_of_config(config)
     variant = family.variant_of(config)
     graph, state = nnx.split(family.build(config))
     state = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, resolve_dtype(dtype)), state)
     sampling = family.load_sampling(variant, config, None, set(), "auto")
-    return DiffusionModel(nnx.merge(graph, state), family, variant, sampling)
+    network = nnx.merge(graph, state)
+    if quantization != "none":
+        check_quantization(quantization)
+        quantize_abstract(network, quantization)
+    return DiffusionModel(network, family, variant, sampling, quantization=quantization)

@@ -52,6 +52,12 @@ def stored_dtype(mode: str) -> np.dtype:
     return np.dtype(np.int8) if mode == "int8" else FP8
 
 
+def scale_shape(shape: tuple[int, ...], mode: str, out_axis: int) -> tuple[int, ...]:
+    """The shape of a weight's scale: the output channels for per-channel modes, else all ones."""
+    keep = out_axis % len(shape) if mode in ("int8", "fp8_channel") else None
+    return tuple(size if axis == keep else 1 for axis, size in enumerate(shape))
+
+
 def quantize_weight(weight: np.ndarray, mode: str, out_axis: int) -> tuple[np.ndarray, np.ndarray]:
     """(quantized weight, float32 scale) of one weight on the host; `out_axis` is the output-channel axis of its
     layout. A tensor already stored as e4m3 under an fp8 mode is returned unchanged with scale 1."""

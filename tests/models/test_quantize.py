@@ -5,6 +5,7 @@ scales), and fp8-stored checkpoints kept as stored, never widened."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 from jaxlora import load_model
 from jaxlora.models.checkpoint import TensorFile, torch_parameters
 from jaxlora.models.demo import random_tensors
+from jaxlora.models.diffusion import abstract_model
 from jaxlora.models.flux_family import TINY_FLUX_DEV
 from jaxlora.models.quantize import FP8, dequantize, quantize_weight
 
@@ -101,3 +103,12 @@ def test_fp8_checkpoint_loads_without_widening(flux_files):
         assert (layer.weight_scale is None) == (mode == "none")
     assert load_model(fp8_path, "none").dtype == np.float32  # the file's wide tensors (norms, biases) as stored
     assert ml_dtypes.finfo(FP8).max == 448
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_abstract_quantized_model_has_the_loaded_storage(flux_files, mode):
+    """What AOT memory measurements compile: the same shapes and dtypes as a checkpoint loaded quantized."""
+    loaded = load_model(flux_files[0], "bf16", quantization=mode)
+    abstract = abstract_model(loaded.config, "bf16", quantization=mode)
+    layout = lambda m: jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype)), nnx.state(m.network))  # noqa: E731
+    assert layout(abstract) == layout(loaded) and abstract.quantization == mode
