@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
+import pytest
 from nbclient import NotebookClient
 from safetensors import safe_open
 
@@ -71,8 +72,10 @@ def test_form_controls_have_the_settings_defaults_and_choices():
     """The training controls on the form (empty text stands for none) start at the node's behaviour."""
     form = form_fields(read_notebook())
     defaults = {**asdict(TrainConfig()), **asdict(RunOptions())}
-    shown = [name for name in (*TRAINING_CONTROLS, "ema_export", "save_every", "save_last") if name in form]
+    run_controls = ("ema_export", "save_every", "save_last", "validation_dataset", "validate_every", "log_dir")
+    shown = [name for name in (*TRAINING_CONTROLS, *run_controls, "wandb_project") if name in form]
     assert {"lr_scheduler", "warmup_steps", "timestep_sampling", "ema_decay", "save_every"} <= set(shown)
+    assert {"validation_split", "validation_dataset", "validate_every", "log_dir", "wandb_project"} <= set(shown)
     for name in shown:
         value, spec = form[name]
         assert value == ("" if defaults[name] is None else defaults[name]), name
@@ -102,14 +105,17 @@ def printed(notebook) -> str:
 def test_notebook_runs_headless_twice_as_it_is_then_resumes(tmp_path, monkeypatch):
     """Run all, Run all again unchanged (a second, independent run: the next file counter, the same losses), then
     Run all in a fresh runtime with `resume` ticked and more steps, as after a disconnect: it continues the latest
-    run from its checkpoint under the chosen output folder."""
+    run from its checkpoint under the chosen output folder. A quarter of the data is held out for validation; the
+    resumed run also validates every 2 steps and writes TensorBoard logs (neither is part of the fingerprint)."""
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("JAXLORA_CACHE_DIR", str(tmp_path / "xla_cache"))  # later runs reuse the compile
     where = {"metadata": {"path": str(tmp_path)}}  # the kernel's working folder
+    held_out = {"validation_split": 0.25}
+    logs = {"validate_every": 2, "log_dir": str(tmp_path / "logs")}
     runs = [
-        with_parameters(read_notebook(), steps=3, checkpoint_every=2),
-        with_parameters(read_notebook(), steps=3, checkpoint_every=2),
-        with_parameters(read_notebook(), steps=4, checkpoint_every=2, resume=True),
+        with_parameters(read_notebook(), steps=3, checkpoint_every=2, **held_out),
+        with_parameters(read_notebook(), steps=3, checkpoint_every=2, **held_out),
+        with_parameters(read_notebook(), steps=4, checkpoint_every=2, resume=True, **held_out, **logs),
     ]
     for notebook in runs:
         NotebookClient(notebook, timeout=600, kernel_name="python3", resources=where).execute()
@@ -118,7 +124,7 @@ def test_notebook_runs_headless_twice_as_it_is_then_resumes(tmp_path, monkeypatc
     assert "not on Colab" in printed(first) and "backend cpu" in printed(first) and "built-in demo" in printed(first)
     assert "resumed from step 3" in printed(resumed)
     loras = tmp_path / "output" / "ComfyUI" / "models" / "loras"
-    histories = []
+    histories, validations = [], []
     for steps, counter in ((3, 1), (3, 2), (4, 3)):
         stem = loras / f"jaxlora_trained_lora_{steps}_steps_{counter:05}_"
         with safe_open(f"{stem}.safetensors", framework="numpy") as file:
@@ -126,15 +132,21 @@ def test_notebook_runs_headless_twice_as_it_is_then_resumes(tmp_path, monkeypatc
             assert json.loads(file.metadata()["training_settings"])["steps"] == steps
         assert keys and all(key.startswith("diffusion_model.") for key in keys)
         histories.append(json.loads(Path(f"{stem}loss.json").read_text())["loss"])
+        validations.append(json.loads(Path(f"{stem}loss.json").read_text())["validation"])
     assert histories[1] == histories[0]  # the same settings train the same run again
     assert len(histories[2]) == 4 and np.isfinite(histories[2]).all()
     assert histories[2][:3] == histories[1]  # the resumed run carries the latest run's history on
+    assert validations[0] == validations[1] and validations[0]["step"] == [3]
+    assert validations[2]["step"] == [3, 4]  # from its checkpoint (run 2's last step), then step 4
+    assert validations[2]["loss"][0] == validations[1]["loss"][0]
+    assert len(list((tmp_path / "logs").glob("events.out.tfevents.*"))) == 1
     for notebook in runs:
         plots = [out for out in notebook.cells[-2].outputs if "image/png" in out.get("data", {})]
         assert len(plots) == 1  # the loss plot, inline
     assert (loras / "jaxlora_trained_lora_checkpoints").is_dir()  # inside the chosen output folder
 
 
+@pytest.mark.slow  # two notebook runs; the images path itself runs in CI in tests/encoders/test_make_dataset.py
 def test_notebook_trains_from_a_folder_of_captioned_images(tmp_path, monkeypatch):
     """IMAGES instead of DATASET: the folder is encoded with the checkpoint's own VAE and CLIP (a tiny SD1.x
     checkpoint in the real layout), trained on, and found again by a second Run all."""

@@ -24,6 +24,7 @@ from jaxlora.train.config import (
     SettingsError,
     TrainConfig,
     check_output_folder,
+    check_run,
 )
 
 RUN_FLAGS = {spec.name for spec in fields(RunOptions)}
@@ -138,8 +139,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunOptions, TrainConfig,
             raise SettingsError("model", "give --model and --dataset (or --images), or neither for the demo")
         training = {k: v for k, v in settings.items() if k not in RUN_FLAGS}
         config = TrainConfig.from_dict({**DEMO_SETTINGS, **training} if demo else training)
-        if run.ema_export != "beside" and config.ema_decay is None:
-            raise SettingsError("ema_export", f"ema_export {run.ema_export} needs an EMA: set ema_decay (e.g. 0.999)")
+        check_run(run, config)
     except SettingsError as error:
         if error.key in settings and error.key not in flags_given(args) and "config" in args:
             raise type(error)(error.key, f"{args.config}: {error}") from None
@@ -175,13 +175,14 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
     from jaxlora.train.compile_cache import enable_compilation_cache
     from jaxlora.train.loop import NonFiniteLossError, run_training, with_host_adapters
     from jaxlora.train.report import AdapterSaves, output_stem, write_run_outputs
+    from jaxlora.train.tracking import open_logs
 
     processes.initialize(distributed, os.environ)
     if compile_cache:
         enable_compilation_cache()
     with scratch_folder("jaxlora-demo-") as scratch:
         try:
-            model, dataset, existing = load_inputs(run, config, demo, scratch)
+            model, dataset, existing, validation = load_inputs(run, config, demo, scratch)
         except (ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -193,18 +194,23 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
             f"{dataset.size} samples in {len(dataset.buckets)} bucket(s), {config.steps} steps"
         )
         started = time.perf_counter()
+        log_dir, wandb_project = (run.log_dir, run.wandb_project) if is_writer() else (None, None)
         try:
-            result = run_training(
-                model,
-                dataset,
-                config,
-                checkpoint_dir=Path(run.output_dir) / f"{run.prefix}_checkpoints",
-                checkpoint_every=run.checkpoint_every,
-                resume=run.resume,
-                existing=existing,
-                save_every=run.save_every,
-                on_save=AdapterSaves(config, run.output_dir, run.prefix, run.format, run.save_last, run.ema_export),
-            )
+            with open_logs(log_dir, wandb_project, {**config.as_dict(), **vars(run)}) as logs:
+                result = run_training(
+                    model,
+                    dataset,
+                    config,
+                    checkpoint_dir=Path(run.output_dir) / f"{run.prefix}_checkpoints",
+                    checkpoint_every=run.checkpoint_every,
+                    resume=run.resume,
+                    existing=existing,
+                    save_every=run.save_every,
+                    on_save=AdapterSaves(config, run.output_dir, run.prefix, run.format, run.save_last, run.ema_export),
+                    validation_dataset=validation,
+                    validate_every=run.validate_every,
+                    logger=logs,
+                )
         except (ValueError, OSError, FolderInUseError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -241,13 +247,13 @@ def train(run: RunOptions, config: TrainConfig, demo: bool, distributed: bool, c
 
 
 def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path):
-    """The model, the dataset and the existing adapter file (None without one), after every check that needs no
-    weights: the files are what their flags say, the data fit the model, the existing adapter fits, and the
-    adapter style can name what is trained."""
+    """The model, the dataset, the existing adapter file and the validation dataset (None without them), after
+    every check that needs no weights: the files are what their flags say, the data fit the model, the existing
+    adapter fits, and the adapter style can name what is trained."""
     from jaxlora.models.demo import demo_dataset, write_random_checkpoint
     from jaxlora.models.diffusion import load_model
     from jaxlora.models.registry import DEMO_FAMILY
-    from jaxlora.train.data import batch_size_warnings, load_dataset, make_dataset
+    from jaxlora.train.data import batch_size_warnings, check_dataset, load_dataset, make_dataset
     from jaxlora.train.loop import preflight
     from jaxlora.train.report import check_style
 
@@ -263,6 +269,12 @@ def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path)
     else:
         dataset = load_dataset(encode_images(run, header) if run.images is not None else run.dataset)
     existing = preflight(header, dataset, config)
+    validation = None if run.validation_dataset is None else load_dataset(run.validation_dataset)
+    if validation is not None:
+        try:
+            check_dataset(validation, header)
+        except ValueError as error:
+            raise ValueError(f"--validation-dataset: {error}") from error
     for warning in batch_size_warnings(dataset, config.batch_size):
         print(f"warning: {warning}", file=sys.stderr)
     if existing is not None:
@@ -277,7 +289,7 @@ def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path)
     model = load_model(
         model_path, config.training_dtype, config.prediction, mesh=config.mesh, quantization=config.base_quantization
     )
-    return model, dataset, existing
+    return model, dataset, existing, validation
 
 
 def encode_images(run: RunOptions, header) -> Path:
@@ -320,6 +332,10 @@ def summary(result, stats, paths: dict[str, Path]) -> str:
         rows.append(("MFU", f"{mfu:.1%} ({achieved / 1e12:.3g} of {peak})"))
     if stats.peak_memory_bytes:
         rows.append(("peak memory", f"{stats.peak_memory_bytes / 2**30:.2f} GiB"))
+    if result.validation and result.validation["step"]:
+        curves = result.validation
+        ema = f", EMA adapter {curves['ema_loss'][-1]:.5g}" if "ema_loss" in curves else ""
+        rows.append(("validation", f"loss {curves['loss'][-1]:.5g} at step {curves['step'][-1]}{ema}"))
     rows += [(name, str(path)) for name, path in paths.items()]
     return "\n".join(f"  {name:<12}{value}" for name, value in rows)
 

@@ -17,9 +17,10 @@ import json
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -62,6 +63,29 @@ def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:
 def _unnumbered(template, numbered: dict):
     leaves, treedef = jax.tree.flatten(template)
     return jax.tree.unflatten(treedef, [numbered[str(i)] for i in range(len(leaves))])
+
+
+ValidationRecords = Sequence[tuple[int, float, float | None]]
+
+
+class Restored(NamedTuple):
+    """A restored checkpoint: its step, adapters, optimizer state, loss history and validation records."""
+
+    step: int
+    adapters: nnx.State
+    opt_state: object
+    losses: list[float]
+    validation: list[tuple[int, float, float | None]]
+
+
+def _validation_array(records: ValidationRecords) -> np.ndarray:
+    """[n, 3] float32 rows (step, loss, EMA loss or NaN)."""
+    rows = [(step, loss, np.nan if ema is None else ema) for step, loss, ema in records]
+    return np.asarray(rows, np.float32).reshape(-1, 3)
+
+
+def _validation_records(array: np.ndarray) -> list[tuple[int, float, float | None]]:
+    return [(int(step), float(loss), None if np.isnan(ema) else float(ema)) for step, loss, ema in array]
 
 
 def read_record(folder: Path) -> dict | None:
@@ -125,20 +149,25 @@ class Checkpoints:
                 self.discard()
                 raise
 
-    def save(self, step: int, adapters: nnx.State, opt_state, losses: list[float]) -> None:
-        """Write the checkpoint of `step`; it counts only once its files are synced and `run.json` names it."""
+    def save(
+        self, step: int, adapters: nnx.State, opt_state, losses: list[float], validation: ValidationRecords = ()
+    ) -> None:
+        """Write the checkpoint of `step`; it counts only once its files are synced and `run.json` names it.
+        `validation` holds the run's (step, loss, EMA loss or None) records so far."""
         tree = {
             "adapters": _numbered(adapters),
             "opt_state": _numbered(opt_state),
             "losses": np.asarray(losses, np.float32),
         }
+        if validation:  # orbax saves no empty arrays; a checkpoint without validation records has none
+            tree["validation"] = _validation_array(validation)
         self.manager.save(step, args=ocp.args.StandardSave(tree))
         self.manager.wait_until_finished()
         if is_writer():
             sync_tree(self.directory / str(step))
             self._write_record(step=step)
 
-    def restore(self, adapters: nnx.State, opt_state) -> tuple[int, nnx.State, object, list[float]]:
+    def restore(self, adapters: nnx.State, opt_state) -> Restored:
         """The latest readable checkpoint, shaped and laid out like the given (freshly initialised) adapters and
         optimizer state. An unreadable one is named in a warning and the one before it is used; checkpoints after
         the one restored are deleted, so the run continues from there."""
@@ -159,19 +188,22 @@ class Checkpoints:
             return restored
         raise ResumeError(f"no readable checkpoint in {self.directory}; start a new run without --resume")
 
-    def _restore_step(self, step: int, adapters: nnx.State, opt_state) -> tuple[int, nnx.State, object, list[float]]:
-        saved_losses = self.manager.item_metadata(step)["losses"]
+    def _restore_step(self, step: int, adapters: nnx.State, opt_state) -> Restored:
+        saved = self.manager.item_metadata(step)
         target = {
             "adapters": _abstract(adapters),
             "opt_state": _abstract(opt_state),
-            "losses": np.zeros(saved_losses.shape, np.float32),
+            "losses": np.zeros(saved["losses"].shape, np.float32),
         }
+        if "validation" in saved:  # none before the first validation (and from before validation existed)
+            target["validation"] = np.zeros(saved["validation"].shape, np.float32)
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-        return (
+        return Restored(
             step,
             _unnumbered(adapters, restored["adapters"]),
             _unnumbered(opt_state, restored["opt_state"]),
             [float(x) for x in restored["losses"]],
+            _validation_records(restored.get("validation", np.zeros((0, 3)))),
         )
 
     def _delete_steps_after(self, step: int) -> None:

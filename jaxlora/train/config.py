@@ -45,6 +45,7 @@ CONTROL_RANGES = {
     "min_snr_gamma": (1e-3, 1e6),
     "caption_dropout": (0.0, 0.99),
     "ema_decay": (0.5, 0.999999),
+    "validation_split": (0.0, 0.9),
 }
 # a knob -> (the setting that chooses its owner, the owners it applies to); set elsewhere it would do nothing
 KNOB_OWNERS = {
@@ -152,6 +153,7 @@ MEANINGS = {
     "loss_target": "x0 (the node's x0-space loss) or native (the model's own target: eps, v or flow velocity)",
     "caption_dropout": "probability of training a sample on the empty caption (the dataset must carry it)",
     "ema_decay": "keep an exponential moving average of the adapter with this decay, e.g. 0.999 (none: no EMA)",
+    "validation_split": "fraction of the dataset held out for the validation loss, chosen from the seed (0: none)",
     "output_dir": "folder for the adapter, loss history and plot",
     "prefix": "file name prefix inside the output folder, may include sub-folders",
     "format": "adapter key style: comfyui, kohya (A1111/Forge) or peft (LoRA only)",
@@ -161,6 +163,10 @@ MEANINGS = {
     "save_every": "write a ComfyUI-loadable adapter into <prefix>_saves/ every N steps (0: only the final one)",
     "save_last": "keep only the last K adapters saved during the run (0: all)",
     "keep_checkpoints": "keep a finished run's checkpoints (by default deleted once the adapter is written)",
+    "validation_dataset": "dataset of held-out samples for the validation loss (same formats as --dataset)",
+    "validate_every": "validation loss every N steps as well as after the last (0: only after the last)",
+    "log_dir": "folder for TensorBoard event files (needs tensorboardX: pip install 'jaxlora[tensorboard]')",
+    "wandb_project": "log to this Weights & Biases project (needs wandb installed and logged in)",
 }
 
 
@@ -263,6 +269,7 @@ class TrainConfig:
     loss_target: str = "x0"
     caption_dropout: float = 0.0
     ema_decay: float | None = None  # moving average of the adapter (train.optim.with_ema)
+    validation_split: float = 0.0  # held-out fraction of the dataset (train.validation): not trained on
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -396,6 +403,10 @@ class RunOptions:
     ema_export: str = "beside"
     save_every: int = 0
     save_last: int = 0
+    validation_dataset: str | None = None
+    validate_every: int = 0
+    log_dir: str | None = None
+    wandb_project: str | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -404,7 +415,7 @@ class RunOptions:
             raise SettingsError(
                 "resolution", f"resolution must be 0 (the model's) or a multiple of 8, got {self.resolution}"
             )
-        for name in ("checkpoint_every", "save_every", "save_last"):
+        for name in ("checkpoint_every", "save_every", "save_last", "validate_every"):
             if getattr(self, name) < 0:
                 raise SettingsError(name, f"{name} must be 0 or more, got {getattr(self, name)}")
         check_prefix(self.prefix)
@@ -412,6 +423,26 @@ class RunOptions:
     @classmethod
     def from_dict(cls, values: Mapping[str, object]) -> RunOptions:
         return cls(**_known(cls, values, "run options"))
+
+
+def check_run(run: RunOptions, config: TrainConfig) -> None:
+    """The run options against the training settings: `ema_export` needs an EMA, held-out samples come from one
+    source at most and `validate_every` needs one, and the log destinations' packages are installed."""
+    from jaxlora.train.tracking import LoggerUnavailableError, check_packages  # numpy only, no JAX
+
+    if run.ema_export != "beside" and config.ema_decay is None:
+        raise SettingsError("ema_export", f"ema_export {run.ema_export} needs an EMA: set ema_decay (e.g. 0.999)")
+    if run.validation_dataset is not None and config.validation_split:
+        raise SettingsError("validation_dataset", "give validation_dataset or validation_split, not both")
+    if run.validate_every and run.validation_dataset is None and not config.validation_split:
+        raise SettingsError(
+            "validate_every", "validate_every needs held-out samples: set validation_split or validation_dataset"
+        )
+    for key, value in (("log_dir", run.log_dir), ("wandb_project", run.wandb_project)):
+        try:
+            check_packages(**{key: value})
+        except LoggerUnavailableError as error:
+            raise SettingsError(key, str(error)) from None
 
 
 def _known(cls: type, values: Mapping[str, object], what: str) -> dict[str, object]:

@@ -30,12 +30,14 @@ from jaxlora.parallel.mesh import MeshLayout, check_batch, make_mesh
 from jaxlora.parallel.placement import is_writer, place_tree, to_host
 from jaxlora.train.checkpoints import Checkpoints, open_run
 from jaxlora.train.config import TRAINING_CONTROLS, TrainConfig
-from jaxlora.train.data import Dataset, check_dataset, device_arrays, make_dataset
+from jaxlora.train.data import Dataset, check_dataset, device_arrays, load_dataset, make_dataset
 from jaxlora.train.objective import Objective
 from jaxlora.train.optim import OptimizerSettings, ema_params, eval_params, loss_function, make_optimizer, with_ema
 from jaxlora.train.perf import device_peak, matmul_flops
-from jaxlora.train.schedule import DECAYING, learning_rate_schedule, rate_at
+from jaxlora.train.schedule import DECAYING, learning_rate_schedule, rate_at, rates
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
+from jaxlora.train.tracking import RunLog, known
+from jaxlora.train.validation import Validation, split_dataset
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,6 +82,7 @@ class TrainResult:
     stats: RunStats = field(default_factory=RunStats)
     checkpoints: Checkpoints | None = None  # the run's folder, marked finished once its outputs are written
     ema_model: DiffusionModel | None = None  # with ema_decay: the model carrying the averaged adapter
+    validation: dict[str, list] | None = None  # with validation: {"step", "loss"[, "ema_loss"]}, one entry each
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ class PreparedRun:
     previous_steps: int
     existing: ExistingAdapter | None
     schedule: float | Callable[[int], object]  # the learning rate of each optimizer step
+    validation: Validation | None = None  # the held-out samples' loss, on the device
 
 
 def settings_of(kind: type, config: TrainConfig):
@@ -218,12 +222,18 @@ def settings_of(kind: type, config: TrainConfig):
 
 
 def prepare_run(
-    model: DiffusionModel, dataset: Dataset, config: TrainConfig, existing: ExistingAdapter | None = None
+    model: DiffusionModel,
+    dataset: Dataset,
+    config: TrainConfig,
+    existing: ExistingAdapter | None = None,
+    validation: Dataset | None = None,
 ) -> PreparedRun:
     """Check the run (`preflight`), attach the adapters, split and place the trees on the mesh, initialise the
-    optimizer and put the data on the device: the set-up of `run_training`, shared with the benchmarks so they
-    time the trainer's own step."""
+    optimizer and put the data (and the `validation` samples, if any) on the device: the set-up of
+    `run_training`, shared with the benchmarks so they time the trainer's own step."""
     existing = preflight(model, dataset, config, existing)
+    if validation is not None:
+        check_dataset(validation, model)
     dtype = compute_dtype(config, model)
     stored = None if config.training_dtype == "none" else dtype  # "none": the frozen weights stay as stored
     network, previous_steps = adapted_network(model, config, stored, existing)
@@ -255,8 +265,25 @@ def prepare_run(
             place_tree(base, layout.base),
         )
         data, perm_key = place_tree((data, perm_key), layout.replicated)
+    held_out = None
+    if validation is not None:
+        arrays = [device_arrays(bucket, model, dtype, config.guidance) for bucket in validation.buckets]
+        arrays = arrays if layout is None else place_tree(arrays, layout.replicated)
+        held_out = Validation(graph, settings, arrays, config.seed)
     return PreparedRun(
-        graph, adapters, opt_state, base, data, perm_key, settings, layout, sampling, previous_steps, existing, schedule
+        graph,
+        adapters,
+        opt_state,
+        base,
+        data,
+        perm_key,
+        settings,
+        layout,
+        sampling,
+        previous_steps,
+        existing,
+        schedule,
+        held_out,
     )
 
 
@@ -360,24 +387,53 @@ def run_training(
     existing: ExistingAdapter | None = None,
     save_every: int = 0,
     on_save: SaveHook | None = None,
+    validation_dataset: Dataset | None = None,
+    validate_every: int = 0,
+    logger: RunLog | None = None,
 ) -> TrainResult:
     """Train `config.steps` optimizer steps and return the node's outputs, with checkpoints in a new run folder
     under `checkpoint_dir` (every `checkpoint_every` steps, at the end and on Ctrl-C), or continuing a run there:
     `resume=True` takes the latest unfinished one, a string names it. `existing` is the `existing_lora` file as
     `preflight` read it, so it is read once. Every `save_every` steps before the last, `on_save` (e.g.
     `report.AdapterSaves`) gets the total steps and the models carrying the adapter and its EMA (or None),
-    gathered to the host; on several processes only process 0 calls it."""
-    for name, value in (("checkpoint_every", checkpoint_every), ("save_every", save_every)):
+    gathered to the host; on several processes only process 0 calls it.
+
+    Validation (`train.validation`) scores the held-out samples, `validation_dataset` or the
+    `config.validation_split` of `dataset`, every `validate_every` steps (0: only) and after the last; `logger`
+    (`train.tracking.RunLog`) receives the numbers the progress line fetches."""
+    for name, value in (
+        ("checkpoint_every", checkpoint_every),
+        ("save_every", save_every),
+        ("validate_every", validate_every),
+    ):
         if value < 0:
             raise ValueError(f"{name} must be 0 or more, got {value}")
+    if config.validation_split and validation_dataset is not None:
+        raise ValueError("give validation_split or a validation dataset, not both")
+    if config.validation_split:
+        dataset, validation_dataset = split_dataset(dataset, config.validation_split, config.seed)
+    if validate_every and validation_dataset is None:
+        raise ValueError("validate_every needs held-out samples: set validation_split or validation_dataset")
     progress = progress or (lambda line: print(line, file=sys.stderr))
-    run = prepare_run(model, dataset, config, existing)
+    run = prepare_run(model, dataset, config, existing, validation_dataset)
     saves = (save_every, on_save) if save_every and on_save is not None else None
+    observe = Observers(progress, log_every_seconds, saves, validate_every, logger)
     if checkpoint_dir is None:
-        return _train(model, dataset, config, run, None, checkpoint_every, progress, log_every_seconds, saves)
+        return _train(model, dataset, config, run, None, checkpoint_every, observe)
     checkpoints = open_run(checkpoint_dir, fingerprint(config, model, dataset), resume, config.steps)
     with checkpoints.in_use():
-        return _train(model, dataset, config, run, checkpoints, checkpoint_every, progress, log_every_seconds, saves)
+        return _train(model, dataset, config, run, checkpoints, checkpoint_every, observe)
+
+
+@dataclass(frozen=True)
+class Observers:
+    """What a run reports along the way and how often; none of it changes what is trained."""
+
+    progress: Callable[[str], None]
+    log_every_seconds: float = 2.0
+    saves: tuple[int, SaveHook] | None = None  # (every N steps, hook)
+    validate_every: int = 0
+    logger: RunLog | None = None
 
 
 def _train(
@@ -387,16 +443,15 @@ def _train(
     run: PreparedRun,
     checkpoints: Checkpoints | None,
     checkpoint_every: int,
-    progress: Callable[[str], None],
-    log_every_seconds: float,
-    saves: tuple[int, SaveHook] | None = None,
+    observe: Observers,
 ) -> TrainResult:
     graph, adapters, opt_state, base = run.graph, run.adapters, run.opt_state, run.base
     data, perm_key, settings, layout = run.data, run.perm_key, run.settings, run.layout
+    progress, saves, logger = observe.progress, observe.saves, observe.logger
 
-    start, history = 0, []
+    start, history, validated = 0, [], []
     if checkpoints is not None and checkpoints.latest_step() is not None:
-        start, adapters, opt_state, history = checkpoints.restore(adapters, opt_state)
+        start, adapters, opt_state, history, validated = checkpoints.restore(adapters, opt_state)
         progress(f"resumed from step {start} of {checkpoints.name} ({checkpoints.directory})")
 
     micro = config.grad_accumulation_steps
@@ -418,25 +473,50 @@ def _train(
     stats.peak_flops, stats.peak_source = device_peak()
 
     sizes = [bucket.size for bucket in dataset.buckets]
-    pending: list[tuple[int, jax.Array]] = []
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    pending_validation: list[tuple[int, jax.Array, jax.Array | None]] = []
+    learning_rates = rates(run.schedule, config.steps) if logger is not None else None
 
     def collect() -> None:
-        """Fetch the losses computed so far (the only host sync) and stop at the first non-finite one."""
-        for step, losses in pending:
-            values = [float(v) for v in to_host(losses)]
+        """Fetch the losses (and validation losses) computed so far, the only host sync, log them, and stop at
+        the first non-finite training loss."""
+        for step, metrics in pending:
+            metrics = to_host(metrics)
+            values = [float(v) for v in metrics["loss"]]
             if not all(np.isfinite(values)):
                 raise NonFiniteLossError(
                     f"loss became {values} at step {step + 1}; the last checkpoint holds the adapter before it"
                 )
             history.extend(values)
+            if logger is not None:
+                logger.scalars(
+                    step + 1,
+                    {
+                        "train/loss": float(np.mean(values)),
+                        "train/grad_norm": float(metrics["grad_norm"]),
+                        "train/learning_rate": float(learning_rates[step]),
+                    },
+                )
         pending.clear()
+        for step, loss, ema_loss in pending_validation:
+            loss, ema_loss = to_host((loss, ema_loss))
+            validated.append((step, float(loss), None if ema_loss is None else float(ema_loss)))
+            if logger is not None:
+                logger.scalars(step, known({"validation/loss": loss, "validation/ema_loss": ema_loss}))
+        pending_validation.clear()
+
+    def validate(done: int) -> None:
+        """Dispatch the held-out losses of the adapter to export (schedule-free: its average) and of its EMA."""
+        trained = run.validation(eval_params(config.optimizer, opt_state, adapters), base)
+        ema = None if config.ema_decay is None else run.validation(ema_params(opt_state), base)
+        pending_validation.append((done, trained, ema))
 
     done, logged = start, len(history)
     began, last_log = time.perf_counter(), time.perf_counter()
     with stop_requests() as stop:
         for step in range(start, config.steps):
             bucket = choose_bucket(sizes, config.seed, step)
-            adapters, opt_state, losses = compiled[bucket](
+            adapters, opt_state, metrics = compiled[bucket](
                 adapters,
                 opt_state,
                 base,
@@ -445,19 +525,22 @@ def _train(
                 perm_key,
                 step * micro,
             )
-            pending.append((step, losses))
+            pending.append((step, metrics))
             stats.steps_run += 1
             stats.samples += micro * min(config.batch_size, sizes[bucket])
             stats.flops += flops[bucket]
             done = step + 1
+            every = observe.validate_every
+            if run.validation is not None and ((every and done % every == 0) or done == config.steps):
+                validate(done)
             if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
                 collect()
-                checkpoints.save(done, adapters, opt_state, history)
+                checkpoints.save(done, adapters, opt_state, history, validated)
             if saves is not None and done % saves[0] == 0 and done < config.steps:
                 trained, ema = host_models(model, config, run, adapters, opt_state)
                 if is_writer():
                     saves[1](done + run.previous_steps, trained, ema)
-            if time.perf_counter() - last_log >= log_every_seconds or done == config.steps or stop:
+            if time.perf_counter() - last_log >= observe.log_every_seconds or done == config.steps or stop:
                 collect()
                 last_log = time.perf_counter()
                 elapsed = last_log - began
@@ -466,6 +549,9 @@ def _train(
                 logged = len(history)
                 mfu, learning_rate = stats.mfu(elapsed), rate_at(run.schedule, done - 1)
                 progress(progress_line(done, config.steps, interval_loss, rate, samples_rate, mfu, learning_rate))
+                if logger is not None:
+                    speeds = {"perf/steps_per_second": rate, "perf/samples_per_second": samples_rate, "perf/mfu": mfu}
+                    logger.scalars(done, known(speeds))
             if stop:
                 stats.interrupted = done < config.steps  # Ctrl-C during the last step stops nothing
                 break
@@ -474,11 +560,21 @@ def _train(
     stats.train_seconds = time.perf_counter() - began
     stats.peak_memory_bytes = peak_memory()
     if checkpoints is not None and done > start:
-        checkpoints.save(done, adapters, opt_state, history)
+        checkpoints.save(done, adapters, opt_state, history, validated)
 
     adapted, ema = trained_models(model, config, run, adapters, opt_state)
     lora = export_adapter(with_host_adapters(adapted), "comfyui", resolve_dtype(config.lora_dtype))
-    return TrainResult(adapted, lora, {"loss": history}, done + run.previous_steps, stats, checkpoints, ema)
+    steps = done + run.previous_steps
+    curves = validation_curves(validated, config.ema_decay is not None) if run.validation is not None else None
+    return TrainResult(adapted, lora, {"loss": history}, steps, stats, checkpoints, ema, curves)
+
+
+def validation_curves(validated: list[tuple[int, float, float | None]], with_ema: bool) -> dict[str, list]:
+    """{"step": [...], "loss": [...]} and with an EMA "ema_loss", from (step, loss, EMA loss) records."""
+    curves = {"step": [step for step, _, _ in validated], "loss": [loss for _, loss, _ in validated]}
+    if with_ema:
+        curves["ema_loss"] = [ema for _, _, ema in validated]
+    return curves
 
 
 SaveHook = Callable[[int, DiffusionModel, DiffusionModel | None], object]
@@ -536,8 +632,9 @@ def train_lora(
     the family's other fields (`pooled_output`, sizes) (or a list matching `latents`). `options` are the
     TrainConfig additions (remat_policy, bypass, base_quantization, prediction, mesh, and the training controls
     such as lr_scheduler, warmup_steps, weight_decay, max_grad_norm, timestep_sampling, min_snr_gamma,
-    loss_target, ema_decay) and run_training's (checkpoint_dir, checkpoint_every, resume, progress, save_every,
-    on_save). A quantized base is loaded so: `load_model(path, quantization="int8")`.
+    loss_target, ema_decay, validation_split) and run_training's (checkpoint_dir, checkpoint_every, resume,
+    progress, save_every, on_save, validation_dataset, validate_every, logger). `validation_dataset` may be a
+    Dataset or a dataset path. A quantized base is loaded so: `load_model(path, quantization="int8")`.
     Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and steps (including the existing
     adapter's), and with ema_decay the ema_model.
     """
@@ -564,6 +661,8 @@ def train_lora(
         **options,
     )
     dataset = latents if isinstance(latents, Dataset) else make_dataset(latents, positive)
+    if isinstance(run_options.get("validation_dataset"), str | Path):
+        run_options["validation_dataset"] = load_dataset(run_options["validation_dataset"])
     return run_training(model, dataset, config, **run_options)
 
 
@@ -576,4 +675,7 @@ RUN_OPTIONS = (
     "existing",
     "save_every",
     "on_save",
+    "validation_dataset",
+    "validate_every",
+    "logger",
 )

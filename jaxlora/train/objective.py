@@ -95,10 +95,19 @@ def weighted_loss(loss, prediction, target, sigma, sampling: ModelSampling, obje
     losses."""
     if objective.min_snr_gamma is None:
         return loss(prediction, target)
+    return jnp.mean(sample_losses(loss, prediction, target, sigma, sampling, objective))
+
+
+def sample_losses(loss, prediction, target, sigma, sampling: ModelSampling, objective: Objective) -> jax.Array:
+    """Each sample's (weighted) loss, whose mean is `weighted_loss` (the losses are means over equal-sized
+    samples): what validation averages over a held-out set of any size."""
+    losses = jax.vmap(loss)(prediction, target)
+    if objective.min_snr_gamma is None:
+        return losses
     weight = min_snr_weight(sigma, objective.min_snr_gamma)
     if objective.loss_target == "native":
         weight = weight / target_scale(sigma, sampling.prediction)
-    return jnp.mean(weight * jax.vmap(loss)(prediction, target))
+    return weight * losses
 
 
 def drop_captions(key: jax.Array, inputs: dict, empty: dict, probability: float) -> dict:

@@ -13,32 +13,26 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from PIL import Image, ImageDraw, ImageFont
 
 from jaxlora.adapters.attach import attach_adapters, attach_imported
 from jaxlora.adapters.formats import export_adapter, import_adapter
 from jaxlora.adapters.lora_files import save_lora
 from jaxlora.adapters.metadata import adapter_info
 from jaxlora.files import write_new_file
+from jaxlora.train.loss_plot import render_loss_plot
 
 if TYPE_CHECKING:
     from jaxlora.models.diffusion import DiffusionModel
     from jaxlora.train.config import TrainConfig
     from jaxlora.train.loop import ExistingAdapter, TrainResult
 
-# ComfyUI's LossGraphNode geometry: an 800x480 plot area inside 40 px margins.
-WIDTH, HEIGHT, MARGIN = 840, 520, 40
-SMOOTHING = 40  # histories of 10x this many micro-steps or more also get a moving mean over 1/40 of the run
-LINE, FAINT, WARN = (31, 74, 150), (172, 192, 226), (170, 40, 40)  # dark blue, light blue, red
-AXIS, TEXT, GRID = (60, 60, 60), (30, 30, 30), (228, 228, 228)
 COUNTER_ATTEMPTS = 100  # runs of one prefix finishing within the same moment
 
 
@@ -65,25 +59,34 @@ def output_stem(output_dir: str | Path, prefix: str, steps: int | None) -> Path:
     return folder / (f"{base}_{counter:05}_" if steps is None else f"{base}_{steps}_steps_{counter:05}_")
 
 
-def write_loss_history(stem: str | Path, losses: Sequence[float], steps_per_optimizer_step: int) -> dict[str, Path]:
+def write_loss_history(
+    stem: str | Path,
+    losses: Sequence[float],
+    steps_per_optimizer_step: int,
+    validation: Mapping[str, Sequence] | None = None,
+) -> dict[str, Path]:
     """Write `<stem>loss.json` (ComfyUI's loss_map plus `micro_steps_per_step`; non-finite losses as null),
     `<stem>loss.csv` (`micro_step,step,loss`, both counted from 1) and `<stem>loss.png`; never over a file.
+    With `validation` ({"step", "loss"[, "ema_loss"]}, the run's validation losses) the JSON also holds it under
+    "validation" and `<stem>validation_loss.csv` (`step,loss[,ema_loss]`) is written.
 
-    `losses` has one entry per micro-step; `steps_per_optimizer_step` is the gradient accumulation count. All three
-    are checked for existence before any is written, so a clash leaves no partial set.
+    `losses` has one entry per micro-step; `steps_per_optimizer_step` is the gradient accumulation count. All
+    files are checked for existence before any is written, so a clash leaves no partial set.
     """
     if steps_per_optimizer_step < 1:
         raise ValueError(f"steps_per_optimizer_step must be >= 1, got {steps_per_optimizer_step}")
     losses = [float(loss) for loss in losses]
     stem = Path(stem)
-    image = render_loss_plot(losses, steps_per_optimizer_step, title=stem.name.rstrip("_"))
+    image = render_loss_plot(losses, steps_per_optimizer_step, stem.name.rstrip("_"), validation)
     png = io.BytesIO()
     image.save(png, format="PNG")
     contents = {
-        "loss json": ("loss.json", _loss_json(losses, steps_per_optimizer_step)),
+        "loss json": ("loss.json", _loss_json(losses, steps_per_optimizer_step, validation)),
         "loss csv": ("loss.csv", _loss_csv(losses, steps_per_optimizer_step)),
         "loss plot": ("loss.png", png.getvalue()),
     }
+    if validation is not None:
+        contents["validation csv"] = ("validation_loss.csv", _validation_csv(validation))
     paths = {name: stem.parent / (stem.name + suffix) for name, (suffix, _) in contents.items()}
     if existing := [str(path) for path in paths.values() if path.exists()]:
         raise FileExistsError(f"{', '.join(existing)} exist; jaxlora never overwrites a file")
@@ -126,7 +129,7 @@ def write_run_outputs(
             continue
     else:
         raise FileExistsError(f"{stem}.safetensors: {COUNTER_ATTEMPTS} counters taken by other runs meanwhile")
-    paths.update(write_loss_history(stem, result.loss_map["loss"], config.grad_accumulation_steps))
+    paths.update(write_loss_history(stem, result.loss_map["loss"], config.grad_accumulation_steps, result.validation))
     if result.checkpoints is not None:
         result.checkpoints.finish(paths["adapter"], keep_checkpoints)
     return paths
@@ -196,122 +199,30 @@ class AdapterSaves:
         return paths
 
 
-def _loss_json(losses: list[float], per_step: int) -> bytes:
+def _finite_or_none(values: Sequence[float | None]) -> list[float | None]:
     """Strict JSON (NaN and Infinity are not JSON), so non-finite losses become null."""
-    values = [loss if math.isfinite(loss) else None for loss in losses]
-    return (json.dumps({"loss": values, "micro_steps_per_step": per_step}) + "\n").encode()
+    return [float(v) if v is not None and math.isfinite(v) else None for v in values]
+
+
+def _loss_json(losses: list[float], per_step: int, validation: Mapping[str, Sequence] | None) -> bytes:
+    contents = {"loss": _finite_or_none(losses), "micro_steps_per_step": per_step}
+    if validation is not None:
+        contents["validation"] = {
+            name: list(map(int, values)) if name == "step" else _finite_or_none(values)
+            for name, values in validation.items()
+        }
+    return (json.dumps(contents) + "\n").encode()
+
+
+def _validation_csv(validation: Mapping[str, Sequence]) -> bytes:
+    names = list(validation)
+    rows = [",".join(names)] + [",".join(map(repr, row)) for row in zip(*validation.values(), strict=True)]
+    return ("\n".join(rows) + "\n").encode()
 
 
 def _loss_csv(losses: list[float], per_step: int) -> bytes:
     rows = ["micro_step,step,loss"] + [f"{i + 1},{i // per_step + 1},{loss!r}" for i, loss in enumerate(losses)]
     return ("\n".join(rows) + "\n").encode()
-
-
-def render_loss_plot(losses: Sequence[float], steps_per_optimizer_step: int, title: str = "") -> Image.Image:
-    """ComfyUI's loss graph (min-max normalised line, 840x520, 800x480 plot area) with axis labels, the loss range,
-    the step counts and a title. Per-micro-step diffusion losses are noisy (they depend on the sampled noise level),
-    so long histories get a moving mean drawn over them. Non-finite losses leave gaps, red ticks and a title note."""
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    font = _font(13)
-    left, top, right, bottom = MARGIN, MARGIN, WIDTH - MARGIN, HEIGHT - MARGIN
-    values = np.asarray(losses, dtype=np.float64).reshape(-1)
-    finite = np.isfinite(values)
-    window = len(values) // SMOOTHING if len(values) >= 10 * SMOOTHING else 1
-    line = _moving_mean(values, window) if window > 1 else values
-
-    steps = math.ceil(len(values) / steps_per_optimizer_step)
-    details = [f"{steps} step" + "s" * (steps != 1)]
-    if steps_per_optimizer_step > 1:
-        details[0] += f" ({steps_per_optimizer_step} micro-steps each)"
-    if finite.any():
-        details.append(f"last {line[np.isfinite(line)][-1]:.4g}" + f" (mean of {window})" * (window > 1))
-    if skipped := int((~finite).sum()):
-        details.append(f"{skipped} non-finite skipped")
-    heading = " - ".join([title] * bool(title) + [", ".join(details)])
-    if draw.textlength(heading, font=font) > WIDTH - 16:  # a long prefix: the numbers matter more
-        heading = ", ".join(details)
-    draw.text((WIDTH / 2, 8), heading, fill=WARN if skipped else TEXT, font=font, anchor="mt")
-    draw.line([(left, top), (right, top)], fill=GRID)
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill=AXIS)
-    _vertical_text(image, "loss", (MARGIN // 2, (top + bottom) // 2), font)
-    draw.text(((left + right) / 2, bottom + 20), "micro-step", fill=TEXT, font=font, anchor="mt")
-    xs = np.linspace(left, right, len(values)) if len(values) > 1 else np.full(len(values), (left + right) / 2)
-    if len(values):
-        draw.text((xs[0], bottom + 4), "1", fill=TEXT, font=font, anchor="mt")
-    if len(values) > 1:
-        draw.text((right, bottom + 4), str(len(values)), fill=TEXT, font=font, anchor="rt")
-    if not finite.any():
-        message = "no finite losses" if len(values) else "no losses"
-        draw.text(((left + right) / 2, (top + bottom) / 2), message, fill=WARN, font=font, anchor="mm")
-        return image
-
-    low, high = values[finite].min(), values[finite].max()
-
-    def to_y(series: np.ndarray) -> np.ndarray:  # a constant history is drawn across the middle
-        fraction = (series - low) / (high - low) if high > low else series - low + 0.5
-        return bottom - fraction * (bottom - top)
-
-    for y in (top, bottom):
-        draw.line([(left - 5, y), (left, y)], fill=AXIS)
-    _vertical_text(image, f"{high:.4g}", (MARGIN // 2, top), font, align="top")
-    _vertical_text(image, f"{low:.4g}", (MARGIN // 2, bottom), font, align="bottom")
-    for x in xs[~finite]:
-        draw.line([(x, top), (x, top + 8)], fill=WARN, width=2)
-    if window > 1:
-        _polyline(draw, xs, to_y(values), fill=FAINT, width=1)
-        legend = f"light: each micro-step, dark: mean of {window}"
-        draw.text((right, top - 4), legend, fill=TEXT, font=font, anchor="rb")
-    _polyline(draw, xs, to_y(line), fill=LINE, width=2)
-    return image
-
-
-def _moving_mean(values: np.ndarray, window: int) -> np.ndarray:
-    """Mean of the finite values in a centred window (shorter at the ends); NaN where the window has none."""
-    finite = np.isfinite(values)
-    sums = np.concatenate([[0.0], np.cumsum(np.where(finite, values, 0.0))])
-    counts = np.concatenate([[0], np.cumsum(finite)])
-    index = np.arange(len(values))
-    lo, hi = np.clip(index - window // 2, 0, None), np.clip(index + window - window // 2, None, len(values))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (sums[hi] - sums[lo]) / (counts[hi] - counts[lo])
-
-
-def _polyline(draw: ImageDraw.ImageDraw, xs: np.ndarray, ys: np.ndarray, fill: tuple[int, int, int], width: int):
-    """Draw the points as lines broken at non-finite ys; a lone finite point becomes a dot."""
-    breaks = np.flatnonzero(~np.isfinite(ys))
-    for run in np.split(np.arange(len(ys)), breaks):
-        run = run[np.isfinite(ys[run])]
-        if len(run) > 1:
-            draw.line(list(zip(xs[run].tolist(), ys[run].tolist(), strict=True)), fill=fill, width=width, joint="curve")
-        elif len(run) == 1:
-            x, y = xs[run[0]], ys[run[0]]
-            draw.ellipse([x - width, y - width, x + width, y + width], fill=fill)
-
-
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's bundled font, scalable since Pillow 10.1; the fixed bitmap font before."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def _vertical_text(
-    image: Image.Image,
-    text: str,
-    at: tuple[int, int],
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-    align: str = "middle",
-) -> None:
-    """Draw `text` reading upwards, centred on x = at[0], with its top, middle or bottom at y = at[1]: the y-axis
-    label and values, which fit the 40 px margin only turned."""
-    _, _, width, height = font.getbbox(text)
-    label = Image.new("RGB", (width + 2, height + 2), "white")
-    ImageDraw.Draw(label).text((1, 1), text, fill=TEXT, font=font)
-    label = label.rotate(90, expand=True)
-    y = {"top": at[1], "middle": at[1] - label.height // 2, "bottom": at[1] - label.height}[align]
-    image.paste(label, (at[0] - label.width // 2, y))
 
 
 def check_style(model: DiffusionModel, config: TrainConfig, style: str, existing: ExistingAdapter | None) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import jax
+import numpy as np
 import optax
 
 if TYPE_CHECKING:
@@ -55,6 +57,14 @@ def learning_rate_schedule(config: TrainConfig) -> float | optax.Schedule:
     if name not in after:
         raise ValueError(f"unknown lr_scheduler {name!r}; use one of {list(SCHEDULES)}")
     return _warmup_then(learning_rate, warmup, after[name]())
+
+
+def rates(schedule: float | optax.Schedule, steps: int) -> np.ndarray:
+    """The rate of every optimizer step 0..steps-1, computed once on the host for the logs (fetching a rate per
+    step from the device would wait for the step in flight)."""
+    if not callable(schedule):
+        return np.full(steps, float(schedule))
+    return np.asarray(jax.device_get(schedule(np.arange(steps))), np.float64)
 
 
 def rate_at(schedule: float | optax.Schedule, step: int) -> float:

@@ -83,10 +83,19 @@ def micro_step_loss(graph, adapters, base, data, key_data, perm_key, micro_step,
     """The loss of one micro-step: pick samples, noise them, denoise, compare with x0 (every family's objective;
     `settings.objective` may change the noise levels, add offset noise, weight samples, compare the native target
     or drop captions). `data["empty"]`, where present, holds the empty caption's network inputs."""
-    sampling, objective = settings.sampling, settings.objective
     count = data["latents"].shape[0]
     batch = min(settings.batch_size, count)
     index = jax.random.permutation(jax.random.fold_in(perm_key, micro_step), count)[:batch]
+    prediction, target, sigma = denoise_batch(graph, adapters, base, data, index, key_data, settings)
+    return weighted_loss(settings.loss, prediction, target, sigma, settings.sampling, settings.objective)
+
+
+def denoise_batch(graph, adapters, base, data, index, key_data, settings: StepSettings):
+    """The samples `index` of `data` noised with draws from `key_data`, denoised by the adapted network: (what the
+    loss compares, its target, each sample's sigma). Shared by the train step and validation (`train.validation`),
+    so both measure the same objective."""
+    sampling, objective = settings.sampling, settings.objective
+    batch = index.shape[0]
     x0 = _split_batch(data["latents"][index].astype(jnp.float32), settings)
     key = jax.random.wrap_key_data(key_data, impl="threefry2x32")
     noise_key, sigma_key = jax.random.split(key)
@@ -110,13 +119,14 @@ def micro_step_loss(graph, adapters, base, data, key_data, perm_key, micro_step,
         **{name: _split_batch(value, settings) for name, value in inputs.items()},
     )
     prediction, target = prediction_and_target(sampling, objective, sigma, output.astype(jnp.float32), noisy, noise, x0)
-    return weighted_loss(settings.loss, prediction, target, sigma, sampling, objective)
+    return prediction, target, sigma
 
 
 def train_step(graph, adapters, opt_state, base, data, key_data, perm_key, first_micro_step, settings: StepSettings):
     """Accumulate gradients over the micro-steps inside the compiled step (no Python round trip), then update.
 
-    Returns the new adapters and optimizer state and the undivided loss of every micro-step.
+    Returns the new adapters and optimizer state and the step's metrics: `loss`, the undivided loss of every
+    micro-step, and `grad_norm`, the global norm of the averaged gradient (before any clipping), for the logs.
     """
     grad_fn = jax.value_and_grad(micro_step_loss, argnums=1)
 
@@ -130,7 +140,7 @@ def train_step(graph, adapters, opt_state, base, data, key_data, perm_key, first
     grads, losses = jax.lax.scan(accumulate, zeros, (key_data, offsets))
     grads = jax.tree.map(lambda g: g / settings.grad_accumulation_steps, grads)
     updates, opt_state = settings.optimizer.update(grads, opt_state, adapters)
-    return optax.apply_updates(adapters, updates), opt_state, losses
+    return optax.apply_updates(adapters, updates), opt_state, {"loss": losses, "grad_norm": optax.tree.norm(grads)}
 
 
 def compile_step(graph, settings: StepSettings, layout: MeshLayout | None = None):

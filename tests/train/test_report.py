@@ -6,9 +6,10 @@ import pytest
 from PIL import Image
 
 from jaxlora.adapters.metadata import parse_steps_from_name
-from jaxlora.train.report import output_stem, render_loss_plot, write_loss_history
+from jaxlora.train.loss_plot import loss_curves, nice_ticks, plot_area, render_loss_plot, smoothing_window
+from jaxlora.train.report import output_stem, write_loss_history
 
-PLOT_AREA = (41, 41, 799, 479)  # inside the axes: x0, y0, x1, y1 (exclusive) of ComfyUI's 800x480 area
+PLOT_AREA = (77, 49, 816, 462)  # inside the axes' frame: x0, y0, x1, y1 (exclusive)
 
 
 def touch(folder, *names):
@@ -80,24 +81,67 @@ def test_loss_history_json_and_csv_contents(tmp_path):
     assert paths["loss csv"].read_text() == "micro_step,step,loss\n1,1,0.5\n2,1,0.25\n3,2,0.125\n4,2,0.1\n"
 
 
-def test_loss_plot_is_840x520_with_a_dark_line_in_the_plot_area(tmp_path):
-    losses = [1.0 / (1 + i) for i in range(30)]
-    path = write_loss_history(tmp_path / "run_", losses, 1)["loss plot"]
-    pixels = plot_pixels(path)
-    assert (pixels < 255).any()
-    assert (pixels.max(axis=-1) < 160).sum() > 800  # a 2 px line across 760 px
-    # min-max normalised over the 800x480 area: the first (largest) loss at its top left, the last at its bottom right
-    with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"), dtype=int)
-    blue = (rgb[..., 2] - rgb[..., 0] > 60) & (rgb.max(axis=-1) < 160)  # the line's colour, not the grey axes
-    assert blue[36:45, 36:45].any() and blue[475:485, 795:805].any()
-    assert not blue[475:485, 36:45].any() and not blue[36:45, 795:805].any()
+def test_validation_history_goes_into_the_json_and_its_own_csv(tmp_path):
+    validation = {"step": [2, 4], "loss": [0.5, 0.25], "ema_loss": [0.75, math.nan]}
+    paths = write_loss_history(tmp_path / "run_", [0.5, 0.25, 0.125, 0.1], 1, validation)
+    assert json.loads(paths["loss json"].read_text())["validation"] == {
+        "step": [2, 4],
+        "loss": [0.5, 0.25],
+        "ema_loss": [0.75, None],
+    }
+    assert paths["validation csv"].name == "run_validation_loss.csv"
+    assert paths["validation csv"].read_text() == "step,loss,ema_loss\n2,0.5,0.75\n4,0.25,nan\n"
 
 
-def test_long_histories_get_a_moving_mean_over_the_faint_raw_line():
+def test_moving_mean_is_the_centred_mean_of_its_window():
     rng = np.random.default_rng(0)
-    pixels = np.asarray(render_loss_plot(list(1 + rng.random(2000)), 1), dtype=int)[41:479, 41:799]
-    assert (pixels.max(axis=-1) < 160).sum() > 800
+    values = 1 + rng.random(400)
+    values[17] = math.nan
+    curves = loss_curves(values, 2)
+    assert curves.window == 20  # 1/20 of the run
+    np.testing.assert_array_equal(curves.x[:3], [0.5, 1.0, 1.5])  # micro-steps in optimizer steps
+    for i in (0, 5, 17, 200, 399):  # an edge, a window holding the NaN, the middle, the other edge
+        window = values[max(i - 10, 0) : i + 10]
+        np.testing.assert_allclose(curves.mean[i], np.nanmean(window), rtol=1e-12)
+    assert smoothing_window(9) == 1 and smoothing_window(10) == 5 and smoothing_window(2000) == 100
+
+
+def test_nice_ticks_are_round_and_inside_the_range():
+    np.testing.assert_allclose(nice_ticks(0.0, 1.0, 5), [0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    np.testing.assert_allclose(nice_ticks(0.13, 0.61, 6), [0.2, 0.3, 0.4, 0.5, 0.6])
+    np.testing.assert_array_equal(nice_ticks(0, 3, 8, integer=True), [0, 1, 2, 3])  # steps: whole numbers
+    np.testing.assert_array_equal(nice_ticks(0, 1000, 8, integer=True), np.arange(0, 1001, 200))  # 125 rounds up
+
+
+def test_plot_draws_points_mean_and_validation_where_its_axes_place_them():
+    """The dark mean line, the orange validation circles and the green EMA squares are where `PlotArea` maps
+    their values; a spike at the start of a long run is left above the y range (the mean carries it)."""
+    rng = np.random.default_rng(1)
+    losses = 0.2 + 0.3 * np.exp(-np.arange(400) / 80) + 0.05 * rng.random(400)
+    losses[0] = 50.0
+    validation = {"step": [100, 200, 300, 400], "loss": [0.45, 0.3, 0.26, 0.24], "ema_loss": [0.5, 0.35, 0.3, 0.25]}
+    rgb = np.asarray(render_loss_plot(list(losses), 1, "run", validation), dtype=int)
+    assert rgb.shape == (520, 840, 3)
+    curves = loss_curves(losses, 1, validation)
+    area = plot_area(curves, 400)
+    assert area.y_range[1] < 1.0  # not stretched to the spike of 50
+
+    def colour_near(x, y, colour, reach=2):
+        x, y = round(float(x)), round(float(y))
+        patch = rgb[y - reach : y + reach + 1, x - reach : x + reach + 1]
+        return (np.abs(patch - np.asarray(colour)).max(axis=-1) < 40).any()
+
+    for k in (60, 150, 250, 350):
+        assert colour_near(area.to_x(curves.x[k]), area.to_y(curves.mean[k]), (31, 74, 150)), k
+    for step, loss, ema in zip(*validation.values(), strict=True):
+        assert colour_near(area.to_x(step - 2), area.to_y(loss), (225, 120, 20)), step
+        assert colour_near(area.to_x(step - 2), area.to_y(ema), (30, 140, 70)), step
+
+
+def test_long_histories_get_a_moving_mean_over_the_raw_points():
+    rng = np.random.default_rng(0)
+    pixels = np.asarray(render_loss_plot(list(1 + rng.random(2000)), 1), dtype=int)[48:462, 76:816]
+    assert (pixels.max(axis=-1) < 160).sum() > 800  # a 2 px line across 740 px
 
 
 def test_non_finite_losses_are_null_in_json_kept_in_csv_and_skipped_in_the_plot(tmp_path):
