@@ -35,6 +35,10 @@ class LoKr(nnx.Module):
         kernel = target.torch_shape[2:]
         bound = 1.0 / math.sqrt(in_n * math.prod(kernel))
         w2 = rng.uniform(-bound, bound, (out_k, in_n, *kernel))
+        if len(kernel) > 2:
+            # ComfyUI's loader gives w1 kernel axes only for a 4-D w2, so a 3-D conv's w2 is written flattened
+            # [out_k, in_n * k...]: the same kron-then-reshape (the kernel axes are the innermost), loaded right.
+            w2 = w2.reshape(out_k, -1)
         return cls(target, np.zeros((out_l, in_m)), w2, lora_dtype)
 
     @classmethod

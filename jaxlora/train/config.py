@@ -44,6 +44,8 @@ CONTROL_RANGES = {
     "noise_offset": (0.0, 1.0),
     "min_snr_gamma": (1e-3, 1e6),
     "caption_dropout": (0.0, 0.99),
+    "min_sigma": (0.0, 1.0),
+    "max_sigma": (0.0, 1.0),
     "ema_decay": (0.5, 0.999999),
     "validation_split": (0.0, 0.9),
 }
@@ -152,6 +154,9 @@ MEANINGS = {
     "min_snr_gamma": "eps/v models: weight samples by min(SNR, gamma) in x0 terms (none: unweighted)",
     "loss_target": "x0 (the node's x0-space loss) or native (the model's own target: eps, v or flow velocity)",
     "caption_dropout": "probability of training a sample on the empty caption (the dataset must carry it)",
+    "min_sigma": "flow models: lowest noise level trained; each drawn sigma is rescaled onto [min_sigma, max_sigma] "
+    "(a high-noise expert of a two-expert model, e.g. 0.875)",
+    "max_sigma": "flow models: highest noise level trained (a low-noise expert, e.g. 0.875)",
     "ema_decay": "keep an exponential moving average of the adapter with this decay, e.g. 0.999 (none: no EMA)",
     "validation_split": "fraction of the dataset held out for the validation loss, chosen from the seed (0: none)",
     "output_dir": "folder for the adapter, loss history and plot",
@@ -268,6 +273,8 @@ class TrainConfig:
     min_snr_gamma: float | None = None
     loss_target: str = "x0"
     caption_dropout: float = 0.0
+    min_sigma: float = 0.0
+    max_sigma: float = 1.0
     ema_decay: float | None = None  # moving average of the adapter (train.optim.with_ema)
     validation_split: float = 0.0  # held-out fraction of the dataset (train.validation): not trained on
 
@@ -284,6 +291,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise SettingsError(name, f"{name} must be a number of at least 0, got {value!r}")
+        if self.min_sigma >= self.max_sigma:
+            raise SettingsError("min_sigma", f"min_sigma ({self.min_sigma}) must be below max_sigma ({self.max_sigma})")
         if self.mesh is not None:
             from jaxlora.parallel.mesh import parse_mesh  # imports JAX: only when a mesh is asked for
 

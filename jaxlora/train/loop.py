@@ -170,6 +170,11 @@ def preflight(
                     f"{name} applies to eps and v models; {model.variant.description} is a flow model (its noise "
                     "levels span sigma 0 to 1, so offset noise and SNR weighting do not carry over): leave it unset"
                 )
+    elif (config.min_sigma, config.max_sigma) != (0.0, 1.0):
+        raise ValueError(
+            f"min_sigma/max_sigma apply to flow models (sigma 0 to 1); {model.variant.description} is an "
+            f"{sampling.prediction} model: leave them unset"
+        )
     if config.caption_dropout and any(bucket.empty is None for bucket in dataset.buckets):
         raise ValueError(
             "caption_dropout needs the empty caption's conditioning, which this dataset does not carry: add it to "
