@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora.models.quantize import WeightScale, dequantize
+
 
 class WeightPatch(Protocol):
     """What an adapter offers a layer: functions of the weight and bias in the compute dtype, and the
@@ -46,10 +48,14 @@ class WeightLayer(nnx.Module):
     weight: nnx.Param
     bias: nnx.Param | None
     adapter: WeightPatch | None
+    # set by quantized loading (`jaxlora.models.quantize`): the stored weight is int8/fp8 times this scale
+    weight_scale: WeightScale | None = None
 
     def weight_as(self, dtype: jnp.dtype) -> jax.Array:
-        """The weight in the compute dtype, patched by the adapter when one is attached."""
-        weight = self.weight[...].astype(dtype)
+        """The weight in the compute dtype (dequantized when stored quantized), patched by the adapter when one is
+        attached."""
+        scale = None if self.weight_scale is None else self.weight_scale[...]
+        weight = dequantize(self.weight[...], scale, dtype)
         return weight if self.adapter is None else self.adapter.patch_weight(weight)
 
     def bias_as(self, dtype: jnp.dtype) -> jax.Array | None:
