@@ -47,11 +47,18 @@ def describe(model: DiffusionModel, load_seconds: float) -> str:
     return "\n".join(f"  {name:<14}{value}" for name, value in rows)
 
 
+def latent_format_row(latent_format) -> str:
+    if latent_format.channel_mean is not None:
+        return f"per-channel mean and std ({len(latent_format.channel_mean)} channels), x {latent_format.scale_factor}"
+    return f"x {latent_format.scale_factor}, shift {latent_format.shift}"
+
+
 def test_forward(model: DiffusionModel, size: int) -> str:
     """One jitted forward on random inputs; the weights are a jit argument, never a closure constant."""
     rng = np.random.default_rng(0)
     dtype = model.dtype
-    x = jnp.asarray(rng.standard_normal((1, size, size, model.latent_channels)), dtype)
+    frames = (1,) if model.family.video else ()  # a video model's forward runs on one frame
+    x = jnp.asarray(rng.standard_normal((1, *frames, size, size, model.latent_channels)), dtype)
     conditioning = {"c_crossattn": rng.standard_normal((1, 77, model.context_dim))}
     if model.pooled_dim is not None:
         conditioning["pooled_output"] = np.zeros((1, model.pooled_dim))

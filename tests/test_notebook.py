@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
+import pytest
 from nbclient import NotebookClient
 from safetensors import safe_open
 
@@ -145,6 +146,7 @@ def test_notebook_runs_headless_twice_as_it_is_then_resumes(tmp_path, monkeypatc
     assert (loras / "jaxlora_trained_lora_checkpoints").is_dir()  # inside the chosen output folder
 
 
+@pytest.mark.slow  # two notebook runs; the images path itself runs in CI in tests/encoders/test_make_dataset.py
 def test_notebook_trains_from_a_folder_of_captioned_images(tmp_path, monkeypatch):
     """IMAGES instead of DATASET: the folder is encoded with the checkpoint's own VAE and CLIP (a tiny SD1.x
     checkpoint in the real layout), trained on, and found again by a second Run all."""

@@ -22,6 +22,7 @@ from jaxlora.models.flux_family import TINY_FLUX_DEV, TINY_FLUX_SCHNELL
 from jaxlora.models.nextdit_family import TINY_LUMINA2, TINY_Z_IMAGE
 from jaxlora.models.qwen_image_family import TINY_QWEN_IMAGE
 from jaxlora.models.unet_family import DEMO_UNET
+from jaxlora.models.wan_family import TINY_WAN21
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import make_dataset
 from jaxlora.train.loop import run_training
@@ -31,6 +32,7 @@ from tests.train.test_flux2_train import flux2_data
 from tests.train.test_flux_train import flux_data
 from tests.train.test_nextdit_train import nextdit_data
 from tests.train.test_qwen_image_train import qwen_image_data
+from tests.train.test_wan_train import video_data
 
 ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")
 CONFIGS = {
@@ -186,11 +188,11 @@ PINNED = {
         "peft": "refused",
     },
 }
-# In CI: every algorithm on the cheapest UNet and LoRA on SDXL and Flux dev; the rest (Chroma's too; Flux.2 klein:
-# its training test runs in CI) with `pytest -m slow`.
+# In CI: every algorithm on the cheapest UNet and LoRA on SDXL and Flux dev; the rest with `pytest -m slow`
+# (each family's LoRA training test runs in CI, so its code paths are exercised there; the bytes are pinned here).
 IN_CI = {*(("sd1", a) for a in ALGORITHMS), ("sdxl", "LoRA"), ("flux-dev", "LoRA")}
 
-# NextDiT (Z-Image, Lumina 2): LoRA on Z-Image in CI.
+# NextDiT (Z-Image, Lumina 2).
 CONFIGS |= {"z-image": TINY_Z_IMAGE, "lumina2": TINY_LUMINA2}
 NEXTDIT_PINNED = {
     ("z-image", "LoRA"): {
@@ -235,9 +237,8 @@ NEXTDIT_PINNED = {
     },
 }
 PINNED |= NEXTDIT_PINNED
-IN_CI |= {("z-image", "LoRA")}
 
-# Qwen-Image: LoRA in CI; `peft` names every layer (LoRA only).
+# Qwen-Image: `peft` names every layer (LoRA only).
 CONFIGS |= {"qwen-image": TINY_QWEN_IMAGE}
 QWEN_IMAGE_PINNED = {
     ("qwen-image", "LoRA"): {
@@ -262,7 +263,32 @@ QWEN_IMAGE_PINNED = {
     },
 }
 PINNED |= QWEN_IMAGE_PINNED
-IN_CI |= {("qwen-image", "LoRA")}
+
+# Wan 2.1 on 2-frame video latents. `peft` is refused: ComfyUI maps no diffusers names for Wan.
+CONFIGS |= {"wan2.1": TINY_WAN21}
+WAN_PINNED = {
+    ("wan2.1", "LoRA"): {
+        "comfyui": "ae29596bda5e961a7bcec42bcb08a287dd0a9ed7bf7a205003a87f974f9d9a37",
+        "kohya": "8157238705569df74604bc705205693a46cd98448be245bd8dd0946848e3dbbb",
+        "peft": "refused",
+    },
+    ("wan2.1", "LoHa"): {
+        "comfyui": "bfa56cdcda9d48364a76f5a0fd84eb8ecd5766958b5988a900e3b8c9cd1f1303",
+        "kohya": "39766943de5c65d300ec2db5dae1240a062e804b06669b664b405d43e974d0f8",
+        "peft": "refused",
+    },
+    ("wan2.1", "LoKr"): {
+        "comfyui": "6b58c529ed1362efeab546a39b711ccc9a3d1d3d544c14c48691ec6fc580a2d2",
+        "kohya": "5f058256f5f8568d373b62f9e3613e1f2694ecda84460e7fc1ee4912355167a6",
+        "peft": "refused",
+    },
+    ("wan2.1", "OFT"): {
+        "comfyui": "6433150afef44e5b82546568731bce1896b7e5259acc7e3559dacafcfd749c2c",
+        "kohya": "56911e02f3dba2e3284355ccdb727315639b5089dd04f9b2cde03c1651453bd9",
+        "peft": "refused",
+    },
+}
+PINNED |= WAN_PINNED
 
 
 def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
@@ -281,6 +307,8 @@ def family_data(family: str):
         return make_dataset(*flux2_data(count=2, size=4))
     if family == "chroma":
         return make_dataset(*chroma_data(count=2, size=4))
+    if family.startswith("wan"):
+        return make_dataset(*video_data(count=2, frames=2, size=(4, 4)))
     if family in ("z-image", "lumina2"):
         latents, conditioning = nextdit_data(CONFIGS[family].cap_feat_dim, count=2, size=4)
         return make_dataset(latents, conditioning)

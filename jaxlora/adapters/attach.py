@@ -25,9 +25,8 @@ from jaxlora.adapters.lora import LoRA
 from jaxlora.adapters.oft import OFT
 from jaxlora.models.stack import LayerSite, layer_sites, stack_modules
 
+# Every algorithm patches the weight and has an activation ("bypass") form.
 ALGORITHMS = {"LoRA": LoRA, "LoHa": LoHa, "LoKr": LoKr, "OFT": OFT}
-# Algorithms with an activation form y = x W + h(x) (the others patch the weight).
-BYPASS_ALGORITHMS = {"LoRA"}
 
 
 def weight_layers(network: nnx.Module) -> Iterator[tuple[str, LayerSite]]:
@@ -66,11 +65,9 @@ def sites_by_layer(network: nnx.Module) -> list[list[tuple[str, LayerSite]]]:
     return list(groups.values())
 
 
-def check_algorithm(algorithm: str, bypass: bool = False) -> None:
+def check_algorithm(algorithm: str) -> None:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; use one of {list(ALGORITHMS)}")
-    if bypass and algorithm not in BYPASS_ALGORITHMS:
-        raise ValueError(f"bypass mode is available for {sorted(BYPASS_ALGORITHMS)}, not {algorithm}")
 
 
 def new_layer_adapter(
@@ -100,7 +97,7 @@ def attach_adapters(
     Layers that already carry an adapter (e.g. one imported from a file) keep it. The count is of per-block
     layers; the blocks of a stacked layer are adapted all or none, so `include` must agree on them.
     """
-    check_algorithm(algorithm, bypass)
+    check_algorithm(algorithm)
     if not 1 <= rank:
         raise ValueError(f"rank must be at least 1, got {rank}")
     lora_dtype = jnp.dtype(lora_dtype)

@@ -81,6 +81,18 @@ class Target:
         """A delta in torch layout (any shape with the weight's size) -> the stored Flax layout."""
         return jnp.transpose(delta.reshape(self.torch_shape), self.torch_to_flax)
 
+    @property
+    def flax_shape(self) -> tuple[int, ...]:
+        return tuple(self.torch_shape[axis] for axis in self.torch_to_flax)
+
+
+def delta_bypass(adapter, x: jax.Array, y: jax.Array, layer: WeightLayer) -> jax.Array:
+    """The activation form of an additive adapter without a cheaper factored one: y + op(x, dW), the layer's own
+    op (a conv keeps its stride and padding) with the delta as kernel; dW = patch(0), formed per layer, in the
+    compute dtype."""
+    delta = adapter.patch(jnp.zeros(adapter.target.flax_shape, x.dtype))
+    return y + layer.apply_kernel(x, delta)
+
 
 def master(value) -> AdapterParam:
     return AdapterParam(jnp.asarray(value, jnp.float32))
@@ -174,7 +186,8 @@ class LayerAdapter(nnx.Module):
     """Everything attached to one layer: a weight adapter (or a `Diff` for 1-D weights), a bias `Diff`, and
     optionally a DoRA magnitude (`dora_scale`, torch layout) kept from an imported file.
 
-    With `bypass` the weight adapter runs on activations, `y = x W + h(x)`, instead of patching W.
+    With `bypass` the weight adapter runs on activations instead of patching W: `y = g(x W, x)` (ComfyUI's
+    bypass mode, the node's `bypass_mode`): `x W + h(x)` for the additive algorithms, the rotated output for OFT.
     """
 
     def __init__(
@@ -201,4 +214,4 @@ class LayerAdapter(nnx.Module):
         return bias if self.bias is None else self.bias.patch(bias)
 
     def add_bypass(self, x: jax.Array, y: jax.Array, layer: WeightLayer) -> jax.Array:
-        return y + self.weight.bypass(x, layer) if self.bypass else y
+        return self.weight.bypass(x, y, layer) if self.bypass else y

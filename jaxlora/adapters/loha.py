@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapters.base import LayerTensors, Target, fold_tucker, master, rounded
+from jaxlora.adapters.base import LayerTensors, Target, delta_bypass, fold_tucker, master, rounded
+from jaxlora.models.layers import WeightLayer
 
 
 class LoHa(nnx.Module):
@@ -59,6 +60,10 @@ class LoHa(nnx.Module):
         )
         delta = (self.alpha / self.rank) * (w1a @ w1b) * (w2a @ w2b)
         return weight + self.target.to_flax(delta).astype(weight.dtype)
+
+    def bypass(self, x: jax.Array, y: jax.Array, layer: WeightLayer) -> jax.Array:
+        """y + op(x, dW): the Hadamard product has no cheaper activation form (ComfyUI's bypass forms it too)."""
+        return delta_bypass(self, x, y, layer)
 
     def export(self) -> dict[str, np.ndarray]:
         factors = {"hada_w1_a": self.w1a, "hada_w1_b": self.w1b, "hada_w2_a": self.w2a, "hada_w2_b": self.w2b}

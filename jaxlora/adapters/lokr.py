@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapters.base import LayerTensors, Target, factorization, master, rounded
+from jaxlora.adapters.base import LayerTensors, Target, delta_bypass, factorization, master, rounded
+from jaxlora.models.layers import WeightLayer
 
 
 class LoKr(nnx.Module):
@@ -34,6 +35,10 @@ class LoKr(nnx.Module):
         kernel = target.torch_shape[2:]
         bound = 1.0 / math.sqrt(in_n * math.prod(kernel))
         w2 = rng.uniform(-bound, bound, (out_k, in_n, *kernel))
+        if len(kernel) > 2:
+            # ComfyUI's loader gives w1 kernel axes only for a 4-D w2, so a 3-D conv's w2 is written flattened
+            # [out_k, in_n * k...]: the same kron-then-reshape (the kernel axes are the innermost), loaded right.
+            w2 = w2.reshape(out_k, -1)
         return cls(target, np.zeros((out_l, in_m)), w2, lora_dtype)
 
     @classmethod
@@ -70,6 +75,17 @@ class LoKr(nnx.Module):
         )
         w1 = w1.reshape(w1.shape + (1,) * (w2.ndim - 2))
         return weight + self.target.to_flax(jnp.kron(w1, w2)).astype(weight.dtype)
+
+    def bypass(self, x: jax.Array, y: jax.Array, layer: WeightLayer) -> jax.Array:
+        """y + x kron(w1, w2)^T without forming the Kronecker product for a linear layer: with x's input split as
+        [in_m, in_n] and the output as [out_l, out_k], h[a, b] = sum_ij w1[a, i] w2[b, j] x[i, j]. A conv (whose
+        kernel sits on w2) runs the delta through its own op."""
+        if len(self.target.torch_shape) != 2:
+            return delta_bypass(self, x, y, layer)
+        w1, w2 = rounded(self.w1, self.lora_dtype, x.dtype), rounded(self.w2, self.lora_dtype, x.dtype)
+        split = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+        hidden = jnp.einsum("...ij,ai,bj->...ab", split, w1, w2)
+        return y + hidden.reshape(*x.shape[:-1], -1)
 
     def export(self) -> dict[str, np.ndarray]:
         return {

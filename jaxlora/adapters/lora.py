@@ -61,12 +61,12 @@ class LoRA(nnx.Module):
         )
         return weight + self.target.to_flax(self.scale * (up @ down)).astype(weight.dtype)
 
-    def bypass(self, x: jax.Array, layer: WeightLayer) -> jax.Array:
-        """scale * up(down(x)): down runs as the layer's own op (a conv keeps its stride and padding), up as
+    def bypass(self, x: jax.Array, y: jax.Array, layer: WeightLayer) -> jax.Array:
+        """y + scale * up(down(x)): down runs as the layer's own op (a conv keeps its stride and padding), up as
         a per-position matmul, so the full-size delta is never formed."""
         down = rounded(self.down, self.lora_dtype, x.dtype).reshape((self.rank, *self.target.torch_shape[1:]))
         hidden = layer.apply_kernel(x, jnp.transpose(down, self.target.torch_to_flax))
-        return self.scale * (hidden @ rounded(self.up, self.lora_dtype, x.dtype).T)
+        return y + self.scale * (hidden @ rounded(self.up, self.lora_dtype, x.dtype).T)
 
     def export(self) -> dict[str, np.ndarray]:
         return {

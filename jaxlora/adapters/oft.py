@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.adapters.base import LayerTensors, Target, factorization, master
+from jaxlora.models.layers import WeightLayer
 
 
 def cayley_rotations(blocks: jax.Array, constraint: float) -> jax.Array:
@@ -58,6 +59,13 @@ class OFT(nnx.Module):
         blocks = weight.astype(jnp.float32).reshape(*weight.shape[:-1], block_num, block_size)
         rotated = jnp.einsum("...kn,knm->...km", blocks, rotations)
         return rotated.reshape(weight.shape).astype(weight.dtype)
+
+    def bypass(self, x: jax.Array, y: jax.Array, layer: WeightLayer) -> jax.Array:
+        """The rotation applied to the output: x (W R) = (x W) R, blockwise over the output channels (the last
+        axis of activations and of the Flax weight alike), before the bias is added."""
+        rotations = cayley_rotations(self.blocks[...].astype(self.lora_dtype).astype(jnp.float32), self.alpha)
+        blocks = y.astype(jnp.float32).reshape(*y.shape[:-1], *rotations.shape[:2])
+        return jnp.einsum("...kn,knm->...km", blocks, rotations).reshape(y.shape).astype(y.dtype)
 
     def export(self) -> dict[str, np.ndarray]:
         return {"oft_blocks": np.asarray(self.blocks[...]), "alpha": np.asarray(self.alpha, np.float32)}

@@ -28,6 +28,13 @@ from safetensors import SafetensorError, safe_open
 
 from jaxlora.models.family import CheckpointError, ModelFamily, Variant
 from jaxlora.models.layers import WeightLayer
+from jaxlora.models.quantize import (
+    WeightScale,
+    check_quantization,
+    quantize_weight,
+    scale_shape,
+    stored_dtype,
+)
 from jaxlora.models.registry import describe_keys, find_family
 from jaxlora.models.stack import LayerSite, layer_sites
 from jaxlora.parallel.mesh import fsdp_sharding
@@ -130,6 +137,11 @@ def _host_dtype(dtype: jnp.dtype):
     return ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
 
 
+def _cast(array: np.ndarray, dtype: jnp.dtype | None) -> np.ndarray:
+    """`dtype` None keeps the file's own dtype (the node's training_dtype "none"), fp8 included."""
+    return array if dtype is None else array.astype(_host_dtype(dtype))
+
+
 def _place(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
     """On the default device, or each device of `sharding` sent only its slice."""
     return jax.device_put(host) if sharding is None else from_host(host, sharding)
@@ -139,32 +151,76 @@ def set_parameter(
     layer: WeightLayer,
     name: str,
     torch_array: np.ndarray,
-    dtype: jnp.dtype,
+    dtype: jnp.dtype | None,
     sharding: jax.sharding.Sharding | None = None,
 ) -> None:
     """Convert one torch-layout tensor to the layer's Flax layout and dtype, and place it on the device (or send
     each device of `sharding` its slice)."""
-    getattr(layer, name).set_value(_place(layer.from_torch(name, torch_array).astype(_host_dtype(dtype)), sharding))
+    getattr(layer, name).set_value(_place(_cast(layer.from_torch(name, torch_array), dtype), sharding))
 
 
-def read_parameters(network: nnx.Module, f, prefix: str, dtype: jnp.dtype, mesh: jax.sharding.Mesh | None) -> None:
+def quantizes(site: LayerSite, name: str, quantization: str) -> bool:
+    """Whether parameter `name` of a layer (a block's, for stacked layers) is stored quantized: the 2-D and
+    larger weights adapters patch."""
+    return quantization != "none" and name == "weight" and site.layer.adaptable and len(site.weight.shape) >= 2
+
+
+def _converted(site: LayerSite, name: str, torch_array: np.ndarray, dtype, quantization: str):
+    """One tensor in the layer's Flax layout: (array in `dtype`, None), or (quantized array, scale)."""
+    array = site.from_torch(name, torch_array)
+    if not quantizes(site, name, quantization):
+        return _cast(array, dtype), None
+    return quantize_weight(array, quantization, site.permutation("weight").index(0))
+
+
+def read_parameters(
+    network: nnx.Module,
+    f,
+    prefix: str,
+    dtype: jnp.dtype | None,
+    mesh: jax.sharding.Mesh | None,
+    quantization: str = "none",
+) -> None:
     """Fill the network from an open safetensors file, onto the `mesh`'s shards when one is given. A stacked
-    layer's per-block tensors are converted one at a time and stacked on the host, then placed in one transfer."""
+    layer's per-block tensors are converted one at a time and stacked on the host, then placed in one transfer.
+    With a `quantization` (`jaxlora.models.quantize`) each adapted weight is quantized as it is read, so the
+    host holds at most one wide tensor (or one stacked layer's) and the device none."""
 
     def sharding(key: str, shape: tuple[int, ...]) -> jax.sharding.Sharding | None:
         return None if mesh is None else fsdp_sharding(mesh, key, shape)
 
-    pending: dict[tuple[int, str], list[np.ndarray]] = {}
+    def store(layer: WeightLayer, key: str, name: str, array: np.ndarray, scale: np.ndarray | None) -> None:
+        getattr(layer, name).set_value(_place(array, sharding(key, array.shape)))
+        if scale is not None:
+            layer.weight_scale = WeightScale(_place(scale, sharding(key, scale.shape)))
+
+    pending: dict[tuple[int, str], list[tuple[np.ndarray, np.ndarray | None]]] = {}
     for key, site, name in torch_parameters(network):
-        shape = getattr(site.layer, name).shape
+        converted = _converted(site, name, f.get_tensor(prefix + key), dtype, quantization)
         if site.index is None:
-            set_parameter(site.layer, name, f.get_tensor(prefix + key), dtype, sharding(key, shape))
+            store(site.layer, key, name, *converted)
             continue
         blocks = pending.setdefault((id(site.layer), name), [])
-        blocks.append(site.from_torch(name, f.get_tensor(prefix + key)).astype(_host_dtype(dtype)))
-        if len(blocks) == shape[0]:
-            getattr(site.layer, name).set_value(_place(np.stack(blocks), sharding(key, shape)))
+        blocks.append(converted)
+        if len(blocks) == getattr(site.layer, name).shape[0]:
+            arrays, scales = zip(*blocks, strict=True)
+            if len({array.dtype for array in arrays}) > 1:
+                raise CheckpointError(f"{key}: the blocks of this layer are stored in different dtypes")
+            store(site.layer, key, name, np.stack(arrays), None if scales[0] is None else np.stack(scales))
             del pending[(id(site.layer), name)]
+
+
+def quantize_abstract(network: nnx.Module, quantization: str) -> None:
+    """Give a network of abstract weights (`jax.ShapeDtypeStruct`s) the storage `read_parameters` gives a loaded
+    one under `quantization`: AOT compiles measure a quantized base without reading a checkpoint."""
+    for _, site, name in torch_parameters(network):
+        if site.index not in (None, 0) or not quantizes(site, name, quantization):
+            continue
+        lead = () if site.index is None else site.layer.weight.shape[:1]
+        block = tuple(site.weight.shape)
+        scale = scale_shape(block, quantization, site.permutation("weight").index(0))
+        site.layer.weight.set_value(jax.ShapeDtypeStruct(lead + block, stored_dtype(quantization)))
+        site.layer.weight_scale = WeightScale(jax.ShapeDtypeStruct(lead + scale, jnp.float32))
 
 
 @dataclass(frozen=True)
@@ -179,11 +235,17 @@ class LoadedNetwork:
 
 
 def load_network(
-    index: CheckpointIndex, dtype: jnp.dtype, weights: bool = True, mesh: jax.sharding.Mesh | None = None
+    index: CheckpointIndex,
+    dtype: jnp.dtype | None,
+    weights: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    quantization: str = "none",
 ) -> LoadedNetwork:
     """Find the family, infer its config, build the network abstractly, check every key, then stream the tensors
     in (unless `weights` is False: the structure alone is what adapter-file conversion needs), onto their shards
-    when a `mesh` is given."""
+    when a `mesh` is given, quantized as read when a `quantization` is given. `dtype` None keeps each tensor's
+    stored dtype."""
+    check_quantization(quantization)
     family, prefix = find_family(index.shapes)
     ignored = {prefix + key for key in family.ignored_keys}
     shapes = {k: s for k, s in index.shapes.items() if k not in ignored}
@@ -193,5 +255,5 @@ def load_network(
     check_keys(network, shapes, prefix)
     if weights:
         with TensorFile(index.path) as f:
-            read_parameters(network, f, prefix, dtype, mesh)
+            read_parameters(network, f, prefix, dtype, mesh, quantization)
     return LoadedNetwork(network, family, variant, prefix)

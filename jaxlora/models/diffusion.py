@@ -16,8 +16,9 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.dtypes import PREDICTIONS, resolve_dtype
-from jaxlora.models.checkpoint import TensorFile, load_network, read_index
+from jaxlora.models.checkpoint import TensorFile, load_network, quantize_abstract, read_index
 from jaxlora.models.family import AdapterNames, ConditioningField, ModelFamily, Variant
+from jaxlora.models.quantize import check_quantization, is_quantized
 from jaxlora.models.registry import family_of_config
 from jaxlora.models.sampling import LatentFormat, ModelSampling
 from jaxlora.models.stack import layer_sites
@@ -34,6 +35,7 @@ class DiffusionModel:
     variant: Variant
     sampling: ModelSampling
     source: Path | None = None
+    quantization: str = "none"  # how the adapted weights are stored (`jaxlora.models.quantize`)
 
     @property
     def config(self) -> Any:
@@ -45,7 +47,9 @@ class DiffusionModel:
 
     @property
     def dtype(self) -> jnp.dtype:
-        return jax.tree.leaves(nnx.state(self.network, nnx.Param))[0].dtype
+        """The dtype of the frozen weights that are not quantized (all of them without a quantization)."""
+        leaves = jax.tree.leaves(nnx.state(self.network, nnx.Param))
+        return next((leaf.dtype for leaf in leaves if not is_quantized(leaf.dtype)), leaves[0].dtype)
 
     @property
     def param_count(self) -> int:
@@ -106,11 +110,14 @@ def load_model(
     prediction: str = "auto",
     weights: bool = True,
     mesh: jax.sharding.Mesh | str | None = None,
+    quantization: str = "none",
 ) -> DiffusionModel:
     """Load a checkpoint of any supported family (.safetensors, as ComfyUI loads it) with its config inferred
     from the weights.
 
-    `dtype` is the storage dtype of the frozen weights ("bf16", "fp32" or "fp16"). `prediction` is "eps" or
+    `dtype` is the storage dtype of the frozen weights ("bf16", "fp32" or "fp16"; "none" keeps each tensor's
+    stored dtype, fp8 included). `quantization` ("int8", "fp8", "fp8_channel"; see `jaxlora.models.quantize`)
+    stores the weights adapters patch quantized, each quantized as it is read. `prediction` is "eps" or
     "v" for eps/v families; "auto" follows ComfyUI's detection from the weights (a `v_pred` key, or a family's
     weight statistics), which a v-prediction fine-tune without that key defeats: then pass prediction="v". Flow models
     take "auto" only. With `weights=False` only the header is read and the network stays abstract (shapes, no
@@ -120,11 +127,11 @@ def load_model(
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; use one of {PREDICTIONS}")
-    dtype = resolve_dtype(dtype)
+    dtype = None if dtype == "none" else resolve_dtype(dtype)
     index = read_index(path)
     if isinstance(mesh, str):
         mesh = make_mesh(mesh)
-    loaded = load_network(index, dtype, weights, mesh)
+    loaded = load_network(index, dtype, weights, mesh, quantization)
 
     def read_tensor(key: str) -> np.ndarray:
         with TensorFile(index.path) as f:
@@ -132,15 +139,20 @@ def load_model(
 
     keys = {key[len(loaded.prefix) :] for key in index.shapes if key.startswith(loaded.prefix)} | set(index.shapes)
     sampling = loaded.family.load_sampling(loaded.variant, loaded.network.config, read_tensor, keys, prediction)
-    return DiffusionModel(loaded.network, loaded.family, loaded.variant, sampling, Path(path))
+    return DiffusionModel(loaded.network, loaded.family, loaded.variant, sampling, Path(path), quantization)
 
 
-def abstract_model(config: Any, dtype: str | jnp.dtype = "bf16") -> DiffusionModel:
-    """A model of any family built from its config, whose frozen weights are `jax.ShapeDtypeStruct`s of `dtype`:
-    it lowers and compiles a train step and holds no memory (memory and compile benchmarks of full-size models)."""
+def abstract_model(config: Any, dtype: str | jnp.dtype = "bf16", quantization: str = "none") -> DiffusionModel:
+    """A model of any family built from its config, whose frozen weights are `jax.ShapeDtypeStruct`s of `dtype`
+    (the adapted ones stored as `quantization` stores them): it lowers and compiles a train step and holds no
+    memory (memory and compile benchmarks of full-size models)."""
     family = family_of_config(config)
     variant = family.variant_of(config)
     graph, state = nnx.split(family.build(config))
     state = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, resolve_dtype(dtype)), state)
     sampling = family.load_sampling(variant, config, None, set(), "auto")
-    return DiffusionModel(nnx.merge(graph, state), family, variant, sampling)
+    network = nnx.merge(graph, state)
+    if quantization != "none":
+        check_quantization(quantization)
+        quantize_abstract(network, quantization)
+    return DiffusionModel(network, family, variant, sampling, quantization=quantization)

@@ -160,6 +160,8 @@ class ModelFamily(ABC):
       ComfyUI's conditioning as floats;
     - `ignored_keys`: keys (without prefix) the family's files may hold that its network never uses; the loader
       skips them;
+    - `video`: whether the network takes video latents (datasets [N, C, T, H, W]; image latents [N, C, H, W]
+      train as 1-frame videos) rather than images;
     - `config_type`: the network config class; `demo_config`: a tiny config with every block kind, for the
       built-in demo and tests.
     """
@@ -170,6 +172,7 @@ class ModelFamily(ABC):
     foreign_layouts: Mapping[str, str]
     number_fields: tuple[str, ...]
     ignored_keys: tuple[str, ...] = ()
+    video: bool = False
     config_type: type
     demo_config: Any
 

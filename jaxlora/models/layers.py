@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora.models.quantize import WeightScale, dequantize
+
 
 class WeightPatch(Protocol):
     """What an adapter offers a layer: functions of the weight and bias in the compute dtype, and the
@@ -46,10 +48,14 @@ class WeightLayer(nnx.Module):
     weight: nnx.Param
     bias: nnx.Param | None
     adapter: WeightPatch | None
+    # set by quantized loading (`jaxlora.models.quantize`): the stored weight is int8/fp8 times this scale
+    weight_scale: WeightScale | None = None
 
     def weight_as(self, dtype: jnp.dtype) -> jax.Array:
-        """The weight in the compute dtype, patched by the adapter when one is attached."""
-        weight = self.weight[...].astype(dtype)
+        """The weight in the compute dtype (dequantized when stored quantized), patched by the adapter when one is
+        attached."""
+        scale = None if self.weight_scale is None else self.weight_scale[...]
+        weight = dequantize(self.weight[...], scale, dtype)
         return weight if self.adapter is None else self.adapter.patch_weight(weight)
 
     def bias_as(self, dtype: jnp.dtype) -> jax.Array | None:
@@ -305,3 +311,27 @@ class Embedding(WeightLayer):
 
     def lookup(self, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
         return jnp.take(self.weight_as(dtype), ids, axis=0)
+
+
+class PatchConv3d(WeightLayer):
+    """A 3-D convolution whose stride equals its kernel (a video patch embedding) on channels-last input
+    [B, T, H, W, C] (sizes multiples of the kernel); weight DHWIO (torch stores OIDHW)."""
+
+    torch_to_flax = (2, 3, 4, 1, 0)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int, int]):
+        self.weight = _placeholder(*kernel, in_channels, out_channels)
+        self.bias = _placeholder(out_channels)
+        self.adapter = nnx.data(None)
+        self.kernel = tuple(kernel)
+
+    def apply_kernel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            x, kernel, self.kernel, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.apply_kernel(x, self.weight_as(x.dtype))
+        if self.adapter is not None:
+            y = self.adapter.add_bypass(x, y, self)
+        return y + self.bias_as(x.dtype)

@@ -31,20 +31,9 @@ from jaxlora.models.family import (
 )
 from jaxlora.models.flux_family import flux_schedule
 from jaxlora.models.qwen_image import AXES_DIM, QwenImage, QwenImageConfig
-from jaxlora.models.sampling import LatentFormat, ModelSampling
+from jaxlora.models.sampling import ModelSampling
+from jaxlora.models.wan_family import WAN21_LATENT  # the Qwen-Image VAE is a Wan 2.1 VAE: ComfyUI's `Wan21`
 
-# ComfyUI's latent_formats.Wan21 (the Qwen-Image VAE's statistics).
-WAN21_LATENT = LatentFormat(
-    scale_factor=1.0,
-    channel_mean=(
-        -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-        0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-    ),
-    channel_std=(
-        2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-        3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-    ),
-)  # fmt: skip
 QWEN_IMAGE_SHIFT = 1.15  # supported_models.QwenImage sampling_settings: ModelSamplingFlux's mu
 # modelspec architecture and resolution as musubi-tuner writes them for Qwen-Image LoRAs.
 QWEN_IMAGE = Variant(

@@ -13,11 +13,13 @@ from jaxlora.models.flux_family import FLUX_FAMILY
 from jaxlora.models.nextdit_family import NEXTDIT_FAMILY
 from jaxlora.models.qwen_image_family import QWEN_IMAGE_FAMILY
 from jaxlora.models.unet_family import UNET_FAMILY
+from jaxlora.models.wan_family import WAN_FAMILY
 
 # A family whose markers include another's comes first (Chroma's include Flux's `img_in.weight`). Flux.1 is told
 # from Chroma and Flux.2 by `vector_in`, which neither has.
 FAMILIES: tuple[ModelFamily, ...] = (UNET_FAMILY, CHROMA_FAMILY, FLUX_FAMILY, FLUX2_FAMILY, NEXTDIT_FAMILY)
 FAMILIES += (QWEN_IMAGE_FAMILY,)
+FAMILIES += (WAN_FAMILY,)
 DEMO_FAMILY = UNET_FAMILY  # the built-in demo trains its `demo_config`: the cheapest network to compile
 
 # Per-sample numbers a dataset may carry for some family's network.

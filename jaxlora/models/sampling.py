@@ -247,8 +247,8 @@ class LatentFormat:
     """The affine map between raw VAE latents and the unit-variance latents the diffusion model works on.
 
     `channel_mean`/`channel_std`, when given, are per-channel statistics (ComfyUI's `latents_mean`/`latents_std`
-    of video-VAE formats): then `(x - mean) * scale_factor / std` over the channel axis 1
-    (NCHW), as ComfyUI computes it, and `shift` is unused."""
+    of video-VAE formats): then `(x - mean) * scale_factor / std` over the channel axis 1 (NCHW or NCTHW), as
+    ComfyUI computes it, and `shift` is unused."""
 
     scale_factor: float
     shift: float = 0.0

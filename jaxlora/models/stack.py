@@ -17,6 +17,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.models.layers import WeightLayer
+from jaxlora.models.quantize import dequantize
+
+# Remat policies that keep their saved values in host memory instead of device memory (jax memory kinds).
+HOST_OFFLOAD_POLICIES = ("offload_dots_with_no_batch_dims",)
+
+
+def host_memory_kind() -> str | None:
+    """The host memory kind the default backend offers for offloading ("pinned_host"), or None."""
+    kinds = {memory.kind for memory in jax.devices()[0].addressable_memories()}
+    return "pinned_host" if "pinned_host" in kinds else None
+
+
+def checkpoint_policy(name: str):
+    """The `jax.checkpoint_policies` policy of a remat policy name. "offload_dots_with_no_batch_dims" keeps the
+    outputs of weight matmuls (dots without batch dimensions: the projections) in host memory and fetches them
+    back for the backward pass, instead of recomputing them or holding them on the device; a backend without a
+    host memory kind refuses it."""
+    if name not in HOST_OFFLOAD_POLICIES:
+        return getattr(jax.checkpoint_policies, name)
+    host = host_memory_kind()
+    if host is None:
+        raise ValueError(
+            f"remat policy {name} offloads to host memory, which the {jax.default_backend()} backend does not offer "
+            "(no 'pinned_host' memory kind): use nothing_saveable"
+        )
+    return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", host)
 
 
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
@@ -69,7 +95,7 @@ class Stack(nnx.Module):
             return nnx.merge(graphdef, block_state)(*carry, *block_inputs, *shared)
 
         if remat_policy is not None:
-            policy = getattr(jax.checkpoint_policies, remat_policy)
+            policy = checkpoint_policy(remat_policy)
             run_block = jax.checkpoint(run_block, policy=policy, prevent_cse=not scan)
         xs = (state, tuple(per_block))
         if scan:
@@ -123,7 +149,8 @@ class LayerSite:
         """The block's weight in `dtype`, patched by its adapter (what the forward computes with)."""
         if self.index is None:
             return self.layer.weight_as(dtype)
-        adapter, weight = self.adapter, self.value("weight").astype(dtype)
+        scale = None if self.layer.weight_scale is None else self.value("weight_scale")
+        adapter, weight = self.adapter, dequantize(self.value("weight"), scale, dtype)
         return weight if adapter is None else adapter.patch_weight(weight)
 
     def bias_as(self, dtype) -> jax.Array | None:

@@ -25,6 +25,7 @@ from jaxlora.models.layers import (
     multi_head_attention,
     sinusoidal_embedding,
 )
+from jaxlora.models.stack import checkpoint_policy
 
 GROUPS = 32
 
@@ -290,7 +291,7 @@ class UNet(nnx.Module):
     def _checkpointed(self, module: nnx.Module, *args: jax.Array) -> jax.Array:
         if self.remat_policy is None:
             return module(*args)
-        policy = getattr(jax.checkpoint_policies, self.remat_policy)
+        policy = checkpoint_policy(self.remat_policy)
         return nnx.remat(lambda m, *a: m(*a), policy=policy, graph_updates=False)(module, *args)
 
     def _run(self, block: nnx.List, h: jax.Array, emb: jax.Array, context: jax.Array, size) -> jax.Array:

@@ -30,7 +30,7 @@ from jaxlora.train.config import (
 RUN_FLAGS = {spec.name for spec in fields(RunOptions)}
 CLI_ONLY = {"config", "no_compile_cache", "distributed"}  # flags that are not settings (not read from TOML)
 _TRAINING = [spec.name for spec in fields(TrainConfig)]
-NODE_INPUTS = ("model", "dataset", *_TRAINING[: _TRAINING.index("existing_lora") + 1])  # the rest: jaxlora's
+NODE_INPUTS = ("model", "dataset", *_TRAINING[: _TRAINING.index("bypass_mode") + 1])  # the rest: jaxlora's
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C
 DEMO_SETTINGS = {"steps": 60, "batch_size": 2, "learning_rate": 0.002, "rank": 4, "training_dtype": "fp32"}
 EPILOG = f"""\
@@ -286,7 +286,9 @@ def load_inputs(run: RunOptions, config: TrainConfig, demo: bool, scratch: Path)
         check_style(header, config, run.format, existing)
     except ValueError as error:
         raise ValueError(f"--format {run.format}: {error}") from error
-    model = load_model(model_path, config.training_dtype, config.prediction, mesh=config.mesh)
+    model = load_model(
+        model_path, config.training_dtype, config.prediction, mesh=config.mesh, quantization=config.base_quantization
+    )
     return model, dataset, existing, validation
 
 

@@ -2,7 +2,8 @@
 
 The folder holds `shard_0000.pkl`, `shard_0001.pkl`, ... and `metadata.json` (`num_samples`, `num_shards`,
 `shard_size`). Each shard is `{"latents": [{"samples": [B, C, h, w]}, ...], "conditioning": [[[cond [1, T, D],
-{"pooled_output": [1, P], ...}], ...], ...]}` for a contiguous slice of the dataset. Newer ComfyUI writes shards
+{"pooled_output": [1, P], ...}], ...], ...]}` for a contiguous slice of the dataset (video samples are
+[B, C, t, h, w]). Newer ComfyUI writes shards
 with `torch.save` (a zip archive: `<root>/data.pkl` plus one `<root>/data/<key>` member of raw bytes per storage);
 older ComfyUI wrote `pickle.dump` of the same object, where every tensor storage is pickled as
 `torch.storage._load_from_bytes(<a legacy, non-zip torch.save stream>)`.
@@ -240,9 +241,9 @@ def _latent_samples(latent, where: str) -> list[np.ndarray]:
     samples = latent["samples"]
     if samples.ndim == 5 and samples.shape[2] == 1:
         samples = samples[:, :, 0]  # one frame of a video-VAE family's latent (ComfyUI keeps it 5-D)
-    if samples.ndim != 4:
+    if samples.ndim not in (4, 5):
         raise ComfyDatasetError(
-            f"{where}: `samples` must be [B, C, h, w] (or [B, C, 1, h, w]), got shape {samples.shape}"
+            f"{where}: `samples` must be [B, C, h, w] (images) or [B, C, t, h, w] (videos), got shape {samples.shape}"
         )
     # copies: contiguous, writable, and free of the shard's buffers
     return [np.array(sample, order="C") for sample in samples]

@@ -25,6 +25,7 @@ RANGES = {
     "learning_rate": (1e-7, 1.0),
     "rank": (1, 128),
     "seed": (0, 2**64 - 1),
+    "checkpoint_depth": (1, 5),
 }
 # jaxlora's numeric training controls -> (lowest, highest); None (where allowed) is never out of range
 CONTROL_RANGES = {
@@ -43,6 +44,8 @@ CONTROL_RANGES = {
     "noise_offset": (0.0, 1.0),
     "min_snr_gamma": (1e-3, 1e6),
     "caption_dropout": (0.0, 0.99),
+    "min_sigma": (0.0, 1.0),
+    "max_sigma": (0.0, 1.0),
     "ema_decay": (0.5, 0.999999),
     "validation_split": (0.0, 0.9),
 }
@@ -67,16 +70,26 @@ OPTIMIZER_KNOBS = {
     "ScheduleFreeAdamW": ("weight_decay", "beta1", "beta2", "eps"),
 }
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
-BYPASS_ALGORITHMS = ("LoRA",)  # algorithms with an activation form y = x W + h(x)
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+    "offload_dots_with_no_batch_dims",  # dots_with_no_batch_dims kept in host memory (models.stack)
+)
+BYPASS_BY_DEFAULT = ("LoRA",)  # algorithms whose activation form is on unless bypass is false (it is faster)
+QUANTIZATIONS = ("none", "int8", "fp8", "fp8_channel")  # as models.quantize.QUANTIZATIONS
+# checkpoint_depth -> the per-block remat policy it maps onto (see TrainConfig.remat)
+DEPTH_POLICIES = {1: "nothing_saveable", 2: "nothing_saveable", 3: "dots_with_no_batch_dims_saveable"}
 STYLES = ("comfyui", "kohya", "peft")  # adapter key styles
 CHOICES = {
     "optimizer": tuple(OPTIMIZER_KNOBS),
     "loss_function": ("MSE", "L1", "Huber", "SmoothL1"),
-    "training_dtype": TRAINING_DTYPES,
+    "training_dtype": (*TRAINING_DTYPES, "none"),
     "lora_dtype": TRAINING_DTYPES,
     "algorithm": ("LoRA", "LoHa", "LoKr", "OFT"),
     "remat_policy": REMAT_POLICIES,
+    "base_quantization": QUANTIZATIONS,
     "prediction": PREDICTIONS,
     "format": STYLES,
     "ema_export": ("beside", "instead"),
@@ -103,13 +116,22 @@ MEANINGS = {
     "ScheduleFreeAdamW",
     "loss_function": "loss between the denoised and the clean latents",
     "seed": "seeds noise, timesteps, batches and adapter initialisation",
-    "training_dtype": "dtype of the frozen weights and activations",
+    "training_dtype": "dtype of the frozen weights and activations (none: keep the stored dtypes, fp8 included; "
+    "compute in fp16 for fp16 models, else bf16)",
+    "quantized_backward": "the node's FP8 backward matmuls on quantized weights: not available (false only)",
+    "checkpoint_depth": "the node's checkpoint depth: 1-2 remat each block keeping nothing, 3-5 keep the "
+    "projections' outputs (dots_with_no_batch_dims_saveable)",
+    "offloading": "keep what remat saves in host memory (remat_policy offload_dots_with_no_batch_dims)",
+    "bucket_mode": "the node's pre-bucketed input: accepted; jaxlora always buckets by resolution",
+    "bypass_mode": "every adapter in activation form (ComfyUI's bypass), for LoRA, LoHa, LoKr and OFT",
+    "base_quantization": "store the frozen weights quantized: int8 (per channel), fp8 (e4m3, per tensor), "
+    "fp8_channel; dequantized per layer in the step",
     "lora_dtype": "adapter compute rounding and file dtype (optimizer state stays fp32)",
     "algorithm": "adapter algorithm",
     "gradient_checkpointing": "recompute each block's activations in the backward pass (saves memory)",
     "existing_lora": "adapter file to continue training (any key style ComfyUI loads)",
     "remat_policy": "what a recomputed block keeps (jax.checkpoint_policies)",
-    "bypass": "LoRA in activation form (on for LoRA unless --no-bypass)",
+    "bypass": "adapters in activation form (on for LoRA unless --no-bypass; bypass_mode: on for all)",
     "prediction": "eps or v for checkpoints whose prediction type the weights do not show",
     "mesh": "device mesh such as data=2,fsdp=4 (-1: the devices left); none: one device",
     "guidance": "models with a guidance input (guidance-distilled): guidance for samples whose data carries none",
@@ -132,6 +154,9 @@ MEANINGS = {
     "min_snr_gamma": "eps/v models: weight samples by min(SNR, gamma) in x0 terms (none: unweighted)",
     "loss_target": "x0 (the node's x0-space loss) or native (the model's own target: eps, v or flow velocity)",
     "caption_dropout": "probability of training a sample on the empty caption (the dataset must carry it)",
+    "min_sigma": "flow models: lowest noise level trained; each drawn sigma is rescaled onto [min_sigma, max_sigma] "
+    "(a high-noise expert of a two-expert model, e.g. 0.875)",
+    "max_sigma": "flow models: highest noise level trained (a low-noise expert, e.g. 0.875)",
     "ema_decay": "keep an exponential moving average of the adapter with this decay, e.g. 0.999 (none: no EMA)",
     "validation_split": "fraction of the dataset held out for the validation loss, chosen from the seed (0: none)",
     "output_dir": "folder for the adapter, loss history and plot",
@@ -213,9 +238,16 @@ class TrainConfig:
     algorithm: str = "LoRA"
     gradient_checkpointing: bool = True
     existing_lora: str | None = None
+    # the node's newer inputs (2026)
+    quantized_backward: bool = False
+    checkpoint_depth: int = 1
+    offloading: bool = False
+    bucket_mode: bool = False
+    bypass_mode: bool = False
     # jaxlora's additions
     remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps (jax.checkpoint_policies)
-    bypass: bool | None = None  # LoRA in activation form; None: on for LoRA (faster, see BENCHMARKS.md)
+    bypass: bool | None = None  # adapters in activation form; None: on for LoRA (faster, see BENCHMARKS.md)
+    base_quantization: str = "none"  # frozen weights stored int8 / fp8 (models.quantize)
     prediction: str = "auto"  # eps / v override for checkpoints whose type cannot be read from the weights
     mesh: str | None = None  # device mesh, e.g. "data=2,fsdp=4" (-1: the rest); None: one device
     guidance: float | None = None  # models with a guidance input: for samples whose data carries none
@@ -241,6 +273,8 @@ class TrainConfig:
     min_snr_gamma: float | None = None
     loss_target: str = "x0"
     caption_dropout: float = 0.0
+    min_sigma: float = 0.0
+    max_sigma: float = 1.0
     ema_decay: float | None = None  # moving average of the adapter (train.optim.with_ema)
     validation_split: float = 0.0  # held-out fraction of the dataset (train.validation): not trained on
 
@@ -257,16 +291,35 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise SettingsError(name, f"{name} must be a number of at least 0, got {value!r}")
+        if self.min_sigma >= self.max_sigma:
+            raise SettingsError("min_sigma", f"min_sigma ({self.min_sigma}) must be below max_sigma ({self.max_sigma})")
         if self.mesh is not None:
             from jaxlora.parallel.mesh import parse_mesh  # imports JAX: only when a mesh is asked for
 
             parse_mesh(self.mesh)
-        if self.bypass and self.algorithm not in BYPASS_ALGORITHMS:
-            raise SettingsError("bypass", f"bypass is available for {list(BYPASS_ALGORITHMS)}, not {self.algorithm}")
+        check_memory_settings(self)
 
     @property
     def uses_bypass(self) -> bool:
-        return self.algorithm in BYPASS_ALGORITHMS if self.bypass is None else self.bypass
+        """bypass_mode (the node's) puts every algorithm in activation form; bypass (jaxlora's) chooses per run."""
+        if self.bypass is not None:
+            return self.bypass
+        return self.bypass_mode or self.algorithm in BYPASS_BY_DEFAULT
+
+    @property
+    def remat(self) -> str | None:
+        """The per-block remat policy, None without gradient checkpointing. jaxlora always rematerialises per
+        block (a DiT/ResBlock/transformer block); the node's checkpoint_depth picks what a block keeps: depth 1
+        (the node's whole network in one checkpoint) and 2 (each block, ComfyUI's former default) keep nothing
+        but the block input; depths 3-5 (sub-modules inside blocks) keep the projections' outputs between them.
+        offloading keeps those in host memory instead. An explicit remat_policy wins."""
+        if not self.gradient_checkpointing:
+            return None
+        if self.remat_policy != "nothing_saveable":
+            return self.remat_policy
+        if self.offloading:
+            return "offload_dots_with_no_batch_dims"
+        return DEPTH_POLICIES[min(self.checkpoint_depth, 3)]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -278,6 +331,27 @@ class TrainConfig:
 
 _TRAINING_FIELDS = [spec.name for spec in fields(TrainConfig)]
 TRAINING_CONTROLS = tuple(_TRAINING_FIELDS[_TRAINING_FIELDS.index("lr_scheduler") :])  # schedules, optimizer, ...
+
+
+def check_memory_settings(config: TrainConfig) -> None:
+    """The node's newer inputs where jaxlora cannot honour them, and settings that contradict each other."""
+    if config.quantized_backward:
+        raise SettingsError(
+            "quantized_backward",
+            "quantized_backward (FP8 matmuls in the backward pass) is not available: the backward multiplies by the "
+            "quantized weights dequantized per layer, in the compute dtype; leave it false",
+        )
+    if config.bypass_mode and config.bypass is False:
+        raise SettingsError("bypass", "bypass_mode puts adapters in activation form; it contradicts bypass false")
+    explicit = config.remat_policy != "nothing_saveable"
+    if explicit and (config.offloading or config.checkpoint_depth > 2):
+        raise SettingsError(
+            "remat_policy",
+            f"remat_policy {config.remat_policy} is chosen explicitly; checkpoint_depth and offloading choose one "
+            "too: set one or the other",
+        )
+    if config.offloading and not config.gradient_checkpointing:
+        raise SettingsError("offloading", "offloading applies to gradient checkpointing, which is off")
 
 
 def check_schedule(config: TrainConfig) -> None:

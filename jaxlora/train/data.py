@@ -1,12 +1,13 @@
 """Training data: VAE latents with their text conditioning, grouped into resolution buckets.
 
 On disk a dataset is a `.safetensors` file, or a folder of them, holding `latents` [N, C, H, W] (ComfyUI LATENT
-`samples`: raw VAE latents, NCHW; [N, C, 1, H, W], the one-frame latents ComfyUI keeps for families with a video
-VAE, is read as [N, C, H, W]) and the conditioning fields the model's family needs (`ModelFamily.conditioning`;
+`samples`: raw VAE latents, NCHW; for video families [N, C, T, H, W], frames as an axis, where image latents
+train as 1-frame videos; [N, C, 1, H, W], the one-frame latents ComfyUI keeps for families with a video VAE, is
+read as [N, C, H, W]) and the conditioning fields the model's family needs (`ModelFamily.conditioning`;
 `python -m jaxlora.inspect` lists them): `c_crossattn` [N or 1, T, D], often `pooled_output` [N or 1, P], and
 per-sample numbers such as image sizes or guidance [N or 1] (`ModelFamily.number_fields`). A folder
 written by ComfyUI's SaveTrainingDataset node (`shard_XXXX.pkl`) is read too. Files of different latent shapes
-become separate buckets.
+(frame count and size) become separate buckets, and a batch never mixes buckets.
 
 A `.safetensors` dataset may also carry the empty caption's conditioning (what the text encoders give for ""),
 which caption dropout trains with: `empty.c_crossattn` [1, T, D] and, for models with a pooled output,
@@ -75,14 +76,14 @@ def _as_array(value) -> np.ndarray:
 def make_bucket(
     latents, conditioning: Mapping | np.ndarray, source: str = "arrays", empty: Mapping | None = None
 ) -> Bucket:
-    """Check one group of samples: latents [N, C, H, W]; each conditioning field with N rows or 1; the empty
-    caption's fields (optional) one row each, among the conditioning's fields."""
+    """Check one group of samples: latents [N, C, H, W] (or [N, C, T, H, W] video); each conditioning field with
+    N rows or 1; the empty caption's fields (optional) one row each, among the conditioning's fields."""
     latents = _as_array(latents)
     if latents.ndim == 5 and latents.shape[2] == 1:
         latents = latents[:, :, 0]  # an image of a video-VAE family: ComfyUI's frame axis of 1
-    if latents.ndim != 4:
+    if latents.ndim not in (4, 5):
         raise DatasetError(
-            f"{source}: latents must be [N, C, H, W] (or [N, C, 1, H, W], one frame), got shape {latents.shape}"
+            f"{source}: latents must be [N, C, H, W] (images) or [N, C, T, H, W] (videos), got shape {latents.shape}"
         )
     if not isinstance(conditioning, Mapping):
         conditioning = {"c_crossattn": conditioning}
@@ -249,6 +250,11 @@ def check_dataset(dataset: Dataset, model: DiffusionModel) -> None:
     if dataset.size == 0:
         raise DatasetError("the dataset holds no samples")
     for bucket in dataset.buckets:
+        if bucket.latents.ndim == 5 and not model.family.video:
+            raise DatasetError(
+                f"{bucket.source}: video latents {list(bucket.latents.shape)} for {model.variant.description}, "
+                "an image model: it takes [N, C, H, W]"
+            )
         channels = bucket.latents.shape[1]
         if channels != model.latent_channels:
             raise DatasetError(
@@ -282,11 +288,15 @@ def device_arrays(
     bucket: Bucket, model: DiffusionModel, dtype: jnp.dtype, guidance: float | None = None, with_empty: bool = False
 ) -> dict[str, jnp.ndarray]:
     """What the train step reads: latents cast to the training dtype first (as ComfyUI does), then scaled by the
-    latent format, NHWC; and the network's keyword inputs (context, `y`, guidance) built by the model.
+    latent format, channels last (NHWC; video NTHWC, an image a 1-frame video for a video model); and the
+    network's keyword inputs (context, `y`, guidance) built by the model.
     `guidance` replaces the family's default for samples whose data carries none. `with_empty` adds "empty", the
     network inputs with the empty caption's fields (caption dropout); both contexts are then tiled to a common
     token length, as ComfyUI batches captions of different lengths."""
     latents = jnp.asarray(bucket.latents).astype(dtype)
+    if model.family.video and latents.ndim == 4:
+        latents = latents[:, :, None]
+    latent_hw = bucket.shape[-2:]
     conditioning = dict(bucket.conditioning)
     arrays = {}
     if with_empty:
@@ -294,9 +304,9 @@ def device_arrays(
         tokens = math.lcm(conditioning["c_crossattn"].shape[1], empty["c_crossattn"].shape[1])
         conditioning["c_crossattn"] = _tile_tokens(conditioning["c_crossattn"], tokens)
         empty["c_crossattn"] = _tile_tokens(empty["c_crossattn"], tokens)
-        arrays["empty"] = model.network_inputs(empty, bucket.shape[1:], dtype, guidance)
+        arrays["empty"] = model.network_inputs(empty, latent_hw, dtype, guidance)
     return {
-        "latents": jnp.transpose(model.latent_format.process_in(latents), (0, 2, 3, 1)),
-        **model.network_inputs(conditioning, bucket.shape[1:], dtype, guidance),
+        "latents": jnp.moveaxis(model.latent_format.process_in(latents), 1, -1),
+        **model.network_inputs(conditioning, latent_hw, dtype, guidance),
         **arrays,
     }

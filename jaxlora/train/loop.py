@@ -23,7 +23,9 @@ from jaxlora.adapters.lora_files import read_lora_file
 from jaxlora.adapters.metadata import trained_steps
 from jaxlora.dtypes import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
+from jaxlora.models.quantize import WeightScale, is_quantized
 from jaxlora.models.sampling import ModelSampling
+from jaxlora.models.stack import checkpoint_policy
 from jaxlora.parallel.mesh import MeshLayout, check_batch, make_mesh
 from jaxlora.parallel.placement import is_writer, place_tree, to_host
 from jaxlora.train.checkpoints import Checkpoints, open_run
@@ -102,17 +104,30 @@ def read_existing(config: TrainConfig) -> ExistingAdapter | None:
     return ExistingAdapter(path, tensors, metadata, trained_steps(path, metadata))
 
 
+def compute_dtype(config: TrainConfig, model: DiffusionModel) -> jnp.dtype:
+    """The dtype activations run in: the training dtype, or with the node's "none" the model's own, as ComfyUI
+    autocasts it: fp16 for fp16 models, bf16 for every other (fp32, bf16, and fp8 or int8 stored ones)."""
+    if config.training_dtype != "none":
+        return jnp.dtype(resolve_dtype(config.training_dtype))
+    return jnp.dtype(jnp.float16) if model.dtype == jnp.float16 else jnp.dtype(jnp.bfloat16)
+
+
+def cast_frozen(network: nnx.Module, dtype: jnp.dtype | None) -> nnx.Module:
+    """A network sharing the frozen weights, those in another wide float dtype cast once to `dtype` (None: kept as
+    stored). Quantized weights (int8, fp8) and their float32 scales are never cast."""
+    graph, scales, state = nnx.split(network, WeightScale, ...)
+    keep = lambda a: dtype is None or is_quantized(a.dtype) or a.dtype == dtype  # noqa: E731
+    return nnx.merge(graph, scales, jax.tree.map(lambda a: a if keep(a) else a.astype(dtype), state))
+
+
 def adapted_network(
-    model: DiffusionModel, config: TrainConfig, dtype: jnp.dtype, existing: ExistingAdapter | None = None
+    model: DiffusionModel, config: TrainConfig, dtype: jnp.dtype | None, existing: ExistingAdapter | None = None
 ):
-    """A network sharing the model's weight arrays (cast once if the training dtype differs), with the existing
-    adapter attached where it has layers and fresh adapters everywhere else; and the steps the existing adapter
-    was trained for. `existing` is the file as `read_existing` read it (read here when not given). The input
-    model is not modified."""
-    graph, state = nnx.split(model.network)
-    if model.dtype != dtype:
-        state = jax.tree.map(lambda a: a.astype(dtype), state)
-    network = nnx.merge(graph, state)
+    """A network sharing the model's weight arrays (cast once if the training dtype differs; `dtype` None keeps
+    them as stored), with the existing adapter attached where it has layers and fresh adapters everywhere else;
+    and the steps the existing adapter was trained for. `existing` is the file as `read_existing` read it (read
+    here when not given). The input model is not modified."""
+    network = cast_frozen(model.network, dtype)
     existing = existing or read_existing(config)
     if existing is not None:
         attach_imported(network, import_adapter(model, existing.tensors, resolve_dtype(config.lora_dtype)))
@@ -124,7 +139,7 @@ def adapted_network(
         resolve_dtype(config.lora_dtype),
         bypass=config.uses_bypass,
     )
-    network.remat_policy = config.remat_policy if config.gradient_checkpointing else None
+    network.remat_policy = config.remat
     return network, 0 if existing is None else existing.steps
 
 
@@ -142,6 +157,7 @@ def preflight(
     `weights=False`, before the checkpoint's tensors are read. Returns the existing adapter file, read and
     checked once (pass it on to `prepare_run`, which then does not check it again)."""
     check_dataset(dataset, model)
+    check_base(model, config)
     if config.mesh is not None:
         check_batch(config.mesh, config.batch_size, [b.size for b in dataset.buckets], jax.device_count())
     if config.guidance is not None and "guidance" not in model.network_input_names:
@@ -154,6 +170,11 @@ def preflight(
                     f"{name} applies to eps and v models; {model.variant.description} is a flow model (its noise "
                     "levels span sigma 0 to 1, so offset noise and SNR weighting do not carry over): leave it unset"
                 )
+    elif (config.min_sigma, config.max_sigma) != (0.0, 1.0):
+        raise ValueError(
+            f"min_sigma/max_sigma apply to flow models (sigma 0 to 1); {model.variant.description} is an "
+            f"{sampling.prediction} model: leave them unset"
+        )
     if config.caption_dropout and any(bucket.empty is None for bucket in dataset.buckets):
         raise ValueError(
             "caption_dropout needs the empty caption's conditioning, which this dataset does not carry: add it to "
@@ -163,6 +184,20 @@ def preflight(
     if existing is None and (existing := read_existing(config)) is not None:
         import_adapter(model, existing.tensors)  # checked once, where the file is read
     return existing
+
+
+def check_base(model: DiffusionModel, config: TrainConfig) -> None:
+    """The model's storage fits the settings: a base_quantization asked for is the one the model was loaded with
+    (quantizing happens while loading, `load_model(..., quantization=...)`, never on a wide copy), and a remat
+    policy that offloads to host memory has a backend that offers it."""
+    asked = config.base_quantization
+    if asked != "none" and model.quantization != asked:
+        raise ValueError(
+            f"base_quantization {asked}: the model was loaded with quantization {model.quantization}; load it with "
+            f"load_model(path, quantization={asked!r}) (the weights are quantized as they are read)"
+        )
+    if config.remat is not None:
+        checkpoint_policy(config.remat)
 
 
 @dataclass
@@ -204,8 +239,9 @@ def prepare_run(
     existing = preflight(model, dataset, config, existing)
     if validation is not None:
         check_dataset(validation, model)
-    dtype = resolve_dtype(config.training_dtype)
-    network, previous_steps = adapted_network(model, config, dtype, existing)
+    dtype = compute_dtype(config, model)
+    stored = None if config.training_dtype == "none" else dtype  # "none": the frozen weights stay as stored
+    network, previous_steps = adapted_network(model, config, stored, existing)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
     schedule = learning_rate_schedule(config)
@@ -318,13 +354,25 @@ def peak_memory() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+# Settings that move values between memories (or recompute them) without changing them.
+MEMORY_ONLY = ("checkpoint_depth", "offloading", "bucket_mode")
+# Results-altering settings added after runs were first checkpointed: recorded only when not at their default.
+NEWER_SETTINGS = ("quantized_backward", "bypass_mode", "base_quantization")
+
+
 def fingerprint(config: TrainConfig, model: DiffusionModel, dataset: Dataset) -> dict:
     settings = config.as_dict()
     settings.pop("steps")  # a run may be resumed to train longer
     settings.pop("mesh")  # and on other devices: checkpoints are restored onto the new layout
+    for name in MEMORY_ONLY:  # with any memory settings: they change where values live, not what they are
+        settings.pop(name)
+    settings["base_quantization"] = model.quantization  # what the base is stored as, however it was asked for
     # controls at their defaults are left out, so runs from before a control existed resume as they were
     defaults = TrainConfig()
     for name in TRAINING_CONTROLS:
+        if settings[name] == getattr(defaults, name):
+            del settings[name]
+    for name in NEWER_SETTINGS:  # likewise the node's newer inputs and the base's storage at their defaults
         if settings[name] == getattr(defaults, name):
             del settings[name]
     if config.lr_scheduler in DECAYING:  # a decaying rate is shaped by the run's length: the steps must match
@@ -555,7 +603,7 @@ def host_models(model, config, run, adapters, opt_state) -> tuple[DiffusionModel
 def with_adapters(model: DiffusionModel, run: PreparedRun, adapters: nnx.State) -> DiffusionModel:
     """The trained model: the run's network carrying `adapters` (float32 masters are cast by export)."""
     network = nnx.merge(run.graph, adapters, run.base)
-    return DiffusionModel(network, model.family, model.variant, run.sampling, model.source)
+    return replace(model, network=network, sampling=run.sampling)
 
 
 def train_lora(
@@ -575,6 +623,11 @@ def train_lora(
     algorithm: str = "LoRA",
     gradient_checkpointing: bool = True,
     existing_lora: str | None = None,
+    quantized_backward: bool = False,
+    checkpoint_depth: int = 1,
+    offloading: bool = False,
+    bucket_mode: bool = False,
+    bypass_mode: bool = False,
     **options,
 ) -> TrainResult:
     """ComfyUI's Train LoRA node as a function, with its inputs, names and defaults.
@@ -582,11 +635,11 @@ def train_lora(
     `latents`: raw VAE latents [N, C, H, W] (ComfyUI LATENT `samples`), or a list of such arrays of different
     resolutions. `positive`: the text conditioning, an array [N or 1, T, D] or a dict with `c_crossattn` and,
     the family's other fields (`pooled_output`, sizes) (or a list matching `latents`). `options` are the
-    TrainConfig additions (remat_policy, bypass, prediction, mesh, and the training controls such as
-    lr_scheduler, warmup_steps, weight_decay, max_grad_norm, timestep_sampling, min_snr_gamma, loss_target,
-    ema_decay, validation_split) and run_training's (checkpoint_dir, checkpoint_every, resume, progress,
-    save_every, on_save, validation_dataset, validate_every, logger). `validation_dataset` may be a Dataset or a
-    dataset path.
+    TrainConfig additions (remat_policy, bypass, base_quantization, prediction, mesh, and the training controls
+    such as lr_scheduler, warmup_steps, weight_decay, max_grad_norm, timestep_sampling, min_snr_gamma,
+    loss_target, ema_decay, validation_split) and run_training's (checkpoint_dir, checkpoint_every, resume,
+    progress, save_every, on_save, validation_dataset, validate_every, logger). `validation_dataset` may be a
+    Dataset or a dataset path. A quantized base is loaded so: `load_model(path, quantization="int8")`.
     Returns model_with_lora, lora (ComfyUI-keyed tensors), loss_map and steps (including the existing
     adapter's), and with ema_decay the ema_model.
     """
@@ -605,6 +658,11 @@ def train_lora(
         algorithm=algorithm,
         gradient_checkpointing=gradient_checkpointing,
         existing_lora=existing_lora,
+        quantized_backward=quantized_backward,
+        checkpoint_depth=checkpoint_depth,
+        offloading=offloading,
+        bucket_mode=bucket_mode,
+        bypass_mode=bypass_mode,
         **options,
     )
     dataset = latents if isinstance(latents, Dataset) else make_dataset(latents, positive)

@@ -29,7 +29,9 @@ class Objective:
     noise of that scale added to the noise (eps/v models). `min_snr_gamma`: weight each sample by min(SNR, gamma)
     in x0 terms (eps/v models). `loss_target`: x0 (the node's) or native (the network's own output against
     what it should output: noise for eps, v for v, the velocity noise - x0 for flow). `caption_dropout`: the
-    probability that a sample is trained with the empty caption's conditioning instead of its own."""
+    probability that a sample is trained with the empty caption's conditioning instead of its own.
+    `min_sigma`/`max_sigma`: the noise range a flow model trains on (one expert of a model whose experts
+    split the noise levels)."""
 
     timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
@@ -39,6 +41,8 @@ class Objective:
     min_snr_gamma: float | None = None
     loss_target: str = "x0"
     caption_dropout: float = 0.0
+    min_sigma: float = 0.0
+    max_sigma: float = 1.0
 
 
 def draw_percent(key: jax.Array, batch: int, objective: Objective) -> jax.Array:
@@ -53,6 +57,15 @@ def draw_percent(key: jax.Array, batch: int, objective: Objective) -> jax.Array:
         u = jax.random.uniform(key, (batch,))
         t = 1.0 - u - objective.mode_scale * (jnp.cos(math.pi * u / 2) ** 2 - 1.0 + u)
     return jnp.clip(1.0 - t, tiny, jnp.nextafter(jnp.float32(1), jnp.float32(0)))
+
+
+def restrict_sigma(sigma: jax.Array, objective: Objective) -> jax.Array:
+    """A flow model's drawn sigma in (0, 1) rescaled onto [min_sigma, max_sigma], as musubi-tuner's
+    `--min_timestep/--max_timestep` rescale its drawn (shifted) timesteps: how one expert of a two-expert model trains
+    on its own noise range (the family's notes give the boundary). The full range leaves sigma as drawn."""
+    if (objective.min_sigma, objective.max_sigma) == (0.0, 1.0):
+        return sigma
+    return objective.min_sigma + (objective.max_sigma - objective.min_sigma) * sigma
 
 
 def offset_noise(key: jax.Array, shape: tuple[int, ...], scale: float) -> jax.Array:

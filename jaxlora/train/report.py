@@ -153,7 +153,7 @@ def save_adapter(
 ) -> Path:
     """One adapter file with the run's settings in its metadata; `weights` says whether it holds the trained
     adapter or its moving average (`exported_weights`). Never over an existing file (FileExistsError)."""
-    settings = {**config.as_dict(), "exported_weights": weights}
+    settings = {**config.as_dict(), "base_quantization": model.quantization, "exported_weights": weights}
     info = adapter_info(model, config.lora_dtype, steps, config.training_dtype, settings)
     return save_lora(model, path, style, config.lora_dtype, info)
 

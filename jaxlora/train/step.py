@@ -31,6 +31,7 @@ from jaxlora.train.objective import (
     drop_captions,
     offset_noise,
     prediction_and_target,
+    restrict_sigma,
     weighted_loss,
 )
 
@@ -104,7 +105,7 @@ def denoise_batch(graph, adapters, base, data, index, key_data, settings: StepSe
         noise = noise + offset_noise(jax.random.fold_in(key, OFFSET_STREAM), x0.shape, objective.noise_offset)
     noise = _split_batch(noise.astype(settings.compute_dtype).astype(jnp.float32), settings)
     percent = _split_batch(draw_percent(sigma_key, batch, objective), settings)
-    sigma = sampling.percent_to_sigma(percent)
+    sigma = restrict_sigma(sampling.percent_to_sigma(percent), objective)
     noisy = sampling.noise_scaling(sigma, noise, x0)
 
     network = nnx.merge(graph, adapters, base)

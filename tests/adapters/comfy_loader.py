@@ -393,3 +393,17 @@ def qwen_image_key_map(state_dict: dict[str, np.ndarray]):
             key_map[f"transformer.{base}"] = k
             key_map["lycoris_" + base.replace(".", "_")] = k
     return key_map
+
+
+def wan_key_map(state_dict: dict[str, np.ndarray]):
+    """`model_lora_keys_unet` for ComfyUI's WAN21/WAN22 models: `comfy/lora.py` has no Wan branch and
+    `comfy.utils.unet_to_diffusers` maps nothing for a DiT config, so only the generic names remain."""
+    return model_key_map(state_dict, {})
+
+
+def convert_lora(lora: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`comfy/lora_convert.py` `convert_lora`, the Wan part: a Wan-Fun file (recognised by its
+    `lora_unet__blocks_0_cross_attn_k.lora_down.weight`) has `lora_unet__` prefixes replaced by `lora_unet_`."""
+    if "lora_unet__blocks_0_cross_attn_k.lora_down.weight" not in lora:
+        return lora
+    return {("lora_unet_" + k[len("lora_unet__") :] if k.startswith("lora_unet__") else k): v for k, v in lora.items()}

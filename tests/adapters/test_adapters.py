@@ -33,11 +33,17 @@ def test_fresh_adapters_leave_the_output_unchanged(tiny_model, algorithm):
     np.testing.assert_allclose(np.asarray(model.network(*inputs())), before, rtol=1e-6, atol=1e-6)
 
 
-def test_lora_bypass_equals_weight_patching(tiny_model):
+# LoRA in CI; the other forms on the whole network with `pytest -m slow` (LoKr's is checked per layer below).
+@pytest.mark.parametrize(
+    "algorithm", ["LoRA", *(pytest.param(a, marks=pytest.mark.slow) for a in ("LoHa", "LoKr", "OFT"))]
+)
+def test_bypass_equals_weight_patching(tiny_model, algorithm):
+    """The activation forms (LoRA and LoKr factored, LoHa through the formed delta, OFT rotating the output) give
+    the weight-patched network's output, on linear and conv layers alike (fp32: 1e-5 of the output scale)."""
     outputs = []
     for bypass in (False, True):
         model, _ = tiny_model("sd1")
-        attach_adapters(model.network, "LoRA", rank=4, seed=0, lora_dtype=jnp.float32, bypass=bypass)
+        attach_adapters(model.network, algorithm, rank=4, seed=0, lora_dtype=jnp.float32, bypass=bypass)
         randomize_adapters(model.network, seed=5, scale=0.2)
         outputs.append(np.asarray(model.network(*inputs())))
     patched, bypassed = outputs
@@ -88,6 +94,23 @@ def test_lokr_factors_have_the_shapes_and_init_of_comfyui_create_train(target, r
     assert np.all(w1 == 0) and 0.9 * bound < np.abs(w2).max() <= bound
 
 
+@pytest.mark.parametrize(("layer", "shape"), [(Linear(24, 36), (3, 24)), (Conv2d(8, 12, 3, padding=1), (1, 5, 5, 8))])
+def test_lokr_bypass_equals_the_kronecker_weight_patch(layer, shape):
+    """LoKr's factored activation form (linear: the two factors applied to x split as [in_m, in_n]; conv: the delta
+    through the conv) against W + kron(w1, w2); both factors non-trivial (w1 [6, 4] or [3, 2] at rank 4)."""
+    rng = np.random.default_rng(0)
+    for name in ("weight", "bias"):
+        getattr(layer, name).set_value(jnp.asarray(rng.standard_normal(getattr(layer, name).shape), jnp.float32))
+    lokr = LoKr.create(Target.of(layer), 4, rng, jnp.float32)
+    lokr.w1.set_value(jnp.asarray(rng.standard_normal(lokr.w1.shape), jnp.float32))
+    assert min(lokr.w1.shape) > 1 and min(lokr.w2.shape[:2]) > 1
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    y = layer.apply_kernel(x, layer.weight[...])
+    patched = layer.apply_kernel(x, lokr.patch(layer.weight[...]))
+    np.testing.assert_allclose(lokr.bypass(x, y, layer), patched, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(patched, y)
+
+
 def test_gradients_reach_only_the_adapter_tree():
     network = loaded_unet(MINIMAL)
     attach_adapters(network, "LoRA", rank=4, seed=0, lora_dtype=jnp.float32)
@@ -110,7 +133,5 @@ def test_bad_algorithm_rank_and_bypass_requests_are_refused(tiny_model):
     model, _ = tiny_model("sd1")
     with pytest.raises(ValueError, match="unknown algorithm 'GLoRA'"):
         attach_adapters(model.network, "GLoRA")
-    with pytest.raises(ValueError, match="bypass mode is available for \\['LoRA'\\], not OFT"):
-        attach_adapters(model.network, "OFT", bypass=True)
     with pytest.raises(ValueError, match="rank must be at least 1"):
         attach_adapters(model.network, "LoRA", rank=0)

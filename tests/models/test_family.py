@@ -22,6 +22,7 @@ FAMILY_FILES = {"registry.py"} | {
     for stem in ("unet", "flux", "flux2", "nextdit", "chroma", "qwen_image")
     for suffix in (".py", "_family.py", "_names.py")
 }
+FAMILY_FILES |= {f"wan{suffix}" for suffix in (".py", "_family.py", "_names.py")}
 
 
 def demo_shapes(family):

@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxlora.adapters.attach import attach_adapters, weight_layers
 from jaxlora.adapters.base import AdapterParam
+from jaxlora.models import stack
 from jaxlora.models.layers import Linear
 from jaxlora.models.stack import Stack, layer_sites, unstack_module
 from tests.adapters.conftest import randomize_adapters
@@ -55,7 +56,10 @@ def reference_loss(adapters, graph, base, x):
     return jnp.sum(net.out(h) ** 2)
 
 
-@pytest.mark.parametrize(("remat_policy", "scan"), [(None, True), ("nothing_saveable", True), ("dots_saveable", False)])
+@pytest.mark.parametrize(
+    ("remat_policy", "scan"),
+    [(None, True), ("nothing_saveable", True), ("dots_saveable", False), ("offload_dots_with_no_batch_dims", True)],
+)
 def test_scan_unroll_and_remat_match_separate_blocks(remat_policy, scan):
     graph, adapters, base = nnx.split(random_net(), AdapterParam, ...)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 8)), jnp.float32)
@@ -90,3 +94,20 @@ def test_per_block_inputs_reach_their_own_block(scan):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     (same_scale,) = net.blocks((x,), 0.5, scan=scan)
     assert not np.allclose(got, same_scale)
+
+
+def test_offload_policy_keeps_saved_dots_in_host_memory_or_is_refused(monkeypatch):
+    """The offloading policy keeps the blocks' projection outputs in host memory: the backward's residuals live in
+    the "<host>" memory space (XLA:CPU runs it with the same values, checked above); a backend without host
+    memory refuses it by name before anything is traced."""
+    graph, adapters, base = nnx.split(random_net(), AdapterParam, ...)
+    x = jnp.ones((4, 8), jnp.float32)
+
+    def traced(policy):
+        return str(jax.make_jaxpr(jax.grad(loss), static_argnums=(4, 5))(adapters, graph, base, x, policy, True))
+
+    assert "<host>" in traced("offload_dots_with_no_batch_dims")
+    assert "<host>" not in traced("nothing_saveable")
+    monkeypatch.setattr(stack, "host_memory_kind", lambda: None)
+    with pytest.raises(ValueError, match="offload_dots_with_no_batch_dims offloads to host memory, which the cpu"):
+        stack.checkpoint_policy("offload_dots_with_no_batch_dims")

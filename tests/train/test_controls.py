@@ -113,7 +113,7 @@ def test_fingerprint_holds_every_control_and_no_output_setting():
     """Each training control changes the fingerprint (a resumed run with another value is refused); the output
     settings (ema_export, save_every, save_last) are run options, outside it. steps enter only through a
     decaying schedule."""
-    model = SimpleNamespace(variant=SimpleNamespace(name="sd1"))
+    model = SimpleNamespace(variant=SimpleNamespace(name="sd1"), quantization="none")
     dataset = make_dataset(*small_data())
     base = fingerprint(TrainConfig(), model, dataset)
     changed = {
@@ -178,7 +178,7 @@ def test_saves_keep_the_last_k_of_this_run_and_never_overwrite(tmp_path):
 def test_resume_refuses_a_changed_control_naming_it(tmp_path):
     """A run checkpointed with ema_decay 0.99 does not resume with 0.9 (the message names the setting), and does
     resume with the same training settings."""
-    model = SimpleNamespace(variant=SimpleNamespace(name="sd1"))
+    model = SimpleNamespace(variant=SimpleNamespace(name="sd1"), quantization="none")
     dataset = make_dataset(*small_data())
     run = open_run(tmp_path, fingerprint(TrainConfig(ema_decay=0.99), model, dataset), False, 16)
     run.save(1, {"a": jnp.zeros(2)}, {"b": jnp.zeros(1)}, [0.5])

@@ -93,7 +93,7 @@ def test_qwen_image_data_is_checked_against_the_model(qwen):
         preflight(qwen, make_dataset(latents, qwen_image_data(width=4096)[1]), TrainConfig())
     with pytest.raises(DatasetError, match="4 channels, the model takes 16"):
         preflight(qwen, make_dataset(latents[:, :4], conditioning), TrainConfig())
-    with pytest.raises(DatasetError, match=r"\[N, C, 1, H, W\], one frame"):
-        make_dataset(np.repeat(latents, 3, axis=2), conditioning)
+    with pytest.raises(DatasetError, match=r"video latents \[2, 16, 3, 4, 4\] .* an image model"):
+        preflight(qwen, make_dataset(np.repeat(latents, 3, axis=2), conditioning), TrainConfig())
     with pytest.raises(ValueError, match="guidance input"):
         preflight(qwen, make_dataset(latents, conditioning), TrainConfig(guidance=3.0))
