@@ -30,8 +30,9 @@ def measure(held_out: int, repeats: int, config: TrainConfig) -> dict[str, float
     with tempfile.TemporaryDirectory() as folder:
         model = load_model(write_random_checkpoint(DEMO_UNET, Path(folder) / "demo.safetensors"), "fp32")
     latents, context = demo_dataset(8 + held_out)
-    train = make_dataset(latents[:8], context[:8])
-    held = make_dataset(latents[8:], context[8:])
+    shared = context.shape[0] == 1  # one caption for all samples
+    train = make_dataset(latents[:8], context if shared else context[:8])
+    held = make_dataset(latents[8:], context if shared else context[8:])
     run = prepare_run(model, train, config, validation=held)
     step = compile_step(run.graph, run.settings)
     adapters, opt_state = run.adapters, run.opt_state
