@@ -11,7 +11,7 @@ import pytest
 
 from jaxlora import load_model
 from jaxlora.models.demo import write_random_checkpoint
-from jaxlora.models.wan_family import A14B_BOUNDARY, TINY_WAN21
+from jaxlora.models.wan_family import A14B_BOUNDARY, TINY_WAN21, TINY_WAN22_TI2V
 from jaxlora.train.config import SettingsError, TrainConfig
 from jaxlora.train.data import DatasetError, device_arrays, load_dataset, make_dataset
 from jaxlora.train.loop import adapted_network, preflight, run_training
@@ -110,3 +110,17 @@ def test_a_comfyui_video_dataset_loads_into_buckets_by_frames_and_size(model, tm
     assert [(b.size, b.shape) for b in dataset.buckets] == [(2, (16, 3, 4, 6)), (1, (16, 2, 4, 4)), (1, (16, 4, 4))]
     np.testing.assert_array_equal(dataset.buckets[0].latents[1], latents[2]["samples"][0].numpy())
     preflight(model, dataset, TrainConfig())
+
+
+@pytest.mark.slow  # a second tiny model's compile; the Wan 2.1 run above covers the shared code in CI
+def test_training_wan22_ti2v_on_48_channel_videos_lowers_the_loss(tmp_path):
+    ti2v = load_model(write_random_checkpoint(TINY_WAN22_TI2V, tmp_path / "ti2v.safetensors", 3), "fp32")
+    video, caption = video_data()
+    latents = np.concatenate([video, video[:, ::-1], -video], axis=1)  # 48 channels of the same smooth kind
+    dataset = make_dataset(latents, caption)
+    config = TrainConfig(steps=20, batch_size=2, rank=4, learning_rate=3e-3, gradient_checkpointing=False, **FP32)
+    untrained, _ = adapted_network(ti2v, config, jnp.float32)
+    result = run_training(ti2v, dataset, config, **QUIET)
+    before = fixed_draw_loss(ti2v, untrained, dataset=dataset)
+    after = fixed_draw_loss(ti2v, result.model_with_lora.network, dataset=dataset)
+    assert after < 0.9 * before, (before, after)
