@@ -227,6 +227,14 @@ def settings_of(kind: type, config: TrainConfig):
     return kind(**{spec.name: getattr(config, spec.name) for spec in fields(kind)})
 
 
+def own_buffers(opt_state, adapters):
+    """`opt_state` with a copy of every leaf that is one of the `adapters` arrays itself. Optimizers that keep the
+    starting point (Prodigy's x0, schedule-free's z) hold the parameters' own arrays after `init`; the step donates
+    both trees, and XLA refuses a buffer donated twice."""
+    shared = {id(leaf) for leaf in jax.tree.leaves(adapters)}
+    return jax.tree.map(lambda leaf: jnp.copy(leaf) if id(leaf) in shared else leaf, opt_state)
+
+
 def prepare_run(
     model: DiffusionModel,
     dataset: Dataset,
@@ -249,7 +257,7 @@ def prepare_run(
     optimizer = make_optimizer(config.optimizer, schedule, settings_of(OptimizerSettings, config))
     if config.ema_decay is not None:
         optimizer = with_ema(optimizer, config.ema_decay)
-    opt_state = optimizer.init(adapters)
+    opt_state = own_buffers(optimizer.init(adapters), adapters)
     sampling = model.run_sampling(config.prediction, config.flow_shift)
     settings = StepSettings(
         config.batch_size,

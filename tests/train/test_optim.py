@@ -15,6 +15,7 @@ import torch
 
 from jaxlora.train import config as config_module
 from jaxlora.train.config import SettingsError, TrainConfig
+from jaxlora.train.loop import own_buffers
 from jaxlora.train.optim import (
     LOSSES,
     OPTIMIZERS,
@@ -217,3 +218,22 @@ def test_ema_holds_its_own_buffers():
     state = with_ema(make_optimizer("SGD", 0.1), 0.9).init(params)
     assert ema_params(state)["w"] is not params["w"]
     assert ema_params(state)["w"].unsafe_buffer_pointer() != params["w"].unsafe_buffer_pointer()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizers_state_is_donated_with_the_parameters(name):
+    """The trainer's step donates the adapter and the optimizer state. Prodigy keeps the starting point x0 as the
+    parameters' own arrays after `init`; `own_buffers` copies such leaves, so every optimizer's state can be
+    donated together with the parameters (a buffer donated twice is an error)."""
+    params = {"w": jnp.ones((3, 2))}
+    optimizer = make_optimizer(name, 1e-3)
+    state = own_buffers(optimizer.init(params), params)
+    pointers = {leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state)}
+    assert params["w"].unsafe_buffer_pointer() not in pointers
+
+    def step(params, state, grads):
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = jax.jit(step, donate_argnums=(0, 1))(params, state, {"w": jnp.full((3, 2), 0.5)})
+    assert np.isfinite(np.asarray(params["w"])).all()

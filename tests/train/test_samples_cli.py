@@ -3,11 +3,14 @@
 schedule, a negative prompt through CFG), and on a tiny Flux.1 dev with T5 and CLIP-L files and a 16-channel VAE
 file (Euler, no CFG, the guidance input)."""
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxlora import load_model
@@ -81,3 +84,36 @@ def test_flux_dev_samples_with_t5_clip_and_a_vae_file(tmp_path, tokenizers):
     run_training(model, dataset, training, sample_every=2, on_sample=hook, **QUIET)
     image = np.asarray(Image.open(tmp_path / "s" / "000002_01.png"))
     assert image.shape == (64, 64, 3) and image.std() > 1  # latents 8 x 8, 8 pixels per latent
+
+
+def readme_settings_file() -> str:
+    """The `settings.toml` README shows under Training controls."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    return readme.split("```toml\n# settings.toml")[1].split("```")[0]
+
+
+def test_the_readme_settings_file_trains_with_every_control(tmp_path, tokenizers, monkeypatch):
+    """Warmup + cosine, Prodigy, logit-normal noise levels, EMA, validation, TensorBoard and samples from the one
+    TOML file of README (its step counts shortened by flags, which override the file)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "settings.toml").write_text("# settings.toml" + readme_settings_file())
+    (tmp_path / "prompts.txt").write_text("a red cat\n")
+    checkpoint = write_sd1_checkpoint(tmp_path / "sd1.safetensors")
+    images = write_images(tmp_path / "photos", sizes=((128, 128),) * 4)
+    flags = ["--model", str(checkpoint), "--images", str(images), "--tokenizers", str(tokenizers)]
+    flags += ["--resolution", "128", "--config", "settings.toml", "--output-dir", "out", "--prefix", "x"]
+    flags += ["--steps", "4", "--warmup-steps", "2", "--validate-every", "2", "--sample-every", "4"]
+    flags += ["--sample-steps", "2", "--rank", "2", "--training-dtype", "fp32", "--lora-dtype", "fp32"]
+    assert train_main(flags) == 0
+    out = tmp_path / "out"
+    adapter, ema = out / "x_4_steps_00001_.safetensors", out / "x_4_steps_00001_ema.safetensors"
+    with safe_open(str(adapter), "np") as file:
+        settings = json.loads(file.metadata()["training_settings"])
+    expected = {"optimizer": "Prodigy", "lr_scheduler": "cosine", "warmup_steps": 2, "ema_decay": 0.999}
+    assert {key: settings[key] for key in expected} == expected
+    assert settings["timestep_sampling"] == "logit_normal" and settings["validation_split"] == 0.1
+    assert ema.is_file()
+    validation = json.loads((out / "x_4_steps_00001_loss.json").read_text())["validation"]
+    assert validation["step"] == [2, 4] and np.isfinite(validation["loss"]).all()
+    assert len(list((tmp_path / "logs").glob("events.out.tfevents.*"))) == 1
+    assert (out / "x_samples" / "000004_grid.png").is_file()
