@@ -228,11 +228,19 @@ def settings_of(kind: type, config: TrainConfig):
 
 
 def own_buffers(opt_state, adapters):
-    """`opt_state` with a copy of every leaf that is one of the `adapters` arrays itself. Optimizers that keep the
-    starting point (Prodigy's x0, schedule-free's z) hold the parameters' own arrays after `init`; the step donates
-    both trees, and XLA refuses a buffer donated twice."""
-    shared = {id(leaf) for leaf in jax.tree.leaves(adapters)}
-    return jax.tree.map(lambda leaf: jnp.copy(leaf) if id(leaf) in shared else leaf, opt_state)
+    """`opt_state` with its own buffer in every leaf: a leaf that is one of the `adapters` arrays, or an array met
+    earlier in the state, is copied. Optimizers keep such aliases after `init` (Prodigy's x0 is the parameters,
+    its estimate starts as the very array of its initial value); the step donates both trees, and XLA refuses a
+    buffer donated twice."""
+    seen = {id(leaf) for leaf in jax.tree.leaves(adapters)}
+
+    def own(leaf):
+        if id(leaf) in seen:
+            return jnp.copy(leaf)
+        seen.add(id(leaf))
+        return leaf
+
+    return jax.tree.map(own, opt_state)
 
 
 def prepare_run(

@@ -55,6 +55,39 @@ def _schedule_free_adamw(lr: Rate, weight_decay: float, beta1: float, beta2: flo
     return contrib.schedule_free_adamw(lr, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay)
 
 
+class RateGatedState(NamedTuple):
+    """The wrapped optimizer's state (its learning rate an injected hyper-parameter) and the schedule's step."""
+
+    inner: optax.OptState
+    step: jax.Array
+
+
+def _prodigy(lr: Rate, weight_decay: float, beta1: float, beta2: float, eps: float) -> optax.GradientTransformation:
+    """Prodigy (Mishchenko & Defazio 2023) as prodigyopt: learning_rate scales its own estimate (1.0 is usual).
+
+    prodigyopt skips a step whose rate is 0 (the first step of a warmup): no moment, estimate or step-count update,
+    while the rate schedule moves on. optax's prodigy would divide 0 by 0 there, and counts the schedule and its
+    bias correction with one counter. So the rate is injected per step from the schedule's own counter, and a
+    zero-rate step leaves the state as it was."""
+    inner = optax.inject_hyperparams(contrib.prodigy)(learning_rate=1.0, betas=(beta1, beta2), eps=eps,
+                                                      weight_decay=weight_decay)  # fmt: skip
+
+    def init(params):
+        return RateGatedState(inner.init(params), jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        rate = lr(state.step) if callable(lr) else lr
+        hyperparams = dict(state.inner.hyperparams)
+        hyperparams["learning_rate"] = jnp.asarray(rate, hyperparams["learning_rate"].dtype)
+        updates, stepped = inner.update(updates, state.inner._replace(hyperparams=hyperparams), params)
+        skip = jnp.asarray(rate) == 0
+        updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), updates)
+        kept = jax.tree.map(lambda new, old: jnp.where(skip, old, new), stepped, state.inner)
+        return updates, RateGatedState(kept, state.step + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
 # name -> (builder(learning_rate, **hyper-parameters), the hyper-parameters' defaults)
 OPTIMIZERS: dict[str, tuple[Callable[..., optax.GradientTransformation], dict[str, float]]] = {
     # torch.optim.AdamW: decoupled weight decay 0.01 on every trainable (optax's default is 1e-4).
@@ -85,13 +118,7 @@ OPTIMIZERS: dict[str, tuple[Callable[..., optax.GradientTransformation], dict[st
         lambda lr, weight_decay, beta1, beta2: optax.lion(lr, b1=beta1, b2=beta2, weight_decay=weight_decay),
         {"weight_decay": 0.0, "beta1": 0.9, "beta2": 0.99},
     ),
-    # Prodigy (Mishchenko & Defazio 2023) as prodigyopt: learning_rate scales its own estimate (1.0 is usual).
-    "Prodigy": (
-        lambda lr, weight_decay, beta1, beta2, eps: contrib.prodigy(
-            lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
-        ),
-        {"weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-    ),
+    "Prodigy": (_prodigy, {"weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}),
     "ScheduleFreeAdamW": (_schedule_free_adamw, {"weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}),
 }
 AVERAGING = ("ScheduleFreeAdamW",)  # optimizers whose adapter to use is an average kept in their state

@@ -237,3 +237,26 @@ def test_every_optimizers_state_is_donated_with_the_parameters(name):
 
     params, state = jax.jit(step, donate_argnums=(0, 1))(params, state, {"w": jnp.full((3, 2), 0.5)})
     assert np.isfinite(np.asarray(params["w"])).all()
+
+
+def test_prodigy_under_a_warmup_matches_prodigyopt_under_lambdalr():
+    """A warmup starts the rate at 0: prodigyopt then skips the step (no moment, estimate or count update) while
+    torch's LambdaLR moves on, where optax's own prodigy would divide 0 by 0. Against prodigyopt over the same
+    rates (0, 50, 100, 100, ...): fp32, atol 1e-6 plus rtol 2e-6."""
+    schedule = optax.linear_schedule(0.0, 100.0, 2)
+    rng = np.random.default_rng(1)
+    start = rng.standard_normal((5, 3)).astype(np.float32)
+    params, parameter = {"w": jnp.asarray(start)}, torch.nn.Parameter(torch.from_numpy(start.copy()))
+    optimizer = make_optimizer("Prodigy", schedule)
+    state = optimizer.init(params)
+    reference = prodigyopt.Prodigy([parameter], 100.0, use_bias_correction=True)
+    rates = torch.optim.lr_scheduler.LambdaLR(reference, lambda step: float(schedule(step)) / 100.0)
+    for _ in range(6):
+        grad = rng.standard_normal((5, 3)).astype(np.float32)
+        updates, state = optimizer.update({"w": jnp.asarray(grad)}, state, params)
+        params = optax.apply_updates(params, updates)
+        parameter.grad = torch.from_numpy(grad.copy())
+        reference.step()
+        rates.step()
+    np.testing.assert_allclose(np.asarray(params["w"]), parameter.detach().numpy(), atol=1e-6, rtol=2e-6)
+    assert np.isfinite(np.asarray(params["w"])).all() and np.abs(np.asarray(params["w"]) - start).max() > 1e-4
