@@ -1,0 +1,69 @@
+"""The denoisers' attention: the TPU kernel (splash attention, run here through Pallas' interpreter) against XLA's
+attention, and the choice of kernel by the platform the step is lowered for (XLA's TPU compiler, no TPU needed)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import topologies
+
+from jaxlora.models.attention import attention, splash_attention, xla_attention
+
+SHAPES = {  # batch, queries, keys, heads, key/value heads, head width
+    "padded, grouped query heads": (2, 100, 77, 4, 2, 40),
+    "several blocks of 128": (1, 384, 256, 1, 1, 32),
+}
+
+
+def random_inputs(batch, queries, keys, heads, kv_heads, width):
+    parts = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(parts[0], (batch, queries, heads, width))
+    k = jax.random.normal(parts[1], (batch, keys, kv_heads, width))
+    v = jax.random.normal(parts[2], (batch, keys, kv_heads, width))
+    cotangent = jax.random.normal(parts[3], (batch, queries, heads, width))
+    return (q, k, v), cotangent
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_splash_kernel_matches_xla_attention_and_its_gradients(shape):
+    """fp32 inputs: outputs and the three input gradients (for a random cotangent) agree within 2e-5 (the kernel
+    sums in blocks with an online softmax, XLA in one pass)."""
+    inputs, cotangent = random_inputs(*shape)
+    kernel_out, kernel_vjp = jax.vjp(lambda *x: splash_attention(*x, interpret=True), *inputs)
+    xla_out, xla_vjp = jax.vjp(xla_attention, *inputs)
+    np.testing.assert_allclose(kernel_out, xla_out, atol=2e-5, rtol=2e-5)
+    for kernel_grad, xla_grad in zip(kernel_vjp(cotangent), xla_vjp(cotangent), strict=True):
+        np.testing.assert_allclose(kernel_grad, xla_grad, atol=2e-5, rtol=2e-5)
+
+
+def compiled_grad_text(device, dtype=jnp.bfloat16) -> str:
+    """The optimised HLO of attention's gradient compiled for `device`, from abstract inputs."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    query = jax.ShapeDtypeStruct((1, 1024, 4, 64), dtype, sharding=sharding)
+    keys = jax.ShapeDtypeStruct((1, 200, 4, 64), dtype, sharding=sharding)
+    loss = lambda q, k, v: attention(q, k, v).astype(jnp.float32).sum()  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(query, keys, keys).compile().as_text()
+
+
+def score_shapes(hlo: str) -> set[str]:
+    """Float arrays of 1024 queries by 200 keys (or 256, padded): attention scores or probabilities."""
+    shapes = re.findall(r"(?:bf16|f32)\[([\d,]+)\]", hlo)
+    return {s for s in shapes if "1024" in s.split(",") and {"200", "256"} & set(s.split(","))}
+
+
+def test_the_kernel_is_chosen_by_the_platform_lowered_for(monkeypatch):
+    """Compiled for a TPU v5e chip, forward and backward are Mosaic kernels and no [queries, keys] score array is
+    built; compiled for the CPU, the same traced function is XLA's attention. JAXLORA_ATTENTION=xla forces XLA's."""
+    tpu = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
+    for_tpu = compiled_grad_text(tpu)
+    assert for_tpu.count("tpu_custom_call") >= 2  # the forward kernel and the fused backward kernel
+    assert not score_shapes(for_tpu)
+    for_cpu = compiled_grad_text(jax.devices("cpu")[0])
+    assert "tpu_custom_call" not in for_cpu and score_shapes(for_cpu)
+    monkeypatch.setenv("JAXLORA_ATTENTION", "xla")
+    assert "tpu_custom_call" not in compiled_grad_text(tpu)
+    monkeypatch.setenv("JAXLORA_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="JAXLORA_ATTENTION='flash'"):
+        compiled_grad_text(tpu)
