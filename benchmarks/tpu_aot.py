@@ -15,8 +15,8 @@ as markdown as each case finishes.
 The step is set up by the trainer's `prepare_run` and `compile_step`: LoRA rank 16 with fp32 masters, AdamW,
 bf16 frozen base (or int8 / fp8 stored: `--quantization`), remat per block (`--remat`; "off" disables it), the
 prompt lengths the models train with (77 CLIP tokens, 512 T5 tokens). `--fsdp N` splits the frozen base over N chips
-of the topology (`fsdp=N` mesh, one sample per chip at least); sizes are what one chip holds. `--attention auto` is
-the trainer's default (the splash kernel on TPU, `jaxlora.models.attention`), `xla` XLA's own attention.
+of the topology (`fsdp=N` mesh, one sample per chip at least); sizes are what one chip holds. `--attention splash` is
+what the trainer picks on a TPU (`jaxlora.models.attention`), `xla` XLA's own attention.
 
 Columns:
 - args / temp / total GiB: XLA's buffer assignment per chip; total = arguments + outputs - donated aliases +
@@ -95,7 +95,7 @@ class Case:
     remat: str = "nothing_saveable"
     quantization: str = "none"
     offloading: bool = False
-    attention: str = "auto"  # JAXLORA_ATTENTION: "auto" is the splash kernel on TPU, "xla" is XLA's attention
+    attention: str = "splash"  # JAXLORA_ATTENTION: the TPU kernel (what "auto" picks on a TPU), or "xla"
 
     @property
     def config(self) -> TrainConfig:
@@ -115,8 +115,7 @@ class Case:
         chip = self.chip if self.fsdp == 1 else f"{self.chip}-{self.fsdp} fsdp"
         base = "bf16" if self.quantization == "none" else self.quantization
         remat = self.remat + (" +offload" if self.offloading else "")
-        attention = "splash" if self.attention == "auto" else self.attention
-        return [self.model, f"{self.pixels}x{self.pixels}", str(self.batch), chip, base, remat, attention]
+        return [self.model, f"{self.pixels}x{self.pixels}", str(self.batch), chip, base, remat, self.attention]
 
 
 LABELS = ("model", "pixels", "batch", "chip", "base", "remat", "attention")
@@ -242,7 +241,7 @@ def main() -> None:
     parser.add_argument("--remat", nargs="+", default=["nothing_saveable"], help='a remat policy, or "off"')
     parser.add_argument("--quantization", nargs="+", default=["none"], help="none, int8, fp8, fp8_channel")
     parser.add_argument("--offloading", nargs="+", choices=("off", "on"), default=["off"])
-    parser.add_argument("--attention", nargs="+", choices=("auto", "xla"), default=["auto"], help="auto: splash")
+    parser.add_argument("--attention", nargs="+", choices=("splash", "xla"), default=["splash"])
     args = parser.parse_args()
     print(f"jax {jax.__version__}, XLA:TPU compile from abstract inputs (libtpu), {os.cpu_count()} CPU cores\n")
     combinations = itertools.product(

@@ -1,17 +1,18 @@
 """Scaled dot-product attention of the denoisers, computed by the best kernel of the chip the step runs on.
 
 - TPU: Pallas splash attention (JAX's flash-style TPU kernel): the [queries, keys] scores are computed block by block
-  in on-chip memory and never written to HBM, forward or backward, which is what lets SD1.5's 16k-token attention
-  at 1024 px or Flux's 4.6k joint tokens fit a 16 GiB chip. It is chosen by `lax.platform_dependent`, i.e. when the
-  step is lowered for a TPU, so a step compiled for a TPU from a CPU host (ahead of time) gets it as well.
-- GPU: cuDNN's fused attention (`jax.nn.dot_product_attention(implementation="cudnn")`) when the process runs on a
-  GPU and the inputs qualify (fp16/bf16, head width a multiple of 8 up to 128). It is chosen while tracing: cuDNN's
-  path cannot even be traced on a machine without cuDNN.
+  in on-chip memory and never written to HBM, forward or backward, which is what keeps the attention of 1024 px
+  images (4k to 16k tokens) small on a 16 GiB chip.
+- GPU: cuDNN's fused attention (`jax.nn.dot_product_attention(implementation="cudnn")`) when the inputs qualify
+  (fp16/bf16, head width a multiple of 8 up to 128).
 - Anything else (CPU, other shapes): XLA's attention (`jax.nn.dot_product_attention`), the reference the kernels are
   tested against.
 
-`JAXLORA_ATTENTION=xla` forces XLA's attention everywhere (read when the step is traced), to compare the kernels or to
-step around one.
+The choice is made while the step is traced, from the process's default backend ("auto"), or forced by
+`JAXLORA_ATTENTION=xla|splash|cudnn`: "splash" is how a step is compiled for a TPU from a CPU host (ahead of time,
+benchmarks/tpu_aot.py), "xla" compares the kernels or steps around one. (Choosing at lowering instead, through
+`lax.platform_dependent`, would work for splash but not for cuDNN, whose path cannot be traced without cuDNN, and
+would put both branches into every traced step.)
 """
 
 from __future__ import annotations
@@ -21,25 +22,34 @@ import os
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-IMPLEMENTATIONS = ("auto", "xla")
+IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 SPLASH_BLOCKS = (512, 256, 128)  # block sizes tried, largest first; sequences are padded to a multiple of 128
 CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v for q [B, L, H, D] and k, v [B, S, Hkv, D], Hkv dividing H (grouped queries)."""
+    implementation = chosen_implementation(q, k)
+    if implementation == "splash":
+        return splash_attention(q, k, v)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return xla_attention(q, k, v)
+
+
+def chosen_implementation(q: jax.Array, k: jax.Array) -> str:
     choice = os.environ.get("JAXLORA_ATTENTION", "auto")
     if choice not in IMPLEMENTATIONS:
         raise ValueError(f"JAXLORA_ATTENTION={choice!r}: use one of {list(IMPLEMENTATIONS)}")
-    if choice == "xla":
-        return xla_attention(q, k, v)
-    if jax.default_backend() == "gpu" and cudnn_supports(q, k):
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    return lax.platform_dependent(q, k, v, tpu=splash_attention, default=xla_attention)
+    if choice != "auto":
+        return choice
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "splash"
+    return "cudnn" if backend == "gpu" and cudnn_supports(q, k) else "xla"
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

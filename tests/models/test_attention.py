@@ -1,5 +1,5 @@
 """The denoisers' attention: the TPU kernel (splash attention, run here through Pallas' interpreter) against XLA's
-attention, and the choice of kernel by the platform the step is lowered for (XLA's TPU compiler, no TPU needed)."""
+attention, and the choice of kernel by backend (compiled for TPU by XLA's TPU compiler, no TPU needed)."""
 
 import re
 
@@ -53,15 +53,17 @@ def score_shapes(hlo: str) -> set[str]:
     return {s for s in shapes if "1024" in s.split(",") and {"200", "256"} & set(s.split(","))}
 
 
-def test_the_kernel_is_chosen_by_the_platform_lowered_for(monkeypatch):
-    """Compiled for a TPU v5e chip, forward and backward are Mosaic kernels and no [queries, keys] score array is
-    built; compiled for the CPU, the same traced function is XLA's attention. JAXLORA_ATTENTION=xla forces XLA's."""
+def test_the_kernel_is_chosen_by_the_backend_and_the_tpu_kernel_builds_no_scores(monkeypatch):
+    """On a TPU backend "auto" is the splash kernel: compiled for a TPU v5e chip, forward and backward are Mosaic
+    kernels and no [queries, keys] score array is built. On the CPU it is XLA's attention, which builds them;
+    JAXLORA_ATTENTION forces a choice (how a step is compiled for a TPU from this CPU host)."""
     tpu = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
+    for_cpu = compiled_grad_text(jax.devices("cpu")[0])
+    assert "tpu_custom_call" not in for_cpu and score_shapes(for_cpu)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     for_tpu = compiled_grad_text(tpu)
     assert for_tpu.count("tpu_custom_call") >= 2  # the forward kernel and the fused backward kernel
     assert not score_shapes(for_tpu)
-    for_cpu = compiled_grad_text(jax.devices("cpu")[0])
-    assert "tpu_custom_call" not in for_cpu and score_shapes(for_cpu)
     monkeypatch.setenv("JAXLORA_ATTENTION", "xla")
     assert "tpu_custom_call" not in compiled_grad_text(tpu)
     monkeypatch.setenv("JAXLORA_ATTENTION", "flash")
