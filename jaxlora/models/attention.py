@@ -17,17 +17,34 @@ would put both branches into every traced step.)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import NamedSharding, PartitionSpec
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 SPLASH_BLOCKS = (512, 256, 128)  # block sizes tried, largest first; sequences are padded to a multiple of 128
 CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+_BATCH_SHARDING: contextvars.ContextVar[NamedSharding | None] = contextvars.ContextVar("batch_sharding", default=None)
+
+
+@contextlib.contextmanager
+def batch_split_over(sharding: NamedSharding | None) -> Iterator[None]:
+    """While the network is traced on a mesh: the batch of every attention call is split by `sharding`. XLA cannot
+    partition a Pallas kernel, and would gather the whole batch onto every device around it; with the sharding
+    known, the kernel runs under `shard_map`, each device on its own samples."""
+    token = _BATCH_SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        _BATCH_SHARDING.reset(token)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -62,6 +79,16 @@ def cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False) -> jax.Array:
+    """The splash kernel over a batch, per device under `batch_split_over`."""
+    sharding = _BATCH_SHARDING.get()
+    if sharding is None:
+        return _splash_batch(q, k, v, interpret)
+    split = PartitionSpec(sharding.spec[0])
+    per_device = lambda q, k, v: _splash_batch(q, k, v, interpret)  # noqa: E731
+    return jax.shard_map(per_device, mesh=sharding.mesh, in_specs=split, out_specs=split, check_vma=False)(q, k, v)
+
+
+def _splash_batch(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
     """The splash kernel over a batch. Query and key sequences are padded to a multiple of 128 (the kernel's
     smallest block); padded keys are kept out of every softmax by a segment id of their own, padded queries are
     dropped from the output. `interpret=True` runs the kernel's own code through JAX on any backend (tests)."""

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax.experimental import topologies
 
-from jaxlora.models.attention import attention, splash_attention, xla_attention
+from jaxlora.models.attention import attention, batch_split_over, splash_attention, xla_attention
+from jaxlora.parallel.mesh import batch_sharding, make_mesh
 
 SHAPES = {  # batch, queries, keys, heads, key/value heads, head width
     "padded, grouped query heads": (2, 100, 77, 4, 2, 40),
@@ -69,3 +70,22 @@ def test_the_kernel_is_chosen_by_the_backend_and_the_tpu_kernel_builds_no_scores
     monkeypatch.setenv("JAXLORA_ATTENTION", "flash")
     with pytest.raises(ValueError, match="JAXLORA_ATTENTION='flash'"):
         compiled_grad_text(tpu)
+
+
+def test_on_a_mesh_the_kernel_runs_per_device_on_its_own_samples():
+    """Under `batch_split_over` the kernel is wrapped in shard_map over the mesh's batch axes (XLA cannot partition
+    it): the result equals XLA's attention on the whole batch, within 2e-5, and stays split over the devices."""
+    mesh = make_mesh("data=2,fsdp=4")
+    sharding = batch_sharding(mesh)
+    (q, k, v), _ = random_inputs(8, 100, 77, 2, 1, 32)
+    q, k, v = (jax.device_put(x, sharding) for x in (q, k, v))
+
+    def kernel(q, k, v):
+        with batch_split_over(sharding):
+            return splash_attention(q, k, v, interpret=True)
+
+    traced = jax.jit(kernel).trace(q, k, v)
+    assert "shard_map" in str(traced.jaxpr)
+    out = traced.lower().compile()(q, k, v)
+    np.testing.assert_allclose(out, xla_attention(q, k, v), atol=2e-5, rtol=2e-5)
+    assert out.sharding.is_equivalent_to(sharding, out.ndim)
