@@ -139,7 +139,7 @@ def on_devices(tree, shardings):
     return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), tree, shardings)
 
 
-def run_case(case: Case) -> dict:
+def run_case(case: Case, compiled_too: bool = True) -> dict:
     """Set the step up on the host as the trainer does (`prepare_run`), lay its inputs out on TPU devices,
     compile, measure."""
     os.environ["JAXLORA_ATTENTION"] = case.attention  # read when the step is traced (models.attention)
@@ -174,6 +174,8 @@ def run_case(case: Case) -> dict:
     )
     traced, trace_s = timed(lambda: step.trace(*inputs))
     flops = matmul_flops(traced.jaxpr) / case.fsdp  # the batch, and its FLOPs, split over the chips
+    if not compiled_too:
+        return {"TFLOP": flops / 1e12, "trace s": trace_s}
     lowered, lower_s = timed(traced.lower)
     _, _, hbm_gib, bandwidth = CHIPS[case.chip]
     start = time.perf_counter()
@@ -242,6 +244,7 @@ def main() -> None:
     parser.add_argument("--quantization", nargs="+", default=["none"], help="none, int8, fp8, fp8_channel")
     parser.add_argument("--offloading", nargs="+", choices=("off", "on"), default=["off"])
     parser.add_argument("--attention", nargs="+", choices=("splash", "xla"), default=["splash"])
+    parser.add_argument("--trace-only", action="store_true", help="only the FLOP count: trace, no compile")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, XLA:TPU compile from abstract inputs (libtpu), {os.cpu_count()} CPU cores\n")
     combinations = itertools.product(
@@ -257,7 +260,8 @@ def main() -> None:
     )
     for index, values in enumerate(combinations):
         case = Case(*values)
-        print(markdown([(case, in_fresh_process(run_case, case))], header=index == 0), flush=True)
+        row = in_fresh_process(run_case, case, not args.trace_only)
+        print(markdown([(case, row)], header=index == 0), flush=True)
 
 
 if __name__ == "__main__":
