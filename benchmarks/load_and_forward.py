@@ -155,7 +155,10 @@ def measure_load(path: Path) -> dict:
 def in_fresh_process(fn: Callable, *args):
     """fn(*args) in a newly spawned interpreter, so its memory neither counts here nor starts from ours."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+        result = pool.apply(fn, args)
+        pool.close()  # let the worker exit on its own (terminating it makes libtpu print a crash report)
+        pool.join()
+        return result
 
 
 def memory_report(m: dict) -> str:

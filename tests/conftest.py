@@ -7,6 +7,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llv
 # before: unsharded programs are placed on one device, and the others stay idle.
 os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 
+# The test extra installs XLA's TPU compiler (libtpu) to compile for TPU chips from this host; the tests themselves
+# run on the CPU, and a TPU runtime is never looked for.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache

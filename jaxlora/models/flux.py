@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora.models.attention import attention as scaled_dot_product
 from jaxlora.models.layers import Linear, RMSNorm, layer_norm, sinusoidal_embedding
 from jaxlora.models.rope import apply_rope, rope_tables
 from jaxlora.models.stack import Stack
@@ -139,7 +140,7 @@ def rope_ids(img_hw: tuple[int, int], txt_len: int, axes: int = 3, text_axis: in
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """RoPE on q and k, then scaled dot-product attention; [B, L, H, D] -> [B, L, H*D]."""
-    out = jax.nn.dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    out = scaled_dot_product(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
     return out.reshape(*out.shape[:2], -1)
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora.models.attention import attention
 from jaxlora.models.quantize import WeightScale, dequantize
 
 
@@ -282,7 +283,7 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -
     """Scaled dot-product attention of [B, T, heads*d] queries over [B, S, heads*d] keys/values."""
     batch, q_len, width = q.shape
     split = lambda t: t.reshape(batch, t.shape[1], heads, width // heads)  # noqa: E731
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    out = attention(split(q), split(k), split(v))
     return out.reshape(batch, q_len, width)
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora.models.attention import attention
 from jaxlora.models.layers import AffineRMSNorm, Linear, RawParameter, layer_norm, sinusoidal_embedding
 from jaxlora.models.rope import apply_rope, rope_tables
 from jaxlora.models.stack import Stack
@@ -92,7 +93,7 @@ class Attention(nnx.Module):
         q, k, v = jnp.split(qkv, [self.heads, self.heads + self.kv_heads], axis=2)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        out = jax.nn.dot_product_attention(q, k, v)  # key/value heads shared by groups of query heads
+        out = attention(q, k, v)  # key/value heads shared by groups of query heads
         return self.out(out.reshape(batch, length, -1))
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora.models.attention import attention
 from jaxlora.models.layers import (
     AffineRMSNorm,
     LayerNorm,
@@ -96,7 +97,7 @@ class Attention(nnx.Module):
         q, k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(context))), split(self.v(context))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.o(out.reshape(x.shape))
 
 

@@ -51,8 +51,9 @@ def step_flops(compiled: jax.stages.Compiled) -> float | None:
 
 def matmul_flops(jaxpr: jax_core.ClosedJaxpr | jax_core.Jaxpr) -> float:
     """The multiply-add FLOPs (2 per multiply-accumulate) of every matrix product and convolution a jaxpr runs,
-    the definition MFU is stated in. A `scan` body counts `length` times; a `cond` counts its costliest branch;
-    any other nested jaxpr (jit, remat, custom derivatives, shard_map) counts once per call. A `while` loop with
+    the definition MFU is stated in. A `scan` body counts `length` times; a `cond` counts its costliest branch; a
+    Pallas kernel's body counts once per grid point; a `shard_map` body once per device it runs on; any other
+    nested jaxpr (jit, remat, custom derivatives) counts once per call. A `while` loop with
     a data-dependent trip count counts once (the step has none). Rematerialised forward passes are part of the
     differentiated jaxpr and so are counted, as XLA counts them. Elementwise work is left out, as in MFU."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
@@ -72,6 +73,12 @@ def matmul_flops(jaxpr: jax_core.ClosedJaxpr | jax_core.Jaxpr) -> float:
             total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"])
         elif name == "cond":
             total += max(matmul_flops(branch) for branch in eqn.params["branches"])
+        elif name == "pallas_call":  # a kernel (splash attention): its body, on blocks, runs at every grid point
+            total += math.prod(eqn.params["grid_mapping"].grid) * matmul_flops(eqn.params["jaxpr"])
+        elif name == "shard_map":  # the body sees one device's shard and runs on every device of its axes
+            mesh = eqn.params["mesh"]
+            devices = math.prod(mesh.shape[axis] for axis in eqn.params["newly_manual_axes"])
+            total += devices * matmul_flops(eqn.params["jaxpr"])
         else:
             total += sum(matmul_flops(sub) for sub in jax_core.jaxprs_in_params(eqn.params))
     return total

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxlora.models.attention import batch_split_over
 from jaxlora.models.sampling import ModelSampling
 from jaxlora.parallel.mesh import MeshLayout
 from jaxlora.train.objective import (
@@ -114,11 +115,12 @@ def denoise_batch(graph, adapters, base, data, index, key_data, settings: StepSe
     if objective.caption_dropout:
         empty = {name: _rows(value, index) for name, value in data["empty"].items()}
         inputs = drop_captions(jax.random.fold_in(key, DROPOUT_STREAM), inputs, empty, objective.caption_dropout)
-    output = network(
-        sampling.calculate_input(sigma, noisy).astype(settings.compute_dtype),
-        sampling.timestep(sigma),
-        **{name: _split_batch(value, settings) for name, value in inputs.items()},
-    )
+    with batch_split_over(settings.batch_sharding):
+        output = network(
+            sampling.calculate_input(sigma, noisy).astype(settings.compute_dtype),
+            sampling.timestep(sigma),
+            **{name: _split_batch(value, settings) for name, value in inputs.items()},
+        )
     prediction, target = prediction_and_target(sampling, objective, sigma, output.astype(jnp.float32), noisy, noise, x0)
     return prediction, target, sigma
 

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from jaxlora import load_model
+from jaxlora.models.attention import batch_split_over, splash_attention, xla_attention
 from jaxlora.models.demo import demo_dataset, write_random_checkpoint
+from jaxlora.parallel.mesh import batch_sharding, make_mesh
 from jaxlora.train.loop import train_lora
 from jaxlora.train.perf import device_peak, matmul_flops, published_peak, step_flops
 from tests.train.test_train import FP32, ONE_LEVEL
@@ -106,3 +108,24 @@ def test_trainer_counts_scanned_blocks_as_unrolled_ones(tmp_path):
         inputs = (run.adapters, run.opt_state, run.base, run.data[0], noise_key_data(0, 0, 1), permutation_key(0), 0)
         counts.append(matmul_flops(compile_step(run.graph, run.settings, run.layout).trace(*inputs).jaxpr))
     assert counts[0] == counts[1] > 0
+
+
+def test_matmul_flops_counts_the_attention_kernel_per_grid_point_and_device():
+    """Splash attention's forward is the same two products as XLA's (4 B H L S D FLOPs); on a mesh its shard_map
+    body, one device's samples, counts once per device. Its fused backward also recomputes the scores: five
+    products against XLA's four (with the forward 3.5 forwards against 3), counted as executed."""
+    batch, length, heads, width = 8, 256, 2, 64
+    q = jnp.ones((batch, length, heads, width))
+    forward = 4 * batch * heads * length * length * width
+    assert matmul_flops(jax.make_jaxpr(xla_attention)(q, q, q)) == forward
+    assert matmul_flops(jax.make_jaxpr(lambda x: splash_attention(x, x, x, interpret=True))(q)) == forward
+
+    def on_mesh(x):
+        with batch_split_over(batch_sharding(make_mesh("data=2,fsdp=4"))):
+            return splash_attention(x, x, x, interpret=True)
+
+    assert matmul_flops(jax.make_jaxpr(on_mesh)(q)) == forward
+    grads = lambda f: jax.make_jaxpr(jax.grad(lambda x, y: f(x, y, y).sum(), argnums=(0, 1)))(q, q)  # noqa: E731
+    assert matmul_flops(grads(xla_attention)) == 3 * forward
+    kernel_grads = matmul_flops(grads(lambda *x: splash_attention(*x, interpret=True)))
+    assert 3.5 * forward <= kernel_grads < 3.51 * forward  # and a few small products of the kernel's bookkeeping

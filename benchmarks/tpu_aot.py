@@ -1,0 +1,268 @@
+"""The trainer's own step compiled for TPU chips without a TPU: XLA:TPU's per-chip memory, the step's FLOPs and a
+roofline lower bound on its time.
+
+XLA's TPU compiler (libtpu) runs on a CPU-only machine: the step is lowered from abstract inputs whose shardings
+name the devices of a TPU topology description (`jax.experimental.topologies`), compiled, and measured by the
+compiler's own buffer assignment. Nothing is allocated and no TPU is needed. Install the compiler with
+`pip install -e ".[tpu]"` (it is also in the `test` extra); this script pins `JAX_PLATFORMS=cpu`, so libtpu is used
+only as a compiler.
+
+Run from the repository root, e.g.
+    python benchmarks/tpu_aot.py --model flux-dev --pixels 1024 --chip v5e v6e --quantization none int8
+Every combination of the listed options is one case, compiled in its own freshly spawned process; rows are printed
+as markdown as each case finishes.
+
+The step is set up by the trainer's `prepare_run` and `compile_step`: LoRA rank 16 with fp32 masters, AdamW,
+bf16 frozen base (or int8 / fp8 stored: `--quantization`), remat per block (`--remat`; "off" disables it), the
+prompt lengths the models train with (77 CLIP tokens, 512 T5 tokens). `--fsdp N` splits the frozen base over N chips
+of the topology (`fsdp=N` mesh, one sample per chip at least); sizes are what one chip holds. `--attention splash` is
+what the trainer picks on a TPU (`jaxlora.models.attention`), `xla` XLA's own attention.
+
+Columns:
+- args / temp / total GiB: XLA's buffer assignment per chip; total = arguments + outputs - donated aliases +
+  temporaries, the memory the step needs. "fits" compares it with the chip's HBM.
+- TFLOP: the step's matrix-product FLOPs (`perf.matmul_flops`: every scanned block counted, the count the trainer's
+  MFU uses), per chip.
+- GB accessed: XLA's "bytes accessed" (a scanned loop's body is counted once, so for scanned stacks it is low).
+- bound ms: max(TFLOP / the chip's published bf16 peak, bytes accessed / its HBM bandwidth): a lower bound on the
+  step's time, not a measurement (XLA's `optimal_seconds` is not usable for whole steps: it was negative for SD1.5).
+- lower s / compile s: tracing and lowering, and XLA:TPU's compile, on this machine.
+A step that cannot fit is refused by the compiler, which names the temporaries it needs: the row then shows those,
+the arguments' per-chip bytes, and "-" where only a finished compile can tell.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu serves as a compiler only; the host runs on CPU
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import (
+    Sharding,  # noqa: E402
+    SingleDeviceSharding,  # noqa: E402
+)
+from load_and_forward import in_fresh_process, timed  # noqa: E402
+
+from jaxlora.models.diffusion import abstract_model  # noqa: E402
+from jaxlora.models.flux import FLUX_DEV  # noqa: E402
+from jaxlora.models.unet import SD15, SDXL  # noqa: E402
+from jaxlora.models.unet_family import DEMO_UNET  # noqa: E402
+from jaxlora.parallel.mesh import MeshLayout, make_mesh  # noqa: E402
+from jaxlora.train.config import TrainConfig  # noqa: E402
+from jaxlora.train.data import Dataset, make_bucket  # noqa: E402
+from jaxlora.train.loop import prepare_run  # noqa: E402
+from jaxlora.train.perf import matmul_flops, published_peak  # noqa: E402
+from jaxlora.train.step import compile_step  # noqa: E402
+
+GIB = 2**30
+# name -> (network config, caption tokens); "tiny-flux" is a two-block Flux for a quick check of the whole path
+MODELS = {
+    "demo": (DEMO_UNET, 77),
+    "sd15": (SD15, 77),
+    "sdxl": (SDXL, 77),
+    "flux-dev": (FLUX_DEV, 512),
+    "tiny-flux": (
+        replace(FLUX_DEV, hidden_size=256, num_heads=2, mlp_hidden=512, depth=1, depth_single_blocks=1),
+        64,
+    ),
+}
+# chip -> (topology of 4 chips, topology of 8 chips, HBM GiB, HBM bandwidth bytes/s), published figures
+CHIPS = {
+    "v5e": ("v5e:2x2", "v5e:2x4", 16, 819e9),
+    "v6e": ("v6e:2x2", "v6e:2x4", 32, 1640e9),
+    "v5p": ("v5p:2x2x1", "v5p:2x2x2", 95, 2765e9),
+    "v4": ("v4:2x2x1", "v4:2x2x2", 32, 1200e9),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    pixels: int
+    batch: int = 1
+    chip: str = "v5e"
+    fsdp: int = 1
+    remat: str = "nothing_saveable"
+    quantization: str = "none"
+    offloading: bool = False
+    attention: str = "splash"  # JAXLORA_ATTENTION: the TPU kernel (what "auto" picks on a TPU), or "xla"
+
+    @property
+    def config(self) -> TrainConfig:
+        remat = self.remat != "off"
+        return TrainConfig(
+            rank=16,
+            training_dtype="bf16",
+            batch_size=self.batch,
+            gradient_checkpointing=remat,
+            remat_policy=self.remat if remat else "nothing_saveable",
+            offloading=self.offloading,
+            base_quantization=self.quantization,
+        )
+
+    @property
+    def label(self) -> list[str]:
+        chip = self.chip if self.fsdp == 1 else f"{self.chip}-{self.fsdp} fsdp"
+        base = "bf16" if self.quantization == "none" else self.quantization
+        remat = self.remat + (" +offload" if self.offloading else "")
+        return [self.model, f"{self.pixels}x{self.pixels}", str(self.batch), chip, base, remat, self.attention]
+
+
+LABELS = ("model", "pixels", "batch", "chip", "base", "remat", "attention")
+
+
+def topology_devices(case: Case) -> list:
+    """The TPU devices the step is compiled for: one chip of a 4-chip topology, or the `fsdp` chips of one."""
+    from jax.experimental import topologies
+
+    four, eight, _, _ = CHIPS[case.chip]
+    if case.fsdp not in (1, 4, 8):
+        raise ValueError(f"--fsdp {case.fsdp}: this script compiles for 1, 4 or 8 chips")
+    devices = topologies.get_topology_desc(eight if case.fsdp == 8 else four, "tpu").devices
+    return devices[: case.fsdp]
+
+
+def on_devices(tree, shardings):
+    """`tree` as `ShapeDtypeStruct`s laid out by `shardings` (one for all leaves, or a matching tree)."""
+    if isinstance(shardings, Sharding):
+        return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), tree, shardings)
+
+
+def run_case(case: Case, compiled_too: bool = True) -> dict:
+    """Set the step up on the host as the trainer does (`prepare_run`), lay its inputs out on TPU devices,
+    compile, measure."""
+    os.environ["JAXLORA_ATTENTION"] = case.attention  # read when the step is traced (models.attention)
+    network_config, tokens = MODELS[case.model]
+    config = case.config
+    model = abstract_model(network_config, config.training_dtype, config.base_quantization)
+    conditioning = {
+        field.name: np.zeros((1, tokens, field.width) if field.name == "c_crossattn" else (1, field.width), np.float32)
+        for field in model.conditioning_fields
+    }
+    latent = case.pixels // 8
+    latents = np.zeros((case.batch, network_config.in_channels, latent, latent), np.float32)
+    run = prepare_run(model, Dataset((make_bucket(latents, conditioning),)), config)
+    devices = topology_devices(case)
+    if case.fsdp == 1:
+        layout, settings = None, run.settings
+        same = base = SingleDeviceSharding(devices[0])
+    else:
+        layout = MeshLayout.of(make_mesh(f"fsdp={case.fsdp}", devices), run.base)
+        settings = replace(run.settings, batch_sharding=layout.batch)
+        same, base = layout.replicated, layout.base
+    step = compile_step(run.graph, settings, layout)
+    micro = config.grad_accumulation_steps
+    inputs = (
+        on_devices(run.adapters, same),
+        on_devices(run.opt_state, same),
+        on_devices(run.base, base),
+        on_devices(run.data[0], same),
+        jax.ShapeDtypeStruct((micro, 2), np.uint32, sharding=same),  # noise key data
+        on_devices(run.perm_key, same),
+        0,
+    )
+    traced, trace_s = timed(lambda: step.trace(*inputs))
+    flops = matmul_flops(traced.jaxpr) / case.fsdp  # the batch, and its FLOPs, split over the chips
+    if not compiled_too:
+        return {"TFLOP": flops / 1e12, "trace s": trace_s}
+    lowered, lower_s = timed(traced.lower)
+    _, _, hbm_gib, bandwidth = CHIPS[case.chip]
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:  # XLA:TPU refuses a program that cannot fit the chip's HBM
+        needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(error))
+        if needed is None:
+            raise
+        temp = float(needed.group(1)) * GIB
+        arguments = sum(per_chip_bytes(leaf) for leaf in jax.tree.leaves(inputs[:-1]))
+        memory = {"args GiB": arguments / GIB, "temp GiB": temp / GIB, "total GiB": (arguments + temp) / GIB}
+        return memory | {
+            "fits": f"no (>{hbm_gib})",
+            "TFLOP": flops / 1e12,
+            "GB accessed": "-",
+            "bound ms": "-",
+            "lower s": trace_s + lower_s,
+            "compile s": time.perf_counter() - start,
+        }
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    accessed = compiled.cost_analysis()["bytes accessed"]
+    bound = max(flops / published_peak(devices[0]), accessed / bandwidth)
+    return {
+        "args GiB": memory.argument_size_in_bytes / GIB,
+        "temp GiB": memory.temp_size_in_bytes / GIB,
+        "total GiB": total / GIB,
+        "fits": "yes" if total <= hbm_gib * GIB else f"no (>{hbm_gib})",
+        "TFLOP": flops / 1e12,
+        "GB accessed": accessed / 1e9,
+        "bound ms": bound * 1e3,
+        "lower s": trace_s + lower_s,
+        "compile s": compile_s,
+    }
+
+
+def per_chip_bytes(leaf: jax.ShapeDtypeStruct) -> int:
+    """What one chip holds of an abstract input: its shard."""
+    return math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+
+
+def markdown(rows: list[tuple[Case, dict]], header: bool) -> str:
+    columns = [*LABELS, *rows[0][1]]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"] if header else []
+    for case, row in rows:
+        cells = [v if isinstance(v, str) else f"{v:.3g}" if v < 100 else f"{v:.0f}" for v in row.values()]
+        lines.append("| " + " | ".join(case.label + cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", choices=list(MODELS), default=["sdxl"])
+    parser.add_argument("--pixels", nargs="+", type=int, default=[1024])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1])
+    parser.add_argument("--chip", nargs="+", choices=list(CHIPS), default=["v5e"])
+    parser.add_argument("--fsdp", nargs="+", type=int, default=[1], help="chips the frozen base is split over")
+    parser.add_argument("--remat", nargs="+", default=["nothing_saveable"], help='a remat policy, or "off"')
+    parser.add_argument("--quantization", nargs="+", default=["none"], help="none, int8, fp8, fp8_channel")
+    parser.add_argument("--offloading", nargs="+", choices=("off", "on"), default=["off"])
+    parser.add_argument("--attention", nargs="+", choices=("splash", "xla"), default=["splash"])
+    parser.add_argument("--trace-only", action="store_true", help="only the FLOP count: trace, no compile")
+    args = parser.parse_args()
+    print(f"jax {jax.__version__}, XLA:TPU compile from abstract inputs (libtpu), {os.cpu_count()} CPU cores\n")
+    combinations = itertools.product(
+        args.model,
+        args.pixels,
+        args.batch,
+        args.chip,
+        args.fsdp,
+        args.remat,
+        args.quantization,
+        [value == "on" for value in args.offloading],
+        args.attention,
+    )
+    for index, values in enumerate(combinations):
+        case = Case(*values)
+        row = in_fresh_process(run_case, case, not args.trace_only)
+        print(markdown([(case, row)], header=index == 0), flush=True)
+
+
+if __name__ == "__main__":
+    main()
