@@ -47,15 +47,24 @@ def tiny_model(tiny_checkpoint):
     return make
 
 
-@pytest.fixture(scope="module")
-def module_compile_cache(tmp_path_factory):
-    """A persistent compilation cache for one test module whose runs train the same shapes (or resume each
-    other), so only the first compiles; the previous cache settings come back afterwards."""
-    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+@pytest.fixture(scope="session", autouse=True)
+def session_compile_cache(tmp_path_factory):
+    """One persistent compilation cache for the whole session, in-process and in the CLI and notebook runs the
+    tests start (JAX's own variables, and $JAXLORA_CACHE_DIR for CLI runs that enable theirs): most tests train
+    the same tiny steps, and on a CPU compiling them is most of a test's time, so each program compiles once.
+    Programs that compile faster than reading them back would pay are not written. The previous settings come
+    back afterwards."""
+    folder = tmp_path_factory.mktemp("xla_cache")
+    settings = {"jax_compilation_cache_dir": str(folder), "jax_persistent_cache_min_compile_time_secs": 0.1}
+    previous = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
     compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    with pytest.MonkeyPatch.context() as environment:
+        for name, value in settings.items():
+            environment.setenv(name.upper(), str(value))
+        environment.setenv("JAXLORA_CACHE_DIR", str(folder))
+        yield folder
+    for name, value in previous.items():
+        jax.config.update(name, value)
     compilation_cache.reset_cache()

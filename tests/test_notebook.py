@@ -110,7 +110,6 @@ def test_notebook_runs_headless_twice_as_it_is_then_resumes(tmp_path, monkeypatc
     run from its checkpoint under the chosen output folder. A quarter of the data is held out for validation; the
     resumed run also validates every 2 steps and writes TensorBoard logs (neither is part of the fingerprint)."""
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAXLORA_CACHE_DIR", str(tmp_path / "xla_cache"))  # later runs reuse the compile
     where = {"metadata": {"path": str(tmp_path)}}  # the kernel's working folder
     held_out = {"validation_split": 0.25}
     logs = {"validate_every": 2, "log_dir": str(tmp_path / "logs")}
@@ -153,7 +152,6 @@ def test_notebook_trains_from_a_folder_of_captioned_images(tmp_path, monkeypatch
     """IMAGES instead of DATASET: the folder is encoded with the checkpoint's own VAE and CLIP (a tiny SD1.x
     checkpoint in the real layout), trained on, and found again by a second Run all."""
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAXLORA_CACHE_DIR", str(tmp_path / "xla_cache"))
     checkpoint = write_sd1_checkpoint(tmp_path / "sd1.safetensors")
     images = write_images(tmp_path / "photos")
     tokenizers = write_clip_tokenizer(tmp_path / "tokenizers")
@@ -174,7 +172,6 @@ def test_notebook_samples_images_during_training(tmp_path, monkeypatch):
     """sample_every and a SAMPLE_PROMPTS file on the form: the prompts are encoded with the checkpoint's CLIP,
     and the samples and their grid land in `<prefix>_samples` beside the adapter."""
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAXLORA_CACHE_DIR", str(tmp_path / "xla_cache"))
     checkpoint = write_sd1_checkpoint(tmp_path / "sd1.safetensors")
     images = write_images(tmp_path / "photos")
     tokenizers = write_clip_tokenizer(tmp_path / "tokenizers")

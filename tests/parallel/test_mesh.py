@@ -19,9 +19,6 @@ from jaxlora.train.config import TrainConfig
 from jaxlora.train.loop import train_lora
 from tests.train.test_train import ONE_LEVEL
 
-# every run here trains the same shapes: later runs read the first one's compile back
-pytestmark = pytest.mark.usefixtures("module_compile_cache")
-
 MESHES = ["data=8", "fsdp=8", "data=2,fsdp=4"]
 # SGD moves the adapter linearly in the gradient, so a difference in the result is a difference in the gradient.
 # (Adam's first steps are close to lr * sign(g) and would magnify fp32 rounding of near-zero gradients.)

@@ -46,7 +46,7 @@ def assert_trees_equal(a, b):
 
 
 @pytest.mark.slow
-def test_schedule_free_run_exports_the_averaged_iterate(one_level_model, tmp_path, module_compile_cache):
+def test_schedule_free_run_exports_the_averaged_iterate(one_level_model, tmp_path):
     """The adapter a schedule-free run returns (and exports) is x, computed from the final y and the optimizer
     state in the last checkpoint, not the y the gradients were taken at."""
     dataset = make_dataset(*small_data())
@@ -63,7 +63,7 @@ def test_schedule_free_run_exports_the_averaged_iterate(one_level_model, tmp_pat
     assert max(differences) > 1e-6  # y and x differ after three steps
 
 
-def test_every_control_together_trains_and_reaches_the_files(one_level_model, tmp_path, module_compile_cache):
+def test_every_control_together_trains_and_reaches_the_files(one_level_model, tmp_path):
     """One run with every control off its default (one compile): finite losses, the rate in the progress
     line, the EMA adapter beside (or instead of) the trained one, and the settings in the files' metadata."""
     latents, context = small_data()

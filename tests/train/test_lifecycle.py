@@ -31,9 +31,6 @@ from jaxlora.train.data import load_dataset, save_dataset
 from jaxlora.train.loop import RunStats, TrainResult
 from jaxlora.train.report import RunInterruptedError, write_run_outputs
 
-# every run here trains the same shapes: later runs read the first one's compile back
-pytestmark = pytest.mark.usefixtures("module_compile_cache")
-
 PREFIX = "loras/style"
 
 
@@ -271,6 +268,7 @@ def test_killed_run_blocks_nothing_and_resumes(tmp_path):
     blocked, and --resume finishes the killed run."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
+    # a cold compile cache of its own: the session's warm one could let the run finish before it is killed
     env = {**os.environ, "TMPDIR": str(scratch), "JAXLORA_CACHE_DIR": str(tmp_path / "xla")}
     out = tmp_path / "out"
     runs_folder = out / "loras" / "jaxlora_trained_lora_checkpoints"

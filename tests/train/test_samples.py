@@ -53,7 +53,7 @@ def small(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sampled(small, module_compile_cache):
+def sampled(small):
     """One run with samples every 2 steps (the hook's calls and the device memory around them recorded) and one
     without."""
     root, model, dataset, captions = small

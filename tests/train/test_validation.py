@@ -57,7 +57,7 @@ def read_events(folder) -> dict[str, dict[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def logged_run(model, data, tmp_path_factory, module_compile_cache):
+def logged_run(model, data, tmp_path_factory):
     """A run holding out 34% of the data, validating every 2 steps (with an EMA) and logging to TensorBoard."""
     folder = tmp_path_factory.mktemp("logs")
     logs = TensorBoardLog(folder)
