@@ -165,7 +165,7 @@ def run_case(case: Case, compiled_too: bool = True) -> dict:
         layout = MeshLayout.of(make_mesh(f"fsdp={case.fsdp}", devices), run.base)
         settings = replace(run.settings, batch_sharding=layout.batch)
         same, base = layout.replicated, layout.base
-    if run.streamed:  # offloading: the stacked blocks' frozen weights in the chips' host memory, as prepare_run does
+    if run.streamed:  # offloading: the stacked blocks' weight matrices in the chips' host memory, as prepare_run does
         base = in_host_memory(run.base, base, run.streamed)
         layout = layout and replace(layout, base=base)
     step = compile_step(run.graph, settings, layout)

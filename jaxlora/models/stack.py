@@ -81,11 +81,14 @@ def on_device(value: jax.Array) -> jax.Array:
     return value
 
 
-def stacked_prefixes(network: nnx.Module) -> tuple[str, ...]:
-    """The dotted path prefix (`double_blocks.block.`) of every stacked block's variables in `network`: the
-    weights `offloading` keeps in host memory, since `Stack` fetches them to the device one block at a time."""
+def host_streamable(network: nnx.Module) -> Callable[[str, tuple[int, ...]], bool]:
+    """Which leaves of `network`'s state (by dotted path and shape) `offloading` keeps in host memory: the weight
+    matrices and kernels of stacked blocks, the bulk of a DiT, which `Stack` fetches to the device one block at a
+    time. Their vectors (biases, norm scales, quantization scales: a few MB) stay on the device, since XLA:TPU
+    cannot fetch one block's row of a packed bf16 [blocks, width] array from host memory."""
     paths = (path for path, node in nnx.iter_graph(network) if isinstance(node, Stack))
-    return tuple(".".join(str(part) for part in (*path, "block")) + "." for path in paths)
+    prefixes = tuple(".".join(str(part) for part in (*path, "block")) + "." for path in paths)
+    return lambda path, shape: path.startswith(prefixes) and len(shape) >= 3
 
 
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:

@@ -26,7 +26,7 @@ from jaxlora.dtypes import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
 from jaxlora.models.quantize import WeightScale, is_quantized
 from jaxlora.models.sampling import ModelSampling
-from jaxlora.models.stack import checkpoint_policy, stacked_prefixes
+from jaxlora.models.stack import checkpoint_policy, host_streamable
 from jaxlora.parallel.mesh import MeshLayout, check_batch, make_mesh
 from jaxlora.parallel.placement import in_host_memory, is_writer, place_tree, to_host
 from jaxlora.train.checkpoints import Checkpoints, open_run
@@ -221,7 +221,8 @@ class PreparedRun:
     existing: ExistingAdapter | None
     schedule: float | Callable[[int], object]  # the learning rate of each optimizer step
     validation: Validation | None = None  # the held-out samples' loss, on the device
-    streamed: tuple[str, ...] = ()  # path prefixes of the frozen weights kept in host memory (offloading)
+    # which frozen weights (by dotted path and shape) stay in host memory (offloading; None: all on the device)
+    streamed: Callable[[str, tuple[int, ...]], bool] | None = None
 
 
 def settings_of(kind: type, config: TrainConfig):
@@ -263,7 +264,7 @@ def prepare_run(
     network, previous_steps = adapted_network(model, config, stored, existing)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
-    streamed = stacked_prefixes(network) if config.offloading else ()
+    streamed = host_streamable(network) if config.offloading else None
     if layout is not None and streamed:
         layout = replace(layout, base=in_host_memory(base, layout.base, streamed))
     elif streamed:
@@ -283,7 +284,7 @@ def prepare_run(
         sampling,
         None if layout is None else layout.batch,
         settings_of(Objective, config),
-        bool(streamed),
+        streamed is not None,
     )
     dropout = config.caption_dropout > 0
     data = [device_arrays(bucket, model, dtype, config.guidance, dropout) for bucket in dataset.buckets]

@@ -129,16 +129,16 @@ def test_offload_policies_keep_what_they_save_in_host_memory_or_are_refused(monk
 
 
 def test_frozen_weights_in_host_memory_stream_to_the_device_block_by_block():
-    """Stacked frozen weights placed in host memory (what `offloading` does) give the same loss and adapter
+    """Stacked frozen weight matrices placed in host memory (what `offloading` does) give the same loss and adapter
     gradients; the step copies each block's slice to the device inside the scan, never the whole stack, and the
-    weights outside stacks stay where they are."""
+    weights outside stacks and the stacks' vectors stay where they are."""
     net = random_net()
     graph, adapters, base = nnx.split(net, AdapterParam, ...)
-    assert stack.stacked_prefixes(net) == ("blocks.block.",)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    host_base = place_tree(base, in_host_memory(base, device, stack.stacked_prefixes(net)))
+    host_base = place_tree(base, in_host_memory(base, device, stack.host_streamable(net)))
     kinds = {dotted(path): leaf.sharding.memory_kind for path, leaf in jax.tree_util.tree_leaves_with_path(host_base)}
     assert kinds["blocks.block.inner.0.weight"] == "pinned_host" and kinds["out.weight"] == "device"
+    assert kinds["blocks.block.inner.0.bias"] == "device"  # vectors stay: a few bytes per block
     x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 8)), jnp.float32)
     for policy in ("nothing_saveable", "offload_block_inputs"):
         value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 4, 5))(
