@@ -1,5 +1,6 @@
 """benchmarks/vs_torch.py's PyTorch configurations on the smallest SD1.5-structured UNet: ComfyUI's weight patching
-and PEFT/kohya's activation bypass train the same adapters to the same losses, and both match jaxlora's loss."""
+and PEFT/kohya's activation bypass train the same adapters to the same losses (the benchmark itself checks every
+configuration against jaxlora's compiled step before timing it)."""
 
 import json
 import sys
@@ -13,11 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import vs_torch  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from jaxlora.adapters.base import AdapterParam  # noqa: E402
 from jaxlora.models.demo import write_random_checkpoint  # noqa: E402
-from jaxlora.train.step import micro_step_loss, noise_key_data, permutation_key  # noqa: E402
 
 STEPS = 2
 RTOL = 1e-5  # fp32, two torch forms of the same step: summation order only
@@ -45,24 +43,13 @@ def torch_losses(case, torch_config: str) -> tuple[list[float], dict]:
     return [float(side.step(i)) for i in range(STEPS)], counts
 
 
-def jaxlora_first_loss(prepared) -> float:
-    """jaxlora's loss of micro-step 0 (before any update), its step's own function run eagerly."""
-    graph, adapters, base = nnx.split(prepared.network, AdapterParam, ...)
-    key_data = noise_key_data(prepared.seed, 0, 1)[0]
-    loss = micro_step_loss(
-        graph, adapters, base, prepared.data, key_data, permutation_key(prepared.seed), 0, prepared.settings
-    )
-    return float(loss)
-
-
-def test_bypass_and_patched_torch_lora_train_the_same_adapters_to_jaxloras_loss(case):
+def test_bypass_and_patched_torch_lora_train_the_same_adapters_to_the_same_losses(case):
     patched, patched_counts = torch_losses(case, "patch")
     bypassed, bypassed_counts = torch_losses(case, "bypass")
     assert patched_counts == bypassed_counts and patched_counts["torch LoRA"] > 0
     # the second loss follows a backward and an AdamW update: equal losses there need equal gradients
     np.testing.assert_allclose(bypassed, patched, rtol=RTOL)
     assert patched[0] != patched[1]
-    np.testing.assert_allclose(patched[0], jaxlora_first_loss(case[0]), rtol=vs_torch.CHECK_RTOL)
 
 
 @pytest.mark.slow
