@@ -260,7 +260,7 @@ class JaxSide:
     state: dict
 
     def step(self, i: int) -> jax.Array:
-        self.state["adapters"], self.state["opt"], losses = self.compiled(
+        self.state["adapters"], self.state["opt"], metrics = self.compiled(
             self.state["adapters"],
             self.state["opt"],
             self.state["base"],
@@ -269,7 +269,7 @@ class JaxSide:
             permutation_key(self.prepared.seed),
             i,
         )
-        return jax.block_until_ready(losses)[0]
+        return jax.block_until_ready(metrics)["loss"][0]
 
 
 def train_config(args, dtype_name: str, remat: bool) -> TrainConfig:
