@@ -88,7 +88,7 @@ def host_streamable(network: nnx.Module) -> Callable[[str, tuple[int, ...]], boo
     cannot fetch one block's row of a packed bf16 [blocks, width] array from host memory."""
     paths = (path for path, node in nnx.iter_graph(network) if isinstance(node, Stack))
     prefixes = tuple(".".join(str(part) for part in (*path, "block")) + "." for path in paths)
-    return lambda path, shape: path.startswith(prefixes) and len(shape) >= 3
+    return lambda path, shape: path.startswith(prefixes) and sum(size > 1 for size in shape[1:]) >= 2
 
 
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
