@@ -21,6 +21,9 @@ what the trainer picks on a TPU (`jaxlora.models.attention`), `xla` XLA's own at
 Columns:
 - args / temp / total GiB: XLA's buffer assignment per chip; total = arguments + outputs - donated aliases +
   temporaries, the memory the step needs. "fits" compares it with the chip's HBM.
+- host GiB: what the step keeps in the host's memory instead (`--offloading on`: the stacked blocks' frozen
+  weights, fetched to the chip one block at a time, and the block inputs saved for the backward pass), as XLA
+  assigns it (host arguments + host temporaries).
 - TFLOP: the step's matrix-product FLOPs (`perf.matmul_flops`: every scanned block counted, the count the trainer's
   MFU uses), per chip.
 - GB accessed: XLA's "bytes accessed" (a scanned loop's body is counted once, so for scanned stacks it is low).
@@ -58,6 +61,7 @@ from jaxlora.models.flux import FLUX_DEV  # noqa: E402
 from jaxlora.models.unet import SD15, SDXL  # noqa: E402
 from jaxlora.models.unet_family import DEMO_UNET  # noqa: E402
 from jaxlora.parallel.mesh import MeshLayout, make_mesh  # noqa: E402
+from jaxlora.parallel.placement import in_host_memory  # noqa: E402
 from jaxlora.train.config import TrainConfig  # noqa: E402
 from jaxlora.train.data import Dataset, make_bucket  # noqa: E402
 from jaxlora.train.loop import prepare_run  # noqa: E402
@@ -161,6 +165,9 @@ def run_case(case: Case, compiled_too: bool = True) -> dict:
         layout = MeshLayout.of(make_mesh(f"fsdp={case.fsdp}", devices), run.base)
         settings = replace(run.settings, batch_sharding=layout.batch)
         same, base = layout.replicated, layout.base
+    if run.streamed:  # offloading: the stacked blocks' weight matrices in the chips' host memory, as prepare_run does
+        base = in_host_memory(run.base, base, run.streamed)
+        layout = layout and replace(layout, base=base)
     step = compile_step(run.graph, settings, layout)
     micro = config.grad_accumulation_steps
     inputs = (
@@ -186,10 +193,11 @@ def run_case(case: Case, compiled_too: bool = True) -> dict:
         if needed is None:
             raise
         temp = float(needed.group(1)) * GIB
-        arguments = sum(per_chip_bytes(leaf) for leaf in jax.tree.leaves(inputs[:-1]))
+        arguments = sum(per_chip_bytes(leaf) for leaf in jax.tree.leaves(inputs[:-1]) if in_hbm(leaf))
         memory = {"args GiB": arguments / GIB, "temp GiB": temp / GIB, "total GiB": (arguments + temp) / GIB}
         return memory | {
             "fits": f"no (>{hbm_gib})",
+            "host GiB": "-",
             "TFLOP": flops / 1e12,
             "GB accessed": "-",
             "bound ms": "-",
@@ -211,12 +219,17 @@ def run_case(case: Case, compiled_too: bool = True) -> dict:
         "temp GiB": memory.temp_size_in_bytes / GIB,
         "total GiB": total / GIB,
         "fits": "yes" if total <= hbm_gib * GIB else f"no (>{hbm_gib})",
+        "host GiB": (memory.host_argument_size_in_bytes + memory.host_temp_size_in_bytes) / GIB,
         "TFLOP": flops / 1e12,
         "GB accessed": accessed / 1e9,
         "bound ms": bound * 1e3,
         "lower s": trace_s + lower_s,
         "compile s": compile_s,
     }
+
+
+def in_hbm(leaf: jax.ShapeDtypeStruct) -> bool:
+    return leaf.sharding.memory_kind != "pinned_host"
 
 
 def per_chip_bytes(leaf: jax.ShapeDtypeStruct) -> int:

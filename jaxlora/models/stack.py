@@ -9,18 +9,23 @@ adapter keys are the same as for an unrolled network.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlora.models.layers import WeightLayer
 from jaxlora.models.quantize import dequantize
 
 # Remat policies that keep their saved values in host memory instead of device memory (jax memory kinds).
-HOST_OFFLOAD_POLICIES = ("offload_dots_with_no_batch_dims",)
+HOST_OFFLOAD_POLICIES = ("offload_dots_with_no_batch_dims", "offload_block_inputs")
+# The name every stacked block gives its input (`jax.ad_checkpoint.checkpoint_name`), for policies that save it.
+BLOCK_INPUT = "block_input"
 
 
 def host_memory_kind() -> str | None:
@@ -30,10 +35,11 @@ def host_memory_kind() -> str | None:
 
 
 def checkpoint_policy(name: str):
-    """The `jax.checkpoint_policies` policy of a remat policy name. "offload_dots_with_no_batch_dims" keeps the
-    outputs of weight matmuls (dots without batch dimensions: the projections) in host memory and fetches them
-    back for the backward pass, instead of recomputing them or holding them on the device; a backend without a
-    host memory kind refuses it."""
+    """The `jax.checkpoint_policies` policy of a remat policy name, or one of two that keep what they save in
+    host memory and fetch it back for the backward pass (a backend without a host memory kind refuses them):
+    "offload_dots_with_no_batch_dims" keeps the outputs of weight matmuls (the projections) there instead of
+    recomputing them; "offload_block_inputs" keeps there each stacked block's input, the one value per block
+    that `nothing_saveable` holds on the device for the whole backward pass, and recomputes everything else."""
     if name not in HOST_OFFLOAD_POLICIES:
         return getattr(jax.checkpoint_policies, name)
     host = host_memory_kind()
@@ -42,7 +48,47 @@ def checkpoint_policy(name: str):
             f"remat policy {name} offloads to host memory, which the {jax.default_backend()} backend does not offer "
             "(no 'pinned_host' memory kind): use nothing_saveable"
         )
+    if name == "offload_block_inputs":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(),
+            names_which_can_be_offloaded=(BLOCK_INPUT,),
+            offload_src="device",
+            offload_dst=host,
+        )
     return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", host)
+
+
+_STREAMED = contextvars.ContextVar("jaxlora_streamed_weights", default=False)
+
+
+@contextmanager
+def streamed_weights(enabled: bool) -> Iterator[None]:
+    """While tracing inside this context, stacked blocks fetch their weights to the device whatever memory they
+    appear to be in: the trainer's step sets it when `offloading` keeps them in host memory, since the abstract
+    inputs of an ahead-of-time compile carry no memory kind for tracing to see."""
+    token = _STREAMED.set(enabled)
+    try:
+        yield
+    finally:
+        _STREAMED.reset(token)
+
+
+def on_device(value: jax.Array) -> jax.Array:
+    """`value` in device memory: a frozen weight kept in host memory (`loop.prepare_run` with `offloading`) is
+    copied to the device where its block runs, so only the running block's weights occupy device memory."""
+    if _STREAMED.get() or jax.typeof(value).memory_space == jax.memory.Space.Host:
+        return jax.device_put(value, jax.memory.Space.Device)
+    return value
+
+
+def host_streamable(network: nnx.Module) -> Callable[[str, tuple[int, ...]], bool]:
+    """Which leaves of `network`'s state (by dotted path and shape) `offloading` keeps in host memory: the weight
+    matrices and kernels of stacked blocks, the bulk of a DiT, which `Stack` fetches to the device one block at a
+    time. Their vectors (biases, norm scales, quantization scales: a few MB) stay on the device, since XLA:TPU
+    cannot fetch one block's row of a packed bf16 [blocks, width] array from host memory."""
+    paths = (path for path, node in nnx.iter_graph(network) if isinstance(node, Stack))
+    prefixes = tuple(".".join(str(part) for part in (*path, "block")) + "." for path in paths)
+    return lambda path, shape: path.startswith(prefixes) and sum(size > 1 for size in shape[1:]) >= 2
 
 
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
@@ -92,7 +138,9 @@ class Stack(nnx.Module):
 
         def run_block(block_xs, carry, shared):
             block_state, block_inputs = block_xs
-            return nnx.merge(graphdef, block_state)(*carry, *block_inputs, *shared)
+            carry = jax.tree.map(lambda value: checkpoint_name(value, BLOCK_INPUT), carry)
+            block = nnx.merge(graphdef, jax.tree.map(on_device, block_state))
+            return block(*carry, *block_inputs, *shared)
 
         if remat_policy is not None:
             policy = checkpoint_policy(remat_policy)

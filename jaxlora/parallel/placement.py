@@ -7,10 +7,14 @@ and every process must pass the same host value (weights read from the same file
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Sharding
+
+from jaxlora.parallel.mesh import dotted
 
 
 def from_host(host: np.ndarray, sharding: Sharding) -> jax.Array:
@@ -37,6 +41,19 @@ def place_tree(tree, shardings):
     if isinstance(shardings, Sharding):
         return jax.tree.map(lambda leaf: place(leaf, shardings), tree)
     return jax.tree.map(place, tree, shardings)
+
+
+def in_host_memory(tree, shardings, chosen: Callable[[str, tuple[int, ...]], bool]):
+    """The shardings of `tree`'s leaves (one sharding for all, or a tree of them), those `chosen` by dotted path
+    and shape moved to host memory ("pinned_host"): the same devices and layout, so a jitted step can fetch such a
+    leaf to the device where it needs it (`jax.device_put` to device memory) instead of holding it there."""
+
+    def one(path, leaf, sharding):
+        return sharding.with_memory_kind("pinned_host") if chosen(dotted(path), leaf.shape) else sharding
+
+    if isinstance(shardings, Sharding):
+        return jax.tree_util.tree_map_with_path(lambda path, leaf: one(path, leaf, shardings), tree)
+    return jax.tree_util.tree_map_with_path(one, tree, shardings)
 
 
 def _fetch(leaf: jax.Array) -> np.ndarray:

@@ -76,6 +76,7 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
     "everything_saveable",
     "offload_dots_with_no_batch_dims",  # dots_with_no_batch_dims kept in host memory (models.stack)
+    "offload_block_inputs",  # each stacked block's input kept in host memory, the rest recomputed (models.stack)
 )
 BYPASS_BY_DEFAULT = ("LoRA",)  # algorithms whose activation form is on unless bypass is false (it is faster)
 QUANTIZATIONS = ("none", "int8", "fp8", "fp8_channel")  # as models.quantize.QUANTIZATIONS
@@ -124,7 +125,8 @@ MEANINGS = {
     "quantized_backward": "the node's FP8 backward matmuls on quantized weights: not available (false only)",
     "checkpoint_depth": "the node's checkpoint depth: 1-2 remat each block keeping nothing, 3-5 keep the "
     "projections' outputs (dots_with_no_batch_dims_saveable)",
-    "offloading": "keep what remat saves in host memory (remat_policy offload_dots_with_no_batch_dims)",
+    "offloading": "keep the repeated blocks' frozen weights and saved inputs in host memory, fetched one block at "
+    "a time (remat_policy offload_block_inputs)",
     "bucket_mode": "the node's pre-bucketed input: accepted; jaxlora always buckets by resolution",
     "bypass_mode": "every adapter in activation form (ComfyUI's bypass), for LoRA, LoHa, LoKr and OFT",
     "base_quantization": "store the frozen weights quantized: int8 (per channel), fp8 (e4m3, per tensor), "
@@ -336,13 +338,14 @@ class TrainConfig:
         block (a DiT/ResBlock/transformer block); the node's checkpoint_depth picks what a block keeps: depth 1
         (the node's whole network in one checkpoint) and 2 (each block, ComfyUI's former default) keep nothing
         but the block input; depths 3-5 (sub-modules inside blocks) keep the projections' outputs between them.
-        offloading keeps those in host memory instead. An explicit remat_policy wins."""
+        offloading keeps the block inputs in host memory and recomputes the rest (its frozen weights also stay
+        there: `loop.prepare_run`). An explicit remat_policy wins."""
         if not self.gradient_checkpointing:
             return None
         if self.remat_policy != "nothing_saveable":
             return self.remat_policy
         if self.offloading:
-            return "offload_dots_with_no_batch_dims"
+            return "offload_block_inputs"
         return DEPTH_POLICIES[min(self.checkpoint_depth, 3)]
 
     def as_dict(self) -> dict:

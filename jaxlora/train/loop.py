@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 
 from jaxlora.adapters.attach import attach_adapters, attach_imported
 from jaxlora.adapters.base import AdapterParam
@@ -25,9 +26,9 @@ from jaxlora.dtypes import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
 from jaxlora.models.quantize import WeightScale, is_quantized
 from jaxlora.models.sampling import ModelSampling
-from jaxlora.models.stack import checkpoint_policy
+from jaxlora.models.stack import checkpoint_policy, host_streamable
 from jaxlora.parallel.mesh import MeshLayout, check_batch, make_mesh
-from jaxlora.parallel.placement import is_writer, place_tree, to_host
+from jaxlora.parallel.placement import in_host_memory, is_writer, place_tree, to_host
 from jaxlora.train.checkpoints import Checkpoints, open_run
 from jaxlora.train.config import TRAINING_CONTROLS, TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, load_dataset, make_dataset
@@ -220,6 +221,8 @@ class PreparedRun:
     existing: ExistingAdapter | None
     schedule: float | Callable[[int], object]  # the learning rate of each optimizer step
     validation: Validation | None = None  # the held-out samples' loss, on the device
+    # which frozen weights (by dotted path and shape) stay in host memory (offloading; None: all on the device)
+    streamed: Callable[[str, tuple[int, ...]], bool] | None = None
 
 
 def settings_of(kind: type, config: TrainConfig):
@@ -261,6 +264,11 @@ def prepare_run(
     network, previous_steps = adapted_network(model, config, stored, existing)
     graph, adapters, base = nnx.split(network, AdapterParam, ...)
     layout = None if config.mesh is None else MeshLayout.of(make_mesh(config.mesh), base)
+    streamed = host_streamable(network) if config.offloading else None
+    if layout is not None and streamed:
+        layout = replace(layout, base=in_host_memory(base, layout.base, streamed))
+    elif streamed:
+        base = place_tree(base, in_host_memory(base, SingleDeviceSharding(jax.devices()[0]), streamed))
     schedule = learning_rate_schedule(config)
     optimizer = make_optimizer(config.optimizer, schedule, settings_of(OptimizerSettings, config))
     if config.ema_decay is not None:
@@ -276,6 +284,7 @@ def prepare_run(
         sampling,
         None if layout is None else layout.batch,
         settings_of(Objective, config),
+        streamed is not None,
     )
     dropout = config.caption_dropout > 0
     data = [device_arrays(bucket, model, dtype, config.guidance, dropout) for bucket in dataset.buckets]
@@ -306,6 +315,7 @@ def prepare_run(
         existing,
         schedule,
         held_out,
+        streamed,
     )
 
 

@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxlora.models.attention import batch_split_over
 from jaxlora.models.sampling import ModelSampling
+from jaxlora.models.stack import streamed_weights
 from jaxlora.parallel.mesh import MeshLayout
 from jaxlora.train.objective import (
     DROPOUT_STREAM,
@@ -65,6 +66,7 @@ class StepSettings:
     sampling: ModelSampling
     batch_sharding: jax.sharding.Sharding | None = None  # on a mesh: the batch dimension split over its devices
     objective: Objective = Objective()  # noise levels, offset, weighting, target, caption dropout (the node's)
+    streamed_weights: bool = False  # the stacked blocks' frozen weights are in host memory (offloading)
 
 
 def _split_batch(array: jax.Array, settings: StepSettings) -> jax.Array:
@@ -115,7 +117,7 @@ def denoise_batch(graph, adapters, base, data, index, key_data, settings: StepSe
     if objective.caption_dropout:
         empty = {name: _rows(value, index) for name, value in data["empty"].items()}
         inputs = drop_captions(jax.random.fold_in(key, DROPOUT_STREAM), inputs, empty, objective.caption_dropout)
-    with batch_split_over(settings.batch_sharding):
+    with batch_split_over(settings.batch_sharding), streamed_weights(settings.streamed_weights):
         output = network(
             sampling.calculate_input(sigma, noisy).astype(settings.compute_dtype),
             sampling.timestep(sigma),
@@ -140,7 +142,9 @@ def train_step(graph, adapters, opt_state, base, data, key_data, perm_key, first
 
     zeros = jax.tree.map(jnp.zeros_like, adapters)
     offsets = jnp.arange(settings.grad_accumulation_steps)
-    grads, losses = jax.lax.scan(accumulate, zeros, (key_data, offsets))
+    # XLA:TPU refuses host-memory operands carried through a while loop (error E1200): with frozen weights kept in
+    # host memory (offloading) the micro-steps are unrolled, at the cost of compiling the network once per micro-step.
+    grads, losses = jax.lax.scan(accumulate, zeros, (key_data, offsets), unroll=settings.streamed_weights)
     grads = jax.tree.map(lambda g: g / settings.grad_accumulation_steps, grads)
     updates, opt_state = settings.optimizer.update(grads, opt_state, adapters)
     return optax.apply_updates(adapters, updates), opt_state, {"loss": losses, "grad_norm": optax.tree.norm(grads)}

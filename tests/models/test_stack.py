@@ -14,6 +14,8 @@ from jaxlora.adapters.base import AdapterParam
 from jaxlora.models import stack
 from jaxlora.models.layers import Linear
 from jaxlora.models.stack import Stack, layer_sites, unstack_module
+from jaxlora.parallel.mesh import dotted
+from jaxlora.parallel.placement import in_host_memory, place_tree
 from tests.adapters.conftest import randomize_adapters
 
 
@@ -58,7 +60,13 @@ def reference_loss(adapters, graph, base, x):
 
 @pytest.mark.parametrize(
     ("remat_policy", "scan"),
-    [(None, True), ("nothing_saveable", True), ("dots_saveable", False), ("offload_dots_with_no_batch_dims", True)],
+    [
+        (None, True),
+        ("nothing_saveable", True),
+        ("dots_saveable", False),
+        ("offload_dots_with_no_batch_dims", True),
+        ("offload_block_inputs", True),
+    ],
 )
 def test_scan_unroll_and_remat_match_separate_blocks(remat_policy, scan):
     graph, adapters, base = nnx.split(random_net(), AdapterParam, ...)
@@ -96,18 +104,51 @@ def test_per_block_inputs_reach_their_own_block(scan):
     assert not np.allclose(got, same_scale)
 
 
-def test_offload_policy_keeps_saved_dots_in_host_memory_or_is_refused(monkeypatch):
-    """The offloading policy keeps the blocks' projection outputs in host memory: the backward's residuals live in
-    the "<host>" memory space (XLA:CPU runs it with the same values, checked above); a backend without host
-    memory refuses it by name before anything is traced."""
-    graph, adapters, base = nnx.split(random_net(), AdapterParam, ...)
+def saved_in_host_memory(policy: str, base=None) -> list[str]:
+    """The residuals the backward pass reads from host memory under `policy`, as "dtype[shape]" strings (one per
+    scan over the stack: the per-block values stacked on a leading block axis)."""
+    graph, adapters, own_base = nnx.split(random_net(), AdapterParam, ...)
     x = jnp.ones((4, 8), jnp.float32)
+    jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=(4, 5))(adapters, graph, base or own_base, x, policy, True)
+    return sorted({str(var.aval) for eqn in jaxpr.eqns for var in eqn.outvars if "<host>" in str(var.aval)})
 
-    def traced(policy):
-        return str(jax.make_jaxpr(jax.grad(loss), static_argnums=(4, 5))(adapters, graph, base, x, policy, True))
 
-    assert "<host>" in traced("offload_dots_with_no_batch_dims")
-    assert "<host>" not in traced("nothing_saveable")
+def test_offload_policies_keep_what_they_save_in_host_memory_or_are_refused(monkeypatch):
+    """The offloading policies keep their residuals in the "<host>" memory space (XLA:CPU computes the same values
+    with them, checked above): the weight matmuls' outputs (the first projection's [4, 16] the backward needs, and
+    the patched adapters' [8, 16] and [16, 8] up @ down products) of each of the three blocks, or only each block's
+    input ([4, 8]); a backend without host memory refuses them by name before tracing."""
+    weight_dots = ["float32<host>[3,16,8]", "float32<host>[3,4,16]", "float32<host>[3,8,16]"]
+    assert saved_in_host_memory("offload_dots_with_no_batch_dims") == weight_dots
+    assert saved_in_host_memory("offload_block_inputs") == ["float32<host>[3,4,8]"]
+    assert saved_in_host_memory("nothing_saveable") == []
     monkeypatch.setattr(stack, "host_memory_kind", lambda: None)
-    with pytest.raises(ValueError, match="offload_dots_with_no_batch_dims offloads to host memory, which the cpu"):
-        stack.checkpoint_policy("offload_dots_with_no_batch_dims")
+    for policy in stack.HOST_OFFLOAD_POLICIES:
+        with pytest.raises(ValueError, match=f"{policy} offloads to host memory, which the cpu"):
+            stack.checkpoint_policy(policy)
+
+
+def test_frozen_weights_in_host_memory_stream_to_the_device_block_by_block():
+    """Stacked frozen weight matrices placed in host memory (what `offloading` does) give the same loss and adapter
+    gradients; the step copies each block's slice to the device inside the scan, never the whole stack, and the
+    weights outside stacks and the stacks' vectors stay where they are."""
+    net = random_net()
+    graph, adapters, base = nnx.split(net, AdapterParam, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    host_base = place_tree(base, in_host_memory(base, device, stack.host_streamable(net)))
+    kinds = {dotted(path): leaf.sharding.memory_kind for path, leaf in jax.tree_util.tree_leaves_with_path(host_base)}
+    assert kinds["blocks.block.inner.0.weight"] == "pinned_host" and kinds["out.weight"] == "device"
+    assert kinds["blocks.block.inner.0.bias"] == "device"  # vectors stay: a few bytes per block
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 8)), jnp.float32)
+    for policy in ("nothing_saveable", "offload_block_inputs"):
+        value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 4, 5))(
+            adapters, graph, host_base, x, policy, True
+        )
+        want, want_grads = jax.value_and_grad(reference_loss)(adapters, graph, base, x)
+        np.testing.assert_allclose(value, want, rtol=1e-6)
+        for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    traced = jax.make_jaxpr(jax.grad(loss), static_argnums=(4, 5))
+    jaxpr = str(traced(adapters, graph, host_base, x, "offload_block_inputs", True))
+    assert "f32<host>[3,8,16]" in jaxpr and "f32[3,8,16]" not in jaxpr  # the stack is never on the device whole
+    assert "devices=(MemorySpace.Device,)" in jaxpr  # each block's slice is

@@ -36,7 +36,7 @@ def test_newer_inputs_have_the_nodes_names_and_defaults_and_are_node_flags():
         ({"checkpoint_depth": 2}, "nothing_saveable"),
         ({"checkpoint_depth": 3}, "dots_with_no_batch_dims_saveable"),
         ({"checkpoint_depth": 5}, "dots_with_no_batch_dims_saveable"),
-        ({"offloading": True}, "offload_dots_with_no_batch_dims"),
+        ({"offloading": True}, "offload_block_inputs"),
         ({"remat_policy": "dots_saveable"}, "dots_saveable"),
         ({"gradient_checkpointing": False, "checkpoint_depth": 4}, None),
     ],

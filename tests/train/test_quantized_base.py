@@ -133,3 +133,30 @@ def test_adapter_trained_on_int8_base_loads_in_comfyui_onto_the_wide_model(unet_
     patched, not_loaded = comfyui_patched(wide, base, result.lora, "sd1")
     assert not_loaded == []
     assert_same_weights(patched, effective_state_dict(wide.network))
+
+
+def test_offloading_trains_a_flux_lora_on_an_int8_base_as_without_it(tmp_path_factory):
+    """`offloading` keeps the stacked blocks' int8 weight matrices in host memory (fetched per block inside the
+    step) and the block inputs saved for the backward pass there too: on XLA:CPU the trained adapter equals the one
+    trained without it, over two optimizer steps of two micro-steps each (the unrolled micro-steps offloading
+    needs). Relative tolerance 1e-5: the two programs may fuse and sum in different orders."""
+    path = write_random_checkpoint(TINY_FLUX_DEV, tmp_path_factory.mktemp("of") / "flux.safetensors", 3)
+    model = load_model(path, "fp32", quantization="int8")
+    dataset = make_dataset(*flux_data())
+    settings = dict(steps=2, batch_size=2, grad_accumulation_steps=2, rank=4, base_quantization="int8", **FP32)
+    settings |= dict(learning_rate=1e-2)
+    plain = run_training(model, dataset, TrainConfig(**settings), **QUIET)
+    offloaded = run_training(model, dataset, TrainConfig(offloading=True, **settings), **QUIET)
+
+    network = offloaded.model_with_lora.network
+    kinds = {path: value.sharding.memory_kind for path, value in nnx.to_flat_state(nnx.state(network))}
+    assert kinds[("double_blocks", "block", "img_attn", "qkv", "weight")] == "pinned_host"
+    assert kinds[("double_blocks", "block", "img_attn", "qkv", "weight_scale")] == "device"  # vectors stay
+    assert kinds[("img_in", "weight")] == "device"  # and so do weights outside the stacks
+    assert offloaded.loss_map == plain.loss_map or np.allclose(
+        offloaded.loss_map["loss"], plain.loss_map["loss"], rtol=1e-5
+    )
+    assert plain.lora.keys() == offloaded.lora.keys()
+    for key, value in plain.lora.items():
+        np.testing.assert_allclose(offloaded.lora[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+    assert np.abs(plain.lora["diffusion_model.double_blocks.1.img_attn.qkv.lora_up.weight"]).max() > 0
