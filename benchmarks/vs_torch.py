@@ -6,15 +6,21 @@ The model has SD1.5's block structure (4 levels, 2 ResBlocks each, 8 heads, 1x1-
 context) at a reduced width (`--width`, SD1.5's is 320), random weights. Both sides train the same trainables,
 ComfyUI's set: a LoRA on every conv and linear weight, a full diff on every norm scale and on every bias.
 
-- PyTorch: diffusers' `UNet2DConditionModel` converted from the same checkpoint file by diffusers itself; each
-  trainable enters as ComfyUI's trainer does it, weight patching in the forward (W' = W + scale up @ down,
-  through `torch.nn.utils.parametrize`), and `torch.optim.AdamW` steps them.
+- PyTorch: diffusers' `UNet2DConditionModel` converted from the same checkpoint file by diffusers itself, in the
+  configurations a rival trainer would use (`--torch-configs`, default all): `patch`, each LoRA entering as
+  ComfyUI's trainer does it, weight patching in the forward (W' = W + scale up @ down, through
+  `torch.nn.utils.parametrize`); `bypass`, each LoRA added to its layer's output by a forward hook as PEFT and
+  kohya do (y = f(x) + scale up(down(x)), down with the layer's kernel, stride and padding, up 1x1); and both
+  again through `torch.compile` of the loss function (`+compile`: inductor, mode default). Norm-scale and bias
+  diffs are patched in every configuration, and `torch.optim.AdamW` steps the same trainables.
 - jaxlora: the trainer's own step (`prepare_run`, `compile_step`, donated adapters and optimizer state), as
   `run_training` builds it with the node's defaults (LoRA in bypass form).
 
 Before timing, both sides start from the same non-zero adapter values and take the same two steps on the same
-x0, noise and sigma: their losses must agree (fp32). The timed steps then alternate between the two sides
-(order flipped every repeat); warm-up steps and compilation are excluded and reported separately.
+x0, noise and sigma: every torch configuration's losses must agree with jaxlora's (fp32) before any step is
+timed. The timed steps then alternate between all sides (the order rotating every step); warm-up steps and
+compilation (XLA's, torch.compile's) are excluded and reported separately. The summary row compares jaxlora with
+torch's fastest configuration of the run.
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ def diffusers_config(config: UNetConfig) -> dict:
     }
 
 
-# ---- the PyTorch side: ComfyUI-style weight patching --------------------------------------------------------
+# ---- the PyTorch side: weight patching (ComfyUI) or activation bypass (PEFT/kohya) ----------------------------
 
 
 class LoRAPatch(torch.nn.Module):
@@ -99,6 +105,35 @@ class LoRAPatch(torch.nn.Module):
         return weight + (self.scale * (self.up @ self.down)).reshape(weight.shape).to(weight.dtype)
 
 
+class LoRABypass(torch.nn.Module):
+    """scale * up(down(x)), added to a layer's output by a forward hook as PEFT and kohya add it: down is a
+    layer of the adapted layer's kind (a conv keeps its kernel, stride and padding), up a 1x1 conv or a linear,
+    so the full-size delta is never formed. The factors are kept in the layer's own layout."""
+
+    def __init__(self, up: np.ndarray, down: np.ndarray, scale: float, layer: torch.nn.Module):
+        super().__init__()
+        rank = down.shape[0]
+        conv = isinstance(layer, torch.nn.Conv2d)
+        if conv and layer.groups != 1:
+            raise ValueError(f"bypass LoRA on a grouped conv ({layer.groups} groups) is not supported")
+        down_shape, up_shape = ((rank, *layer.weight.shape[1:]), (-1, rank, 1, 1)) if conv else ((rank, -1), (-1, rank))
+        self.down = torch.nn.Parameter(torch.from_numpy(np.array(down).reshape(down_shape)))
+        self.up = torch.nn.Parameter(torch.from_numpy(np.array(up).reshape(up_shape)))
+        self.scale = scale
+        self.conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation} if conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        if self.conv is None:
+            return self.scale * torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+        return self.scale * torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down, **self.conv), up)
+
+
+def add_bypass(layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """The forward hook of a bypassed layer: y = f(x) + scale * up(down(x))."""
+    return output + layer.lora_bypass(args[0])
+
+
 class DiffPatch(torch.nn.Module):
     """W' = W + diff: the trainer's `diff` (norm scales) and `diff_b` (biases)."""
 
@@ -110,33 +145,48 @@ class DiffPatch(torch.nn.Module):
         return tensor + self.diff.to(tensor.dtype)
 
 
-def patch_torch_unet(unet: torch.nn.Module, network, config: UNetConfig) -> tuple[list[torch.nn.Parameter], int]:
-    """Give every diffusers layer the adapter values of the jaxlora layer it corresponds to; returns the
-    trainables. Every parameter of the diffusers UNet must be patched exactly once."""
+ADAPTER_MODULES = (LoRAPatch, LoRABypass, DiffPatch)
+
+
+def adapt_torch_unet(
+    unet: torch.nn.Module, network, config: UNetConfig, lora_form: str
+) -> tuple[list[torch.nn.Parameter], int]:
+    """Give every diffusers layer the adapter values of the jaxlora layer it corresponds to, its LoRA patched
+    into the weight (`lora_form` "patch") or added to the output ("bypass"); norm-scale and bias diffs are
+    patched either way. Returns the trainables and the number of frozen tensors; every parameter of the
+    diffusers UNet must be adapted exactly once."""
     layers = list(adapted_layers(network))
     names = unet_to_diffusers(config, [path for path, _, _ in layers])
     modules = dict(unet.named_modules())
+    bypassed = set()
     for path, _, adapter in layers:
         module = modules[names[path]]
         weight = adapter.weight
-        patch = (
-            LoRAPatch(weight.up[...], weight.down[...], weight.scale)
-            if isinstance(weight, LoRA)
-            else DiffPatch(weight.diff[...])
-        )
-        parametrize.register_parametrization(module, "weight", patch, unsafe=True)
+        if isinstance(weight, LoRA) and lora_form == "bypass":
+            module.lora_bypass = LoRABypass(weight.up[...], weight.down[...], weight.scale, module)
+            module.register_forward_hook(add_bypass)
+            bypassed.add(f"{names[path]}.weight")
+        else:
+            patch = (
+                LoRAPatch(weight.up[...], weight.down[...], weight.scale)
+                if isinstance(weight, LoRA)
+                else DiffPatch(weight.diff[...])
+            )
+            parametrize.register_parametrization(module, "weight", patch, unsafe=True)
         if adapter.bias is not None:
             parametrize.register_parametrization(module, "bias", DiffPatch(adapter.bias.diff[...]), unsafe=True)
-    trainable, frozen = [], 0
+    adapter_parameters = {id(p) for m in unet.modules() if isinstance(m, ADAPTER_MODULES) for p in m.parameters()}
+    trainable, frozen, unadapted = [], 0, []
     for name, parameter in unet.named_parameters():
-        if name.endswith(".original"):
-            parameter.requires_grad_(False)
-            frozen += 1
-        else:
+        if id(parameter) in adapter_parameters:
             trainable.append(parameter)
-    unpatched = [n for n, _ in unet.named_parameters() if ".parametrizations." not in n]
-    if unpatched:
-        raise AssertionError(f"diffusers parameters without a jaxlora counterpart: {unpatched[:5]}")
+            continue
+        parameter.requires_grad_(False)
+        frozen += 1
+        if not (name.endswith(".original") or name in bypassed):
+            unadapted.append(name)
+    if unadapted:
+        raise AssertionError(f"diffusers parameters without a jaxlora counterpart: {unadapted[:5]}")
     return trainable, frozen
 
 
@@ -176,17 +226,14 @@ def torch_inputs(d: Draw, dtype: torch.dtype) -> dict:
     }
 
 
-def torch_step(unet, optimizer, dtype: torch.dtype, inputs: dict) -> float:
-    """ComfyUI's training step for an eps model: x0-space MSE, backward, AdamW step (float32 loss)."""
+def x0_loss(unet: torch.nn.Module, dtype: torch.dtype, inputs: dict) -> torch.Tensor:
+    """ComfyUI's loss for an eps model: the x0-space MSE, in float32. The `+compile` configurations run this
+    function through `torch.compile` (the UNet's forward and the loss; AOTAutograd compiles their backward)."""
     sigma, x0 = inputs["sigma"], inputs["x0"]
     noisy = x0 + sigma * inputs["noise"]
     xc = (noisy / torch.sqrt(sigma**2 + 1.0)).to(dtype)
-    out = unet(xc, inputs["timestep"], encoder_hidden_states=inputs["context"]).sample.float()
-    loss = torch.nn.functional.mse_loss(noisy - sigma * out, x0)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    out = unet(xc, inputs["timestep"], encoder_hidden_states=inputs["context"], return_dict=False)[0].float()
+    return torch.nn.functional.mse_loss(noisy - sigma * out, x0)
 
 
 # ---- the jaxlora side ---------------------------------------------------------------------------------------
@@ -207,25 +254,22 @@ def randomize_adapters(network, seed: int) -> None:
 class JaxSide:
     """The trainer's compiled step over an adapted network; `step(i)` runs optimizer step i, returns its loss."""
 
-    network: nnx.Module
+    prepared: Prepared
     compiled: jax.stages.Compiled
-    settings: StepSettings
-    data: dict
-    seed: int
     compile_seconds: float
     state: dict
 
     def step(self, i: int) -> jax.Array:
-        self.state["adapters"], self.state["opt"], losses = self.compiled(
+        self.state["adapters"], self.state["opt"], metrics = self.compiled(
             self.state["adapters"],
             self.state["opt"],
             self.state["base"],
-            self.data,
-            noise_key_data(self.seed, i, 1),
-            permutation_key(self.seed),
+            self.prepared.data,
+            noise_key_data(self.prepared.seed, i, 1),
+            permutation_key(self.prepared.seed),
             i,
         )
-        return jax.block_until_ready(losses)[0]
+        return jax.block_until_ready(metrics)["loss"][0]
 
 
 def train_config(args, dtype_name: str, remat: bool) -> TrainConfig:
@@ -239,8 +283,18 @@ def train_config(args, dtype_name: str, remat: bool) -> TrainConfig:
     )
 
 
-def jax_side(args, config: TrainConfig, checkpoint: Path, unet_config: UNetConfig) -> JaxSide:
-    """Set up by the trainer's own `prepare_run` and compiled as `run_training` does, from non-zero adapters."""
+@dataclass
+class Prepared:
+    """The trainer's network with non-zero adapters, its step settings and data, before compilation."""
+
+    network: nnx.Module
+    settings: StepSettings
+    data: dict
+    seed: int
+
+
+def prepared_network(args, config: TrainConfig, checkpoint: Path, unet_config: UNetConfig) -> Prepared:
+    """Set up by the trainer's own `prepare_run`, then given non-zero adapter values."""
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((args.batch, 4, args.latent, args.latent)).astype(np.float32) / 0.18215
     context = rng.standard_normal((1, TOKENS, unet_config.context_dim)).astype(np.float32)
@@ -248,53 +302,68 @@ def jax_side(args, config: TrainConfig, checkpoint: Path, unet_config: UNetConfi
     run = prepare_run(model, make_dataset(latents, {"c_crossattn": context}), config)
     network = nnx.merge(run.graph, run.adapters, run.base)
     randomize_adapters(network, seed=1)
-    graph, adapters, base = nnx.split(network, AdapterParam, ...)
-    state = {"adapters": adapters, "opt": run.settings.optimizer.init(adapters), "base": base}
+    return Prepared(network, run.settings, run.data[0], config.seed)
+
+
+def jax_side(args, config: TrainConfig, checkpoint: Path, unet_config: UNetConfig) -> JaxSide:
+    """The prepared network's step compiled as `run_training` compiles it."""
+    prepared = prepared_network(args, config, checkpoint, unet_config)
+    graph, adapters, base = nnx.split(prepared.network, AdapterParam, ...)
+    state = {"adapters": adapters, "opt": prepared.settings.optimizer.init(adapters), "base": base}
     begin = time.perf_counter()
     inputs = (
         adapters,
         state["opt"],
         base,
-        run.data[0],
+        prepared.data,
         noise_key_data(config.seed, 0, 1),
         permutation_key(config.seed),
         0,
     )
-    compiled = compile_step(graph, run.settings).lower(*inputs).compile()
-    return JaxSide(network, compiled, run.settings, run.data[0], config.seed, time.perf_counter() - begin, state)
+    compiled = compile_step(graph, prepared.settings).lower(*inputs).compile()
+    return JaxSide(prepared, compiled, time.perf_counter() - begin, state)
+
+
+TORCH_CONFIGS = ("patch", "bypass", "patch+compile", "bypass+compile")
 
 
 @dataclass
 class TorchSide:
-    """diffusers' UNet with the jaxlora network's adapter values patched in; `step(i)` runs optimizer step i."""
+    """diffusers' UNet with the jaxlora network's adapter values, in one of `TORCH_CONFIGS`; `step(i)` runs
+    optimizer step i. A `+compile` configuration is compiled (and its compile time taken) when it is built."""
 
     unet: torch.nn.Module
     optimizer: torch.optim.Optimizer
     dtype: torch.dtype
     inputs: list[dict]
     frozen: int
+    loss: object  # x0_loss, or torch.compile of it
+    compile_seconds: float | None
 
     def step(self, i: int) -> torch.Tensor:
-        return torch_step(self.unet, self.optimizer, self.dtype, self.inputs[i])
+        loss = self.loss(self.unet, self.dtype, self.inputs[i])
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     def flops(self) -> int:
-        """torch's own count (FlopCounterMode) of one forward and backward."""
-        probe = self.inputs[0]
+        """torch's own count (FlopCounterMode) of one eager forward and backward."""
         with FlopCounterMode(display=False) as counter:
-            sigma = probe["sigma"]
-            xc = ((probe["x0"] + sigma * probe["noise"]) / torch.sqrt(sigma**2 + 1)).to(self.dtype)
-            out = self.unet(xc, probe["timestep"], encoder_hidden_states=probe["context"]).sample
-            out.float().square().mean().backward()
+            x0_loss(self.unet, self.dtype, self.inputs[0]).backward()
         self.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
 
-def torch_side(jax_run: JaxSide, config: TrainConfig, steps: int, checkpoint: Path, config_dir: Path) -> TorchSide:
+def torch_side(
+    prepared: Prepared, config: TrainConfig, steps: int, checkpoint: Path, config_dir: Path, torch_config: str
+) -> TorchSide:
     dtype = torch.float32 if config.training_dtype == "fp32" else torch.bfloat16
     unet = UNet2DConditionModel.from_single_file(
         str(checkpoint), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32
     )
-    trainable, frozen = patch_torch_unet(unet, jax_run.network, jax_run.network.config)
+    lora_form = torch_config.removesuffix("+compile")
+    trainable, frozen = adapt_torch_unet(unet, prepared.network, prepared.network.config, lora_form)
     unet.to(dtype)
     for p in trainable:  # fp32 masters, as jaxlora keeps them
         p.data = p.data.float()
@@ -303,21 +372,33 @@ def torch_side(jax_run: JaxSide, config: TrainConfig, steps: int, checkpoint: Pa
     unet.train()
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     # drawn before timing: the torch step gets its inputs ready-made
-    inputs = [torch_inputs(draw(jax_run.data, jax_run.settings, config.seed, i), dtype) for i in range(steps)]
-    return TorchSide(unet, optimizer, dtype, inputs, frozen)
+    inputs = [torch_inputs(draw(prepared.data, prepared.settings, config.seed, i), dtype) for i in range(steps)]
+    if not torch_config.endswith("+compile"):
+        return TorchSide(unet, optimizer, dtype, inputs, frozen, x0_loss, None)
+    loss = torch.compile(x0_loss)
+    begin = time.perf_counter()  # one forward and backward compiles both; no optimizer step, so nothing changes
+    loss(unet, dtype, inputs[0]).backward()
+    optimizer.zero_grad(set_to_none=True)
+    return TorchSide(unet, optimizer, dtype, inputs, frozen, loss, time.perf_counter() - begin)
 
 
-def adapted_counts(jax_run: JaxSide, torch_run: TorchSide) -> dict:
+def adapted_counts(network, torch_run: TorchSide) -> dict:
     """Adapted tensors per kind on both sides (the check that both train the same set)."""
-    adapters = [a for _, _, a in adapted_layers(jax_run.network)]
-    return {
+    adapters = [a for _, _, a in adapted_layers(network)]
+    counts = {
         "jaxlora LoRA": sum(isinstance(a.weight, LoRA) for a in adapters),
         "jaxlora diff + diff_b": sum(isinstance(a.weight, Diff) for a in adapters)
         + sum(a.bias is not None for a in adapters),
-        "torch LoRA": sum(isinstance(m, LoRAPatch) for m in torch_run.unet.modules()),
+        "torch LoRA": sum(isinstance(m, (LoRAPatch, LoRABypass)) for m in torch_run.unet.modules()),
         "torch diff + diff_b": sum(isinstance(m, DiffPatch) for m in torch_run.unet.modules()),
         "torch frozen tensors": torch_run.frozen,
     }
+    if (
+        counts["jaxlora LoRA"] != counts["torch LoRA"]
+        or counts["jaxlora diff + diff_b"] != counts["torch diff + diff_b"]
+    ):
+        raise AssertionError(f"the two sides adapt different layers: {counts}")
+    return counts
 
 
 def timed(fn, *args) -> tuple[object, float]:
@@ -326,82 +407,122 @@ def timed(fn, *args) -> tuple[object, float]:
     return result, time.perf_counter() - begin
 
 
+def loss_error(reference: list[float], losses: list[float]) -> float:
+    """The largest relative difference of a torch side's checked losses from jaxlora's."""
+    return float(np.max(np.abs(np.array(reference) - np.array(losses)) / np.abs(np.array(losses))))
+
+
 def run_case(args, dtype_name: str, remat: bool, checkpoint: Path, config_dir: Path, unet_config: UNetConfig) -> dict:
-    """Build both sides, check their first two losses agree, then time them alternately; the matmul peak is
-    measured right after, so it sees the same machine load."""
+    """Build jaxlora's side and every torch configuration, check that their first two losses agree with
+    jaxlora's (fp32: within CHECK_RTOL), then time them all alternately, the order rotating every step; the
+    matmul peak is measured right after, so it sees the same machine load."""
     config = train_config(args, dtype_name, remat)
     jax_run = jax_side(args, config, checkpoint, unet_config)
-    torch_run = torch_side(jax_run, config, 2 + args.warmup + args.steps, checkpoint, config_dir)
-    counts = adapted_counts(jax_run, torch_run)
-    if (
-        counts["jaxlora LoRA"] != counts["torch LoRA"]
-        or counts["jaxlora diff + diff_b"] != counts["torch diff + diff_b"]
-    ):
-        raise AssertionError(f"the two sides adapt different layers: {counts}")
-    torch_flops = torch_run.flops()
-    losses = {"jax": [], "torch": []}
-    seconds = {"jax": [], "torch": []}
-    steps = {"jax": jax_run.step, "torch": torch_run.step}
-    for i in range(2 + args.warmup + args.steps):
-        order = ("jax", "torch") if i % 2 == 0 else ("torch", "jax")
-        for side in order:
+    total = 2 + args.warmup + args.steps
+    torch_runs = {
+        name: torch_side(jax_run.prepared, config, total, checkpoint, config_dir, name) for name in args.torch_configs
+    }
+    counts = {name: adapted_counts(jax_run.prepared.network, run) for name, run in torch_runs.items()}
+    steps = {"jaxlora": jax_run.step} | {name: run.step for name, run in torch_runs.items()}
+    losses = {side: [] for side in steps}
+    seconds = {side: [] for side in steps}
+
+    def one_step(i: int) -> None:
+        names = list(steps)
+        for side in names[i % len(names) :] + names[: i % len(names)]:
             loss, s = timed(steps[side], i)
             seconds[side].append(s)
             if i < 2:
                 losses[side].append(float(loss))
+
+    for i in range(2):
+        one_step(i)
+    errors = {name: loss_error(losses["jaxlora"], losses[name]) for name in torch_runs}
+    if dtype_name == "fp32" and not all(e <= CHECK_RTOL for e in errors.values()):
+        raise AssertionError(f"fp32 losses differ beyond {CHECK_RTOL}: {losses}")
+    for i in range(2, total):
+        one_step(i)
     timed_from = 2 + args.warmup
+    sides = {
+        side: {
+            "losses": losses[side],
+            "first_step_s": seconds[side][0],
+            "step_s": statistics.median(seconds[side][timed_from:]),
+            "all_step_s": seconds[side],
+        }
+        for side in steps
+    }
+    for name, run in torch_runs.items():
+        sides[name] |= {
+            "compile_s": run.compile_seconds,
+            "flops": run.flops(),
+            "loss_error": errors[name],
+            "adapted": counts[name],
+        }
     return {
         "dtype": dtype_name,
         "remat": remat,
-        "losses": losses,
         "compile_s": jax_run.compile_seconds,
-        "first_step_s": {side: seconds[side][0] for side in seconds},
-        "step_s": {side: statistics.median(seconds[side][timed_from:]) for side in seconds},
-        "all_step_s": seconds,
         "flops": step_flops(jax_run.compiled),
-        "torch_flops": torch_flops,
-        "adapted": counts,
+        "sides": sides,
         "peak": measure_matmul_peak(args.peak_size, repeats=5),
     }
 
 
-def loss_check(result: dict) -> str:
-    jax_losses, torch_losses = np.array(result["losses"]["jax"]), np.array(result["losses"]["torch"])
-    error = float(np.max(np.abs(jax_losses - torch_losses) / np.abs(torch_losses)))
-    if result["dtype"] == "fp32" and not error <= CHECK_RTOL:
-        raise AssertionError(f"fp32 losses differ: jaxlora {jax_losses}, torch {torch_losses}")
-    return f"{error:.1e}"
+def fastest_torch(result: dict) -> str:
+    return min((name for name in result["sides"] if name != "jaxlora"), key=lambda n: result["sides"][n]["step_s"])
 
 
-def markdown(results: list[dict], args) -> str:
-    head = (
-        "| dtype | remat | torch s/step | jaxlora s/step | torch / jaxlora | jaxlora compile s | first step s "
-        "(torch, jaxlora) | GFLOP/step (XLA) | GFLOP/step (torch counter) | jaxlora GFLOP/s | matmul peak GFLOP/s "
-        "| jaxlora MFU | torch at XLA's count, of peak | loss rel. diff |"
-    )
-    lines = [head, "|---" * 14 + "|"]
+def markdown(results: list[dict]) -> str:
+    """Two tables: per case, jaxlora against torch's fastest configuration; per torch configuration, its row."""
+    summary = [
+        "| dtype | remat | jaxlora s/step | fastest torch config | its s/step | fastest torch / jaxlora | jaxlora "
+        "compile s | jaxlora first step s | GFLOP/step (XLA) | jaxlora GFLOP/s | matmul peak GFLOP/s | jaxlora MFU |",
+        "|---" * 12 + "|",
+    ]
+    configs = [
+        "| dtype | remat | torch config | torch s/step | torch / jaxlora | torch.compile s | first step s | "
+        "GFLOP/step (torch counter) | torch at XLA's count, of peak | loss rel. diff |",
+        "|---" * 10 + "|",
+    ]
     for r in results:
-        jax_s, torch_s = r["step_s"]["jax"], r["step_s"]["torch"]
-        flops = r["flops"] or float("nan")
+        jax_s, flops = r["sides"]["jaxlora"]["step_s"], r["flops"] or float("nan")
+        fastest = fastest_torch(r)
+        torch_s = r["sides"][fastest]["step_s"]
         cells = [
             r["dtype"],
             "on" if r["remat"] else "off",
-            f"{torch_s:.3f}",
             f"{jax_s:.3f}",
+            fastest,
+            f"{torch_s:.3f}",
             f"**{torch_s / jax_s:.2f}x**",
             f"{r['compile_s']:.1f}",
-            f"{r['first_step_s']['torch']:.2f}, {r['first_step_s']['jax']:.2f}",
+            f"{r['sides']['jaxlora']['first_step_s']:.2f}",
             f"{flops / 1e9:.2f}",
-            f"{r['torch_flops'] / 1e9:.2f}",
             f"{flops / jax_s / 1e9:.1f}",
             f"{r['peak'] / 1e9:.1f}",
             f"{flops / jax_s / r['peak']:.1%}",
-            f"{flops / torch_s / r['peak']:.1%}",
-            loss_check(r),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    counts = ", ".join(f"{k} {v}" for k, v in results[0]["adapted"].items())
-    return "\n".join(lines) + f"\n\nAdapted tensors: {counts}."
+        summary.append("| " + " | ".join(cells) + " |")
+        for name, side in r["sides"].items():
+            if name == "jaxlora":
+                continue
+            cells = [
+                r["dtype"],
+                "on" if r["remat"] else "off",
+                name,
+                f"{side['step_s']:.3f}",
+                f"{side['step_s'] / jax_s:.2f}x",
+                "-" if side["compile_s"] is None else f"{side['compile_s']:.1f}",
+                f"{side['first_step_s']:.2f}",
+                f"{side['flops'] / 1e9:.2f}",
+                f"{flops / side['step_s'] / r['peak']:.1%}",
+                f"{side['loss_error']:.1e}",
+            ]
+            configs.append("| " + " | ".join(cells) + " |")
+    counts = next(side["adapted"] for name, side in results[0]["sides"].items() if name != "jaxlora")
+    adapted = ", ".join(f"{k} {v}" for k, v in counts.items())
+    return "\n".join(summary) + "\n\n" + "\n".join(configs) + f"\n\nAdapted tensors: {adapted}."
 
 
 def one_case_arguments(parser: argparse.ArgumentParser) -> None:
@@ -424,6 +545,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the two checked ones")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--remat", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument(
+        "--torch-configs",
+        nargs="+",
+        default=list(TORCH_CONFIGS),
+        choices=TORCH_CONFIGS,
+        help="PyTorch's LoRA as weight patching (ComfyUI) or as activation bypass (PEFT/kohya), eager or through "
+        "torch.compile (default: all)",
+    )
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square fp32 matmul for the peak")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
@@ -442,16 +571,16 @@ def main() -> None:
         for dtype_name in args.dtypes:
             for remat in args.remat:
                 results.append(run_case(args, dtype_name, remat == "on", checkpoint, config_dir, unet_config))
-                print(markdown(results[-1:], args), flush=True)  # each case as it ends, the table at the end
+                if args.json:  # after every case: a long run keeps what it measured
+                    args.json.write_text(json.dumps(results, indent=1))
+                print(markdown(results[-1:]), flush=True)  # each case as it ends, the table at the end
     print(
         f"SD1.5-structured UNet at width {args.width} (SD1.5: 320), random weights, batch {args.batch}, "
         f"{args.latent}x{args.latent} latents ({8 * args.latent} px), {TOKENS} tokens, LoRA rank {args.rank} on every "
         f"conv and linear + diff/diff_b, AdamW; median of {args.steps} alternated steps after {2 + args.warmup} "
         "untimed ones\n"
     )
-    print(markdown(results, args))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 # The test extra installs XLA's TPU compiler (libtpu) to compile for TPU chips from this host; the tests themselves
 # run on the CPU, and a TPU runtime is never looked for.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a machine-wide lock file when it loads; another process that loaded it (a training run, a benchmark)
+# would make the TPU-compile tests fail. Only the compiler is used here, so sharing is safe.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import pytest

@@ -27,6 +27,8 @@ from tests.train.test_train import FP32, QUIET, fixed_draw_loss
 TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1)  # 8 pixels per latent
 TINY_CLIP = CLIPTextConfig(width=768, depth=2, mlp_width=256, vocab_size=521)
 QUIET_PROGRESS = {"progress": lambda line: None}
+# The training of the dataset made from images, in the library and through the command line.
+TRAINING = {"steps": 30, "batch_size": 2, "rank": 4, "learning_rate": 3e-3, **FP32}
 
 
 def write_sd1_checkpoint(path, with_vae=True):
@@ -74,7 +76,7 @@ def test_dataset_from_images_trains_a_lora(made):
     assert sorted(b.latents.shape for b in dataset.buckets) == [(3, 4, 8, 24), (3, 4, 16, 16)]
     assert all(b.empty["c_crossattn"].shape == (1, 77, 768) for b in dataset.buckets)  # for caption dropout
     model = load_model(checkpoint, "fp32")
-    config = TrainConfig(steps=30, batch_size=2, rank=4, learning_rate=3e-3, gradient_checkpointing=False, **FP32)
+    config = TrainConfig(**TRAINING, gradient_checkpointing=False)
     untrained, _ = adapted_network(model, config, jnp.float32)
     result = run_training(model, dataset, config, **QUIET)
     before = fixed_draw_loss(model, untrained, dataset=dataset)
@@ -150,11 +152,13 @@ def test_command_line_reuses_the_folder_and_names_errors(made, tokenizer_folder,
 
 def test_train_command_encodes_images_then_trains_and_reuses_them(made, tokenizer_folder, tmp_path, capsys):
     """`python -m jaxlora.train --images`: the dataset is made in the output folder, named by its inputs, and
-    found again by the next run; --dataset and --images together are a usage error."""
+    found again by the next run; --dataset and --images together are a usage error. The settings are `TRAINING`'s,
+    so the runs take the steps test_dataset_from_images_trains_a_lora compiled from the session's cache."""
     checkpoint, images, _ = made
     flags = ["--model", str(checkpoint), "--images", str(images), "--tokenizers", str(tokenizer_folder)]
-    flags += ["--resolution", "128", "--steps", "1", "--batch-size", "1", "--output-dir", str(tmp_path)]
-    flags += ["--prefix", "photos_lora", "--no-compile-cache"]
+    flags += ["--resolution", "128", "--steps", "1", "--output-dir", str(tmp_path), "--prefix", "photos_lora"]
+    flags += [f"--{name.replace('_', '-')}={value}" for name, value in TRAINING.items() if name != "steps"]
+    flags += ["--no-gradient-checkpointing", "--no-compile-cache"]
     assert train_main(flags) == 0
     datasets = list((tmp_path / "photos_lora_datasets").iterdir())
     assert len(datasets) == 1 and datasets[0].name.startswith("photos_")
