@@ -21,21 +21,14 @@ from jaxlora.encoders.clip import CLIP_L, OPEN_CLIP_BIG_G, CLIPTextModel
 from jaxlora.encoders.make_dataset import IMAGES_PER_CALL, _vae_function
 from jaxlora.encoders.text import ROWS_PER_CALL, _tower_function
 from jaxlora.encoders.vae import SD_VAE, AutoencoderKL
-from jaxlora.models.checkpoint import read_parameters
+from jaxlora.models.checkpoint import set_parameters
 from jaxlora.models.demo import random_network_tensors
 from jaxlora.models.family import TextTower
 
 
-class _Tensors(dict):
-    """A dict read like an open safetensors file."""
-
-    def get_tensor(self, key: str) -> np.ndarray:
-        return self[key]
-
-
 def random_network(network: nnx.Module) -> nnx.Module:
     """Fill an abstract network with random weights through the checkpoint loader's own reader."""
-    read_parameters(network, _Tensors(random_network_tensors(network)), "", jnp.float32, mesh=None)
+    set_parameters(network, random_network_tensors(network), jnp.float32)
     return network
 
 

@@ -1,6 +1,6 @@
 """The full training step: its speed on this CPU, and XLA's memory and FLOP counts for full-size SD1.5 and SDXL.
 
-Run from the repository root as `python benchmarks/train_step.py --section demo|sd15-32|abstract|all`; prints
+Run from the repository root as `python benchmarks/train_step.py --section demo|sd15-32|abstract|compile|all`; prints
 markdown for BENCHMARKS.md. The step is the trainer's own: set up by `prepare_run` (adapters and frozen base split),
 `compile_step`, lowered and compiled per case as `run_training` does, with adapters and optimizer state donated.
 
@@ -9,6 +9,9 @@ markdown for BENCHMARKS.md. The step is the trainer's own: set up by `prepare_ru
   fp32 and bf16, remat on and off.
 - abstract: SD1.5 and SDXL at 64x64 and 128x128 latents, bf16, rank 16, AdamW, remat on and off, lowered from
   `jax.ShapeDtypeStruct` inputs: nothing is allocated, only compiled and measured by XLA.
+- compile: SDXL's abstract step (bf16, rank 16, AdamW, remat on) at `--compile-latent` (default 32x32), its
+  transformer blocks scanned (`UNet(scan=True)`, the default) or unrolled (`--blocks`), `--repeats` times
+  alternating: the tracing, lowering and XLA:CPU compile seconds the scan saves.
 
 Every case runs in a freshly spawned process, so compiler memory and caches never carry over.
 """
@@ -40,7 +43,7 @@ from jaxlora.train.loop import prepare_run
 from jaxlora.train.perf import matmul_flops
 from jaxlora.train.step import compile_step, noise_key_data, permutation_key
 
-SECTIONS = ("demo", "sd15-32", "abstract")
+SECTIONS = ("demo", "sd15-32", "abstract", "compile")
 UNETS = {"SD1.5": SD15, "SDXL": SDXL}
 TOKENS = 77
 GIB = 2**30
@@ -53,6 +56,7 @@ class Case:
     model: str
     latent: int
     config: TrainConfig
+    scan: bool = True  # transformer blocks run by scan (False: unrolled)
 
     @property
     def unet(self) -> UNetConfig:
@@ -61,7 +65,8 @@ class Case:
     @property
     def label(self) -> list[str]:
         remat = self.config.remat_policy if self.config.gradient_checkpointing else "off"
-        return [self.model, f"{self.latent}x{self.latent}", self.config.training_dtype, remat]
+        blocks = "scan" if self.scan else "unrolled"
+        return [self.model, f"{self.latent}x{self.latent}", self.config.training_dtype, remat, blocks]
 
 
 def random_bucket(unet: UNetConfig, latent: int, count: int = 1, seed: int = 0) -> Bucket:
@@ -149,6 +154,7 @@ def run_abstract(case: Case) -> dict:
     """Lower from abstract inputs and compile; no weights, adapters or optimizer state are ever allocated."""
     config = case.config
     model = abstract_model(case.unet, config.training_dtype)
+    model.network.scan = case.scan
     step, state = prepare(model, random_bucket(case.unet, case.latent), config)
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     compiled, row = lower_and_compile(step, state, config)
@@ -156,7 +162,7 @@ def run_abstract(case: Case) -> dict:
 
 
 def markdown_table(
-    rows: list[tuple[Case, dict]], labels: tuple[str, ...] = ("model", "latent", "dtype", "remat")
+    rows: list[tuple[Case, dict]], labels: tuple[str, ...] = ("model", "latent", "dtype", "remat", "blocks")
 ) -> str:
     """One row per case: its `label` cells under `labels`, then the measured values."""
     columns = [*labels, *rows[0][1]]
@@ -212,6 +218,20 @@ def abstract_section(models: list[str], latents: list[int], jobs: int) -> str:
     return f"{title}\n\n{markdown_table(list(zip(cases, rows, strict=True)))}"
 
 
+def compile_section(latent: int, blocks: list[str], repeats: int) -> str:
+    """SDXL's step with its transformer blocks scanned and unrolled, one compile at a time in its own process,
+    the variants alternating so that a change in the machine's load reaches both alike."""
+    config = TrainConfig(rank=16, training_dtype="bf16")
+    cases = [Case("SDXL", latent, config, scan=kind == "scan") for _ in range(repeats) for kind in blocks]
+    rows = []
+    for case in cases:
+        rows.append((case, in_fresh_process(run_abstract, case)))
+        print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)  # progress: one compile can take minutes
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    title = f"SDXL compile time: batch 1, 77 tokens, bf16, LoRA rank 16, AdamW, remat on; load average {load}"
+    return f"{title}\n\n{markdown_table(rows)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", choices=(*SECTIONS, "all"), default="all")
@@ -219,6 +239,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(UNETS), default=list(UNETS), help="abstract section")
     parser.add_argument("--latents", nargs="+", type=int, default=[64, 128], help="abstract section, latent sides")
     parser.add_argument("--jobs", type=int, default=1, help="abstract section, compiles at a time")
+    parser.add_argument("--compile-latent", type=int, default=32, help="compile section, latent side")
+    parser.add_argument("--blocks", nargs="+", choices=("scan", "unrolled"), default=["scan", "unrolled"])
+    parser.add_argument("--repeats", type=int, default=1, help="compile section, rounds of --blocks")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, devices {jax.devices()}, {os.cpu_count()} CPU cores\n")
     sections = SECTIONS if args.section == "all" else (args.section,)
@@ -228,6 +251,8 @@ def main() -> None:
         print(sd15_section(args.steps) + "\n")
     if "abstract" in sections:
         print(abstract_section(args.models, args.latents, args.jobs) + "\n")
+    if "compile" in sections:
+        print(compile_section(args.compile_latent, args.blocks, args.repeats) + "\n")
 
 
 if __name__ == "__main__":

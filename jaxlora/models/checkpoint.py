@@ -147,16 +147,20 @@ def _place(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Arra
     return jax.device_put(host) if sharding is None else from_host(host, sharding)
 
 
-def set_parameter(
-    layer: WeightLayer,
-    name: str,
-    torch_array: np.ndarray,
-    dtype: jnp.dtype | None,
-    sharding: jax.sharding.Sharding | None = None,
+class _TensorMapping(dict):
+    """In-memory tensors read like an open safetensors file."""
+
+    def get_tensor(self, key: str) -> np.ndarray:
+        return self[key]
+
+
+def set_parameters(
+    network: nnx.Module, tensors: Mapping[str, np.ndarray], dtype: jnp.dtype | None, prefix: str = ""
 ) -> None:
-    """Convert one torch-layout tensor to the layer's Flax layout and dtype, and place it on the device (or send
-    each device of `sharding` its slice)."""
-    getattr(layer, name).set_value(_place(_cast(layer.from_torch(name, torch_array), dtype), sharding))
+    """Fill `network` from in-memory torch-layout tensors keyed `prefix` + file key, through the checkpoint
+    reader (so a stacked layer gets its blocks' tensors stacked): random or patched weights in tests and
+    benchmarks."""
+    read_parameters(network, _TensorMapping(tensors), prefix, dtype, mesh=None)
 
 
 def quantizes(site: LayerSite, name: str, quantization: str) -> bool:

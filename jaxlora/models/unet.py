@@ -3,7 +3,9 @@
 Module paths mirror the checkpoint's one to one (`input_blocks.1.1.transformer_blocks.0.attn1.to_q` here is
 `diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q` in the file), so a parameter's file key is
 its path with the prefix in front and adapter export is a transpose. Index positions that hold no
-parameters in torch (SiLU, Dropout) are simply absent from the `nnx.Dict` containers.
+parameters in torch (SiLU, Dropout) are simply absent from the `nnx.Dict` containers. A SpatialTransformer's
+`transformer_blocks` are one `Stack` (run by scan, so SDXL's ten-deep transformers compile as one block each);
+`layer_sites` names block i `...transformer_blocks.<i>...` as the file does.
 
 Input and output latents are NHWC. The network sees the timestep as given (ComfyUI passes the nearest integer
 index as a float); sigmas, input scaling and the parameterisation live in `sampling.py`.
@@ -25,7 +27,7 @@ from jaxlora.models.layers import (
     multi_head_attention,
     sinusoidal_embedding,
 )
-from jaxlora.models.stack import checkpoint_policy
+from jaxlora.models.stack import Stack, checkpoint_policy
 
 GROUPS = 32
 
@@ -167,15 +169,17 @@ class BasicTransformerBlock(nnx.Module):
         self.norm2 = LayerNorm(dim)
         self.norm3 = LayerNorm(dim)
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array) -> tuple[jax.Array]:
+        """The updated tokens, as the one-element carry of the `Stack` that runs the blocks."""
         h = self.norm1(x)
         x = x + self.attn1(h, h)
         x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        return (x + self.ff(self.norm3(x)),)
 
 
 class SpatialTransformer(nnx.Module):
-    """Image tokens through `depth` transformer blocks; projections are 1x1 convs (SD1.x) or linears."""
+    """Image tokens through `depth` transformer blocks (a `Stack`: every block of one SpatialTransformer has the
+    same shapes); projections are 1x1 convs (SD1.x) or linears."""
 
     def __init__(self, channels: int, depth: int, config: UNetConfig):
         heads = config.heads(channels)
@@ -184,18 +188,19 @@ class SpatialTransformer(nnx.Module):
         project = (lambda i, o: Linear(i, o)) if self.use_linear else (lambda i, o: Conv2d(i, o, 1))
         self.norm = GroupNorm(GROUPS, channels, eps=1e-6)
         self.proj_in = project(channels, inner)
-        self.transformer_blocks = nnx.List(
-            [BasicTransformerBlock(inner, heads, inner // heads, config.context_dim) for _ in range(depth)]
+        self.transformer_blocks = Stack(
+            lambda: BasicTransformerBlock(inner, heads, inner // heads, config.context_dim), depth
         )
         self.proj_out = project(inner, channels)
 
-    def __call__(self, x: jax.Array, context: jax.Array, run=None) -> jax.Array:
-        """`run(block, h, context)` calls each transformer block (the UNet passes its remat wrapper)."""
+    def __call__(
+        self, x: jax.Array, context: jax.Array, *, remat_policy: str | None = None, scan: bool = True
+    ) -> jax.Array:
+        """`remat_policy` rematerialises each transformer block (None: no remat); `scan=False` unrolls them."""
         batch, height, width, _ = x.shape
         h = self.proj_in(self.norm(x))  # a 1x1 conv and a linear act alike on NHWC
         h = h.reshape(batch, height * width, h.shape[-1])
-        for block in self.transformer_blocks:
-            h = block(h, context) if run is None else run(block, h, context)
+        (h,) = self.transformer_blocks((h,), context, remat_policy=remat_policy, scan=scan)
         return x + self.proj_out(h.reshape(batch, height, width, h.shape[-1]))
 
 
@@ -233,12 +238,14 @@ class UNet(nnx.Module):
 
     `remat_policy` names a `jax.checkpoint_policies` member ("nothing_saveable", "dots_saveable", ...) to
     rematerialise every ResBlock and every transformer block in the backward pass (per block, so SDXL's
-    ten-deep transformers never hold ten blocks' activations at once); None disables remat.
+    ten-deep transformers never hold ten blocks' activations at once); None disables remat. `scan=False` unrolls
+    the transformer blocks (same math; for measuring what the scan saves in compile time).
     """
 
-    def __init__(self, config: UNetConfig, *, remat_policy: str | None = None):
+    def __init__(self, config: UNetConfig, *, remat_policy: str | None = None, scan: bool = True):
         self.config = config
         self.remat_policy = remat_policy
+        self.scan = scan
         mc, emb = config.model_channels, config.time_embed_dim
         self.time_embed = nnx.Dict({"0": Linear(mc, emb), "2": Linear(emb, emb)})
         label_emb = None
@@ -299,7 +306,7 @@ class UNet(nnx.Module):
             if isinstance(layer, ResBlock):
                 h = self._checkpointed(layer, h, emb)
             elif isinstance(layer, SpatialTransformer):
-                h = layer(h, context, self._checkpointed)
+                h = layer(h, context, remat_policy=self.remat_policy, scan=self.scan)
             elif isinstance(layer, Upsample):
                 h = layer(h, size)
             else:

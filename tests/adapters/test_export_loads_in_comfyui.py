@@ -8,7 +8,7 @@ import pytest
 
 from jaxlora.adapters.attach import attach_adapters, detach_adapters
 from jaxlora.adapters.formats import AdapterFileError, export_adapter
-from jaxlora.models.checkpoint import set_parameter, torch_parameters
+from jaxlora.models.checkpoint import set_parameters
 from tests.adapters import comfy_loader
 from tests.adapters.conftest import effective_state_dict, randomize_adapters
 from tests.models.tiny_unets import FAMILIES
@@ -93,8 +93,7 @@ def test_comfyui_patched_model_gives_the_adapted_output(tiny_model, algorithm):
     t = jnp.array([400.0])
     adapted_out = np.asarray(model.network(x, t, context))
     detach_adapters(model.network)
-    for key, layer, name in torch_parameters(model.network):
-        set_parameter(layer, name, patched[f"diffusion_model.{key}"], jnp.float32)
+    set_parameters(model.network, patched, jnp.float32, "diffusion_model.")
     comfy_out = np.asarray(model.network(x, t, context))
     assert np.abs(adapted_out - comfy_out).max() <= 1e-4 * np.abs(comfy_out).max()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from jaxlora.models.checkpoint import set_parameter, torch_parameters
+from jaxlora.models.checkpoint import set_parameters
 from jaxlora.models.demo import random_tensors
 from jaxlora.models.unet import UNet, UNetConfig
 from jaxlora.models.unet_family import DEMO_UNET, TINY_SD1
@@ -122,7 +122,5 @@ MINIMAL = DEMO_UNET  # two levels, one ResBlock each: quick to compile a backwar
 
 def loaded_unet(config, dtype=jnp.float32):
     network = UNet(config)
-    tensors = random_tensors(network.config, seed=3)
-    for key, layer, name in torch_parameters(network):
-        set_parameter(layer, name, tensors[key], dtype)
+    set_parameters(network, random_tensors(network.config, seed=3), dtype)
     return network
