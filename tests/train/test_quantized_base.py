@@ -135,28 +135,55 @@ def test_adapter_trained_on_int8_base_loads_in_comfyui_onto_the_wide_model(unet_
     assert_same_weights(patched, effective_state_dict(wide.network))
 
 
-def test_offloading_trains_a_flux_lora_on_an_int8_base_as_without_it(tmp_path_factory):
+# Per family: the checkpoint, its dataset, a streamed weight matrix, a stacked vector and a weight outside the
+# stacks. The UNet's stacked blocks are its SpatialTransformers' transformer blocks.
+OFFLOADED = {
+    "flux": (
+        TINY_FLUX_DEV,
+        lambda: make_dataset(*flux_data()),
+        ("double_blocks", "block", "img_attn", "qkv", "weight"),
+        ("double_blocks", "block", "img_attn", "qkv", "weight_scale"),
+        ("img_in", "weight"),
+        "diffusion_model.double_blocks.1.img_attn.qkv.lora_up.weight",
+    ),
+    "unet": (
+        ONE_LEVEL,
+        lambda: make_dataset(*small_data()),
+        ("middle_block", 1, "transformer_blocks", "block", "attn1", "to_q", "weight"),
+        ("middle_block", 1, "transformer_blocks", "block", "attn1", "to_q", "weight_scale"),
+        ("input_blocks", 0, 0, "weight"),
+        "diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.lora_up.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", OFFLOADED)
+def test_offloading_trains_a_lora_on_an_int8_base_as_without_it(tmp_path_factory, family):
     """`offloading` keeps the stacked blocks' int8 weight matrices in host memory (fetched per block inside the
     step) and the block inputs saved for the backward pass there too: on XLA:CPU the trained adapter equals the one
     trained without it, over two optimizer steps of two micro-steps each (the unrolled micro-steps offloading
-    needs). Relative tolerance 1e-5: the two programs may fuse and sum in different orders."""
-    path = write_random_checkpoint(TINY_FLUX_DEV, tmp_path_factory.mktemp("of") / "flux.safetensors", 3)
+    needs). SGD, so that each weight's change is proportional to its gradient (Adam's first step is lr * sign(g),
+    which turns rounding noise in a near-zero gradient into a full-size difference). Tolerances: loss 1e-5
+    relative; adapter weights 1e-5 of the adapter's largest weight (2.3e-6 measured on the UNet, where weights
+    near 1e-8 that hardly move differ in their rounding). The two programs may fuse and sum in different orders."""
+    config, dataset, streamed, vector, outside, trained_key = OFFLOADED[family]
+    path = write_random_checkpoint(config, tmp_path_factory.mktemp("of") / "model.safetensors", 3)
     model = load_model(path, "fp32", quantization="int8")
-    dataset = make_dataset(*flux_data())
     settings = dict(steps=2, batch_size=2, grad_accumulation_steps=2, rank=4, base_quantization="int8", **FP32)
-    settings |= dict(learning_rate=1e-2)
-    plain = run_training(model, dataset, TrainConfig(**settings), **QUIET)
-    offloaded = run_training(model, dataset, TrainConfig(offloading=True, **settings), **QUIET)
+    settings |= dict(optimizer="SGD", learning_rate=0.5)
+    plain = run_training(model, dataset(), TrainConfig(**settings), **QUIET)
+    offloaded = run_training(model, dataset(), TrainConfig(offloading=True, **settings), **QUIET)
 
     network = offloaded.model_with_lora.network
     kinds = {path: value.sharding.memory_kind for path, value in nnx.to_flat_state(nnx.state(network))}
-    assert kinds[("double_blocks", "block", "img_attn", "qkv", "weight")] == "pinned_host"
-    assert kinds[("double_blocks", "block", "img_attn", "qkv", "weight_scale")] == "device"  # vectors stay
-    assert kinds[("img_in", "weight")] == "device"  # and so do weights outside the stacks
+    assert kinds[streamed] == "pinned_host"
+    assert kinds[vector] == "device"  # vectors stay
+    assert kinds[outside] == "device"  # and so do weights outside the stacks
     assert offloaded.loss_map == plain.loss_map or np.allclose(
         offloaded.loss_map["loss"], plain.loss_map["loss"], rtol=1e-5
     )
     assert plain.lora.keys() == offloaded.lora.keys()
-    for key, value in plain.lora.items():
-        np.testing.assert_allclose(offloaded.lora[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
-    assert np.abs(plain.lora["diffusion_model.double_blocks.1.img_attn.qkv.lora_up.weight"]).max() > 0
+    scale = max(np.abs(value).max() for value in plain.lora.values())
+    differences = {key: np.abs(offloaded.lora[key] - value).max() / scale for key, value in plain.lora.items()}
+    assert max(differences.values()) < 1e-5, max(differences.items(), key=lambda item: item[1])
+    assert np.abs(plain.lora[trained_key]).max() > 0
