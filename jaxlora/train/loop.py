@@ -127,7 +127,7 @@ def use_narrow_backward(network: nnx.Module) -> None:
     """The node's quantized_backward: every linear layer with a quantized weight computes its input gradient on
     the narrow operands (`jaxlora.models.narrow_backward`) wherever no adapter patches its weight. Convolutions
     keep the wide backward pass: ComfyUI quantizes only linear layers, so its flag never reaches one, and a
-    convolution's input gradient is a transposed convolution (the UNet's 3x3 kernels run it as col2im, see
+    convolution's input gradient is a transposed convolution (3x3 kernels run it as col2im, see
     `layers._conv_same_stride`), not one matrix product."""
     layers = [
         node for _, node in nnx.iter_graph(network) if isinstance(node, Linear) and is_quantized(node.weight.dtype)
