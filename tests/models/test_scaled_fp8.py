@@ -28,32 +28,35 @@ from jaxlora.train.loop import run_training
 from tests.train.test_train import FP32, ONE_LEVEL, QUIET, small_data
 
 PREFIX = "model.diffusion_model."
-# ComfyUI's Flux files keep the input and output projections wide; every other linear is scaled
-WIDE = ("img_in.", "txt_in.", "final_layer.")
+# ComfyUI's scaled files scale linears only, and its Flux files keep the input and output projections wide
+WIDE = ("img_in.", "txt_in.", "final_layer.", "shared.")  # shared.: T5's token embedding
 LAYOUTS = ("legacy", "comfy_quant", "metadata")
 
 
-def scaled_checkpoint(layout: str, fp8=torch.float8_e4m3fn, config=TINY_FLUX_DEV) -> tuple[dict, dict, dict]:
-    """(tensors, header metadata, dequantized float32 tensors) of a tiny model (a tiny Flux unless `config` says
-    otherwise) stored as ComfyUI's scaled fp8: its linear weights w8 = (w / s) in fp8, s = amax / 448 per tensor,
-    in the `layout`'s keys; the oracle is w8.float() * s."""
+def scaled_checkpoint(
+    layout: str, fp8=torch.float8_e4m3fn, wide_tensors: dict | None = None, prefix: str = PREFIX
+) -> tuple[dict, dict, dict]:
+    """(tensors, header metadata, dequantized float32 tensors) of a tiny model (float32 `wide_tensors`, by default
+    a tiny Flux) stored as ComfyUI's scaled fp8: its linear weights w8 = (w / s) in fp8, s = amax / 448 per
+    tensor, in the `layout`'s keys under `prefix`; the oracle is w8.float() * s."""
     tensors, dequantized, layers = {}, {}, {}
-    for key, value in random_tensors(config, seed=3).items():
-        wide = torch.from_numpy(value)
-        if value.ndim != 2 or key.startswith(WIDE):
-            tensors[PREFIX + key] = dequantized[PREFIX + key] = wide
+    wide_tensors = random_tensors(TINY_FLUX_DEV, seed=3) if wide_tensors is None else wide_tensors
+    for key, value in wide_tensors.items():
+        wide, key = torch.from_numpy(value), prefix + key
+        if value.ndim != 2 or key.removeprefix(prefix).startswith(WIDE):
+            tensors[key] = dequantized[key] = wide
             continue
-        layer = PREFIX + key.removesuffix(".weight")
+        layer = key.removesuffix(".weight")
         scale = (wide.abs().amax() / torch.finfo(fp8).max).float()
-        tensors[PREFIX + key] = (wide / scale).to(fp8)
-        dequantized[PREFIX + key] = tensors[PREFIX + key].float() * scale
+        tensors[key] = (wide / scale).to(fp8)
+        dequantized[key] = tensors[key].float() * scale
         suffix = "scale_weight" if layout == "legacy" else "weight_scale"
         tensors[f"{layer}.{suffix}"] = scale
         tensors[f"{layer}.{'scale_input' if layout == 'legacy' else 'input_scale'}"] = torch.ones(())
         layers[layer] = {"format": str(fp8).removeprefix("torch.")}
     metadata = {}
     if layout == "legacy":
-        tensors[PREFIX + "scaled_fp8"] = torch.empty(0, dtype=fp8)
+        tensors[prefix + "scaled_fp8"] = torch.empty(0, dtype=fp8)
     elif layout == "comfy_quant":
         for layer, conf in layers.items():
             tensors[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
@@ -141,7 +144,7 @@ def test_training_on_a_scaled_file_equals_training_on_jaxlora_fp8_of_its_weights
     fp8. jaxlora's own fp8 quantization of the dequantized weights finds the file's fp8 values again (amax / 448
     is the file's scale), so both runs train one base: same losses and adapter, to 1e-6 relative. Only the
     adapter moves; the fp8 bytes stay as loaded."""
-    tensors, metadata, dequantized = scaled_checkpoint("comfy_quant", config=ONE_LEVEL)
+    tensors, metadata, dequantized = scaled_checkpoint("comfy_quant", wide_tensors=random_tensors(ONE_LEVEL, seed=3))
     save_file(tensors, tmp_path / "scaled.safetensors", metadata=metadata)
     save_file(dequantized, tmp_path / "dequantized.safetensors")
     config = TrainConfig(
