@@ -65,10 +65,10 @@ def widen(weight: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
 
 
 def quantize_weight(
-    weight: np.ndarray, mode: str, out_axis: int, scale: np.ndarray | None = None
+    weight: np.ndarray, mode: str, out_axis: int, file_scale: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(quantized weight, float32 scale) of one weight on the host; `out_axis` is the output-channel axis of its
-    layout. `scale` is the per-tensor scale a file stores beside a float8 weight (ComfyUI's scaled fp8). Under an
+    layout. `file_scale` is the per-tensor scale a file stores beside a float8 weight (ComfyUI's scaled fp8). Under an
     fp8 mode a float8 weight with a scale, or an e4m3 one without (scale 1), is returned unchanged with that scale,
     shaped as the mode's scales; under int8 it is multiplied out and re-quantized."""
     check_quantization(mode)
@@ -76,10 +76,10 @@ def quantize_weight(
         raise ValueError("quantize_weight needs a quantization mode, not 'none'")
     keep = out_axis % weight.ndim if mode in ("int8", "fp8_channel") else None
     axes = tuple(axis for axis in range(weight.ndim) if axis != keep)
-    if mode != "int8" and (weight.dtype == FP8 or scale is not None):
-        kept = np.ones([1] * weight.ndim, np.float32) if scale is None else scale
+    if mode != "int8" and (weight.dtype == FP8 or file_scale is not None):
+        kept = np.ones([1] * weight.ndim, np.float32) if file_scale is None else file_scale
         return weight, np.broadcast_to(kept, scale_shape(weight.shape, mode, out_axis)).astype(np.float32)
-    wide = widen(weight, scale)
+    wide = widen(weight, file_scale)
     amax = np.max(np.abs(wide), axis=axes, keepdims=True)
     scale = np.where(amax > 0, amax / _LARGEST[mode], 1.0).astype(np.float32)
     scaled = np.clip(wide / scale, -_LARGEST[mode], _LARGEST[mode])
