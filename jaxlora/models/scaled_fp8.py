@@ -14,7 +14,9 @@ which keys a quantized layer consumes) and comfy/quant_ops.py `TensorCoreFP8Layo
 In both the weight stands for `stored.float() * scale`. Layers without a scale (norms, embeddings, often the first
 and last linears) are stored wide and load as in any file. Input scales and `full_precision_matrix_mult` steer
 ComfyUI's fp8 matmul kernels; the step here dequantizes each weight and multiplies wide, so they are read past.
-Other comfy_quant formats (nvfp4, int8, mxfp8) are refused, naming the layer and the format.
+Weights may be e4m3 or e5m2 (kept as stored either way; ComfyUI's legacy conversion labels every scaled layer e4m3
+and notes that it knows of no e5m2 file). Other comfy_quant formats (nvfp4, int8, mxfp8) are refused, naming the
+layer and the format.
 """
 
 from __future__ import annotations
