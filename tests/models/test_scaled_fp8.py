@@ -67,15 +67,16 @@ def scaled_checkpoint(
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Each layout's scaled file (same weights), and the dequantized (wide, float32) file."""
+    """Each layout's scaled file (same weights) and tensors, and the dequantized (wide, float32) file and
+    tensors."""
     folder = tmp_path_factory.mktemp("scaled")
-    paths = {}
+    paths, stored, wide = {}, {}, random_tensors(TINY_FLUX_DEV, seed=3)
     for layout in LAYOUTS:
-        tensors, metadata, dequantized = scaled_checkpoint(layout)
-        save_file(tensors, folder / f"{layout}.safetensors", metadata=metadata)
+        stored[layout], metadata, dequantized = scaled_checkpoint(layout, wide_tensors=wide)
+        save_file(stored[layout], folder / f"{layout}.safetensors", metadata=metadata)
         paths[layout] = folder / f"{layout}.safetensors"
     save_file(dequantized, folder / "dequantized.safetensors")
-    return paths, folder / "dequantized.safetensors", {k: v.numpy() for k, v in dequantized.items()}
+    return paths, folder / "dequantized.safetensors", {k: v.numpy() for k, v in dequantized.items()}, stored
 
 
 def sites(model) -> dict:
@@ -89,8 +90,8 @@ def wide_weight(site) -> np.ndarray:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_scaled_file_keeps_its_fp8_bytes_and_scales_and_dequantizes_exactly(files, layout):
-    paths, _, oracle = files
-    stored, _, _ = scaled_checkpoint(layout)
+    paths, _, oracle, tensors = files
+    stored = tensors[layout]
     scaled = [key for key in stored if key.endswith(".weight") and stored[key].dtype == torch.float8_e4m3fn]
     assert len(scaled) > 10
     # (training dtype, quantization): the file's fp8 kept under fp8, fp8_channel and training_dtype "none"; the
@@ -103,8 +104,8 @@ def test_scaled_file_keeps_its_fp8_bytes_and_scales_and_dequantizes_exactly(file
             site = weights[key]
             assert site.value("weight").dtype == FP8 and site.layer.weight_scale is not None, key
             file_bytes = stored[key].view(torch.uint8).numpy()
-            kept = np.transpose(np.asarray(site.value("weight")), np.argsort(site.permutation("weight")))
-            np.testing.assert_array_equal(kept.view(np.uint8), file_bytes, err_msg=key)
+            loaded = np.transpose(np.asarray(site.value("weight")), np.argsort(site.permutation("weight")))
+            np.testing.assert_array_equal(loaded.view(np.uint8), file_bytes, err_msg=key)
             np.testing.assert_array_equal(wide_weight(site), oracle[key], err_msg=key)
         assert model.quantization == mode
     # without a quantized mode the weights are multiplied out into the training dtype, never used unscaled
@@ -119,7 +120,7 @@ def test_scaled_file_forward_matches_the_dequantized_file(files):
     """Loaded as stored (training_dtype "none": the fp8 weights with their scales, the wide layers as they are),
     the layers compute with the same float32 weights, so the forwards differ only by XLA's fusion choices: 1e-6
     of the output's scale (measured: identical)."""
-    paths, dequantized_path, _ = files
+    paths, dequantized_path, _, _ = files
     rng = np.random.default_rng(0)
     inputs = (
         rng.standard_normal((2, 6, 10, 16)).astype(np.float32),
