@@ -83,6 +83,10 @@ def sites(model) -> dict:
     return {PREFIX + key: site for key, site, name in torch_parameters(model.network) if name == "weight"}
 
 
+def scaled_keys(tensors: dict) -> list[str]:
+    return [key for key, value in tensors.items() if key.endswith(".weight") and value.dtype == torch.float8_e4m3fn]
+
+
 def wide_weight(site) -> np.ndarray:
     """A weight in float32 and torch layout, as the layer computes with it (dequantized when stored quantized)."""
     return np.transpose(np.asarray(site.weight_as(jnp.float32)), np.argsort(site.permutation("weight")))
@@ -92,7 +96,7 @@ def wide_weight(site) -> np.ndarray:
 def test_scaled_file_keeps_its_fp8_bytes_and_scales_and_dequantizes_exactly(files, layout):
     paths, _, oracle, tensors = files
     stored = tensors[layout]
-    scaled = [key for key in stored if key.endswith(".weight") and stored[key].dtype == torch.float8_e4m3fn]
+    scaled = scaled_keys(stored)
     assert len(scaled) > 10
     # (training dtype, quantization): the file's fp8 kept under fp8, fp8_channel and training_dtype "none"; the
     # layouts differ only in keys, so the others are loaded one way
@@ -108,12 +112,23 @@ def test_scaled_file_keeps_its_fp8_bytes_and_scales_and_dequantizes_exactly(file
             np.testing.assert_array_equal(loaded.view(np.uint8), file_bytes, err_msg=key)
             np.testing.assert_array_equal(wide_weight(site), oracle[key], err_msg=key)
         assert model.quantization == mode
-    # without a quantized mode the weights are multiplied out into the training dtype, never used unscaled
-    for dtype, wide in (("fp32", np.float32), ("bf16", ml_dtypes.bfloat16)) if layout == "legacy" else ():
-        weights = sites(load_model(paths[layout], dtype))
+
+
+def test_scaled_file_is_multiplied_out_without_an_fp8_mode(files):
+    """A wide training dtype and no quantization: weight times scale in that dtype, never the fp8 values unscaled.
+    int8: re-quantized from the multiplied-out weights, within half a step of each output channel."""
+    paths, _, oracle, tensors = files
+    scaled = scaled_keys(tensors["legacy"])
+    for dtype, wide in (("fp32", np.float32), ("bf16", ml_dtypes.bfloat16)):
+        weights = sites(load_model(paths["legacy"], dtype))
         for key in scaled:
             assert weights[key].value("weight").dtype == wide and weights[key].layer.weight_scale is None
             np.testing.assert_array_equal(np.asarray(weights[key].weight_as(wide)).T, oracle[key].astype(wide))
+    weights = sites(load_model(paths["legacy"], "fp32", quantization="int8"))
+    for key in scaled:
+        step = np.abs(oracle[key]).max(axis=1, keepdims=True) / 127
+        assert weights[key].value("weight").dtype == np.int8
+        assert np.all(np.abs(wide_weight(weights[key]) - oracle[key]) <= step / 2 * (1 + 1e-5)), key
 
 
 def test_scaled_file_forward_matches_the_dequantized_file(files):
