@@ -13,7 +13,8 @@ Every combination of the listed options is one case, compiled in its own freshly
 as markdown as each case finishes.
 
 The step is set up by the trainer's `prepare_run` and `compile_step`: LoRA rank 16 with fp32 masters, AdamW,
-bf16 frozen base (or int8 / fp8 stored: `--quantization`), remat per block (`--remat`; "off" disables it), the
+bf16 frozen base (or int8 / fp8 stored: `--quantization`; the node's quantized_backward: `--quantized-backward on`,
+"+qbwd" in the base column), remat per block (`--remat`; "off" disables it), the
 prompt lengths the models train with (77 CLIP tokens, 512 T5 tokens). `--fsdp N` splits the frozen base over N chips
 of the topology (`fsdp=N` mesh, one sample per chip at least); sizes are what one chip holds. `--attention splash` is
 what the trainer picks on a TPU (`jaxlora.models.attention`), `xla` XLA's own attention.
@@ -100,6 +101,7 @@ class Case:
     quantization: str = "none"
     offloading: bool = False
     attention: str = "splash"  # JAXLORA_ATTENTION: the TPU kernel (what "auto" picks on a TPU), or "xla"
+    quantized_backward: bool = False  # the node's: narrow-operand input gradients of the quantized linear layers
 
     @property
     def config(self) -> TrainConfig:
@@ -112,12 +114,14 @@ class Case:
             remat_policy=self.remat if remat else "nothing_saveable",
             offloading=self.offloading,
             base_quantization=self.quantization,
+            quantized_backward=self.quantized_backward,
         )
 
     @property
     def label(self) -> list[str]:
         chip = self.chip if self.fsdp == 1 else f"{self.chip}-{self.fsdp} fsdp"
         base = "bf16" if self.quantization == "none" else self.quantization
+        base += " +qbwd" if self.quantized_backward else ""
         remat = self.remat + (" +offload" if self.offloading else "")
         return [self.model, f"{self.pixels}x{self.pixels}", str(self.batch), chip, base, remat, self.attention]
 
@@ -257,6 +261,7 @@ def main() -> None:
     parser.add_argument("--quantization", nargs="+", default=["none"], help="none, int8, fp8, fp8_channel")
     parser.add_argument("--offloading", nargs="+", choices=("off", "on"), default=["off"])
     parser.add_argument("--attention", nargs="+", choices=("splash", "xla"), default=["splash"])
+    parser.add_argument("--quantized-backward", nargs="+", choices=("off", "on"), default=["off"])
     parser.add_argument("--trace-only", action="store_true", help="only the FLOP count: trace, no compile")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, XLA:TPU compile from abstract inputs (libtpu), {os.cpu_count()} CPU cores\n")
@@ -270,6 +275,7 @@ def main() -> None:
         args.quantization,
         [value == "on" for value in args.offloading],
         args.attention,
+        [value == "on" for value in args.quantized_backward],
     )
     for index, values in enumerate(combinations):
         case = Case(*values)

@@ -57,7 +57,12 @@ from jaxlora.train.perf import measure_matmul_peak, step_flops
 from jaxlora.train.step import StepSettings, compile_step, noise_key_data, permutation_key
 
 TOKENS = 77
-CHECK_RTOL = 1e-4  # fp32 losses of the two sides, relative
+# fp32 losses of the two sides, relative, per checked step. The first is the same forward on the same weights. The
+# second follows one AdamW update, whose first step moves every weight by about lr * sign(gradient) whatever the
+# gradient's size: weights whose gradient is near zero move by a full lr in a direction set by rounding, so a
+# compiler that sums in another order (torch.compile's inductor) shows up there (2.3e-4 measured for
+# patch+compile, 1e-7 for the eager configurations).
+CHECK_RTOL = (1e-4, 1e-3)
 
 
 def sd15_shaped(width: int) -> UNetConfig:
@@ -407,9 +412,9 @@ def timed(fn, *args) -> tuple[object, float]:
     return result, time.perf_counter() - begin
 
 
-def loss_error(reference: list[float], losses: list[float]) -> float:
-    """The largest relative difference of a torch side's checked losses from jaxlora's."""
-    return float(np.max(np.abs(np.array(reference) - np.array(losses)) / np.abs(np.array(losses))))
+def loss_errors(reference: list[float], losses: list[float]) -> np.ndarray:
+    """The relative differences of a torch side's checked losses from jaxlora's, step by step."""
+    return np.abs(np.array(reference) - np.array(losses)) / np.abs(np.array(losses))
 
 
 def run_case(args, dtype_name: str, remat: bool, checkpoint: Path, config_dir: Path, unet_config: UNetConfig) -> dict:
@@ -437,8 +442,8 @@ def run_case(args, dtype_name: str, remat: bool, checkpoint: Path, config_dir: P
 
     for i in range(2):
         one_step(i)
-    errors = {name: loss_error(losses["jaxlora"], losses[name]) for name in torch_runs}
-    if dtype_name == "fp32" and not all(e <= CHECK_RTOL for e in errors.values()):
+    errors = {name: loss_errors(losses["jaxlora"], losses[name]) for name in torch_runs}
+    if dtype_name == "fp32" and not all((e <= CHECK_RTOL).all() for e in errors.values()):
         raise AssertionError(f"fp32 losses differ beyond {CHECK_RTOL}: {losses}")
     for i in range(2, total):
         one_step(i)
@@ -456,7 +461,7 @@ def run_case(args, dtype_name: str, remat: bool, checkpoint: Path, config_dir: P
         sides[name] |= {
             "compile_s": run.compile_seconds,
             "flops": run.flops(),
-            "loss_error": errors[name],
+            "loss_error": [float(error) for error in errors[name]],
             "adapted": counts[name],
         }
     return {
@@ -482,7 +487,7 @@ def markdown(results: list[dict]) -> str:
     ]
     configs = [
         "| dtype | remat | torch config | torch s/step | torch / jaxlora | torch.compile s | first step s | "
-        "GFLOP/step (torch counter) | torch at XLA's count, of peak | loss rel. diff |",
+        "GFLOP/step (torch counter) | torch at XLA's count, of peak | loss rel. diff (step 1 / 2) |",
         "|---" * 10 + "|",
     ]
     for r in results:
@@ -517,7 +522,7 @@ def markdown(results: list[dict]) -> str:
                 f"{side['first_step_s']:.2f}",
                 f"{side['flops'] / 1e9:.2f}",
                 f"{flops / side['step_s'] / r['peak']:.1%}",
-                f"{side['loss_error']:.1e}",
+                " / ".join(f"{error:.1e}" for error in side["loss_error"]),
             ]
             configs.append("| " + " | ".join(cells) + " |")
     counts = next(side["adapted"] for name, side in results[0]["sides"].items() if name != "jaxlora")

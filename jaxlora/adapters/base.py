@@ -202,8 +202,14 @@ class LayerAdapter(nnx.Module):
         self.bypass = bypass
         self.dora_scale = None if dora_scale is None else master(dora_scale)
 
+    @property
+    def patches_weight(self) -> bool:
+        """Whether `patch_weight` changes the weight (else the layer's product with its stored weight stands
+        alone, e.g. for the narrow backward pass of `jaxlora.models.narrow_backward`)."""
+        return self.weight is not None and not self.bypass
+
     def patch_weight(self, weight: jax.Array) -> jax.Array:
-        if self.weight is None or self.bypass:
+        if not self.patches_weight:
             return weight
         patched = self.weight.patch(weight)
         if self.dora_scale is None:

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.attention import attention
+from jaxlora.models.narrow_backward import quantized_matmul
 from jaxlora.models.quantize import WeightScale, dequantize
 
 
@@ -29,6 +30,9 @@ class WeightPatch(Protocol):
     activation ("bypass") form `y + h(x)` for adapters that do not patch the weight."""
 
     def patch_weight(self, weight: jax.Array) -> jax.Array: ...
+
+    @property
+    def patches_weight(self) -> bool: ...
 
     def patch_bias(self, bias: jax.Array) -> jax.Array: ...
 
@@ -93,6 +97,9 @@ class Linear(WeightLayer):
     """y = x W + b over the last axis; weight [in, out] (torch stores [out, in])."""
 
     torch_to_flax = (1, 0)
+    # set on layers with a quantized weight by the node's quantized_backward (`jaxlora.models.narrow_backward`):
+    # the product with the stored weight, when no adapter patches it, gets the narrow-operand backward pass
+    narrow_backward: bool = False
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True):
         self.weight = _placeholder(in_features, out_features)
@@ -103,7 +110,10 @@ class Linear(WeightLayer):
         return jnp.matmul(x, kernel)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.apply_kernel(x, self.weight_as(x.dtype))
+        if self.narrow_backward and (self.adapter is None or not self.adapter.patches_weight):
+            y = quantized_matmul(x, self.weight[...], None if self.weight_scale is None else self.weight_scale[...])
+        else:
+            y = self.apply_kernel(x, self.weight_as(x.dtype))
         if self.adapter is not None:
             y = self.adapter.add_bypass(x, y, self)
         bias = self.bias_as(x.dtype)

@@ -122,7 +122,9 @@ MEANINGS = {
     "seed": "seeds noise, timesteps, batches and adapter initialisation",
     "training_dtype": "dtype of the frozen weights and activations (none: keep the stored dtypes, fp8 included; "
     "compute in fp16 for fp16 models, else bf16)",
-    "quantized_backward": "the node's FP8 backward matmuls on quantized weights: not available (false only)",
+    "quantized_backward": "on a quantized base (base_quantization, or fp8 stored with training_dtype none): the "
+    "backward pass multiplies by the int8/fp8 weights directly, the gradient quantized per row (adapters in "
+    "activation form)",
     "checkpoint_depth": "the node's checkpoint depth: 1-2 remat each block keeping nothing, 3-5 keep the "
     "projections' outputs (dots_with_no_batch_dims_saveable)",
     "offloading": "keep the repeated blocks' frozen weights and saved inputs in host memory, fetched one block at "
@@ -363,11 +365,18 @@ TRAINING_CONTROLS = tuple(_TRAINING_FIELDS[_TRAINING_FIELDS.index("lr_scheduler"
 
 def check_memory_settings(config: TrainConfig) -> None:
     """The node's newer inputs where jaxlora cannot honour them, and settings that contradict each other."""
-    if config.quantized_backward:
+    if config.quantized_backward and not config.uses_bypass:
         raise SettingsError(
             "quantized_backward",
-            "quantized_backward (FP8 matmuls in the backward pass) is not available: the backward multiplies by the "
-            "quantized weights dequantized per layer, in the compute dtype; leave it false",
+            f"quantized_backward runs the backward pass of the product with the quantized base weight, which stands "
+            f"apart from the adapter only in activation form; {config.algorithm} patches the weight here: set "
+            "bypass_mode (or bypass true)",
+        )
+    if config.quantized_backward and config.base_quantization == "none" and config.training_dtype != "none":
+        raise SettingsError(
+            "quantized_backward",
+            "quantized_backward needs a quantized base: base_quantization int8, fp8 or fp8_channel (or training_dtype "
+            "none on a checkpoint stored in fp8)",
         )
     if config.bypass_mode and config.bypass is False:
         raise SettingsError("bypass", "bypass_mode puts adapters in activation form; it contradicts bypass false")

@@ -24,6 +24,7 @@ from jaxlora.adapters.lora_files import read_lora_file
 from jaxlora.adapters.metadata import trained_steps
 from jaxlora.dtypes import resolve_dtype
 from jaxlora.models.diffusion import DiffusionModel
+from jaxlora.models.layers import Linear
 from jaxlora.models.quantize import WeightScale, is_quantized
 from jaxlora.models.sampling import ModelSampling
 from jaxlora.models.stack import checkpoint_policy, host_streamable
@@ -122,6 +123,24 @@ def cast_frozen(network: nnx.Module, dtype: jnp.dtype | None) -> nnx.Module:
     return nnx.merge(graph, scales, jax.tree.map(lambda a: a if keep(a) else a.astype(dtype), state))
 
 
+def use_narrow_backward(network: nnx.Module) -> None:
+    """The node's quantized_backward: every linear layer with a quantized weight computes its input gradient on
+    the narrow operands (`jaxlora.models.narrow_backward`) wherever no adapter patches its weight. Convolutions
+    keep the wide backward pass: ComfyUI quantizes only linear layers, so its flag never reaches one, and a
+    convolution's input gradient is a transposed convolution (3x3 kernels run it as col2im, see
+    `layers._conv_same_stride`), not one matrix product."""
+    layers = [
+        node for _, node in nnx.iter_graph(network) if isinstance(node, Linear) and is_quantized(node.weight.dtype)
+    ]
+    if not layers:
+        raise ValueError(
+            "quantized_backward needs linear layers with quantized weights, and this model has none: load it with "
+            "base_quantization int8, fp8 or fp8_channel (or with training_dtype none from a checkpoint stored in fp8)"
+        )
+    for layer in layers:
+        layer.narrow_backward = True
+
+
 def adapted_network(
     model: DiffusionModel, config: TrainConfig, dtype: jnp.dtype | None, existing: ExistingAdapter | None = None
 ):
@@ -141,6 +160,8 @@ def adapted_network(
         resolve_dtype(config.lora_dtype),
         bypass=config.uses_bypass,
     )
+    if config.quantized_backward:
+        use_narrow_backward(network)
     network.remat_policy = config.remat
     return network, 0 if existing is None else existing.steps
 

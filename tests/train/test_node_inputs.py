@@ -49,7 +49,7 @@ def test_checkpoint_depth_and_offloading_choose_the_per_block_remat_policy(setti
     ("settings", "key", "message"),
     [
         ({"checkpoint_depth": 6}, "checkpoint_depth", "between 1 and 5"),
-        ({"quantized_backward": True}, "quantized_backward", "not available"),
+        ({"quantized_backward": True}, "quantized_backward", "needs a quantized base"),
         ({"remat_policy": "dots_saveable", "checkpoint_depth": 3}, "remat_policy", "set one or the other"),
         ({"gradient_checkpointing": False, "offloading": True}, "offloading", "gradient checkpointing, which is off"),
         ({"bypass_mode": True, "bypass": False}, "bypass", "contradicts bypass false"),
