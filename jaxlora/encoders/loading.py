@@ -4,8 +4,9 @@ A VAE comes inside a full ldm checkpoint (`first_stage_model.`) or as a file of 
 keys without prefix). A CLIP text tower comes inside a checkpoint (the transformers layout under
 `cond_stage_model.transformer.` or `conditioner.embedders.0.transformer.`, the OpenCLIP layout under
 `cond_stage_model.model.` or `conditioner.embedders.1.model.`) or as a bare `clip_l` / `clip_g` file from
-`models/text_encoders/`; T5 as a `t5xxl_*` file. Keys and shapes are checked
-against the network built from the inferred config before any tensor is read.
+`models/text_encoders/`; T5 as a `t5xxl_*` file (wide, fp8, or ComfyUI's scaled fp8, whose weights are multiplied
+by their scales as they are read: `jaxlora.models.scaled_fp8`). Keys and shapes are checked against the network built
+from the inferred config before any tensor is read.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jaxlora.encoders.t5 import T5Encoder, infer_t5_config
 from jaxlora.encoders.vae import AutoencoderKL, infer_vae_config
 from jaxlora.models.checkpoint import CheckpointIndex, TensorFile, check_keys, read_index, read_parameters
 from jaxlora.models.family import CheckpointError
+from jaxlora.models.scaled_fp8 import ScaledFp8Error, find_scales
 
 
 class MissingEncoderError(CheckpointError):
@@ -81,21 +83,30 @@ def find_slot(index: CheckpointIndex, slots: tuple[Slot, ...]) -> Slot | None:
 
 
 def _own_shapes(index: CheckpointIndex, slot: Slot, parts: tuple[str, ...], ignored: tuple[str, ...]) -> dict:
-    """The slot's un-prefixed shapes; in a file without prefix only the keys that start with one of `parts`."""
-    own = {k[len(slot.prefix) :]: s for k, s in index.shapes.items() if k.startswith(slot.prefix)}
+    """The slot's un-prefixed shapes; in a file without prefix only the keys that start with one of `parts`.
+    Scaled-fp8 scales and markers are not the encoder's keys."""
+    auxiliary = find_scales(index).auxiliary
+    own = {
+        k[len(slot.prefix) :]: s for k, s in index.shapes.items() if k.startswith(slot.prefix) and k not in auxiliary
+    }
     return {k: s for k, s in own.items() if (slot.prefix or k.startswith(parts)) and k not in ignored}
 
 
 def _load(
     index: CheckpointIndex, slot: Slot, own: Mapping, build: Callable[[Mapping], nnx.Module], dtype
 ) -> nnx.Module:
-    """Build from the (transformers-layout) shapes, check every key, then stream the tensors in."""
+    """Build from the (transformers-layout) shapes, check every key, then stream the tensors in, scaled-fp8
+    weights multiplied by their scales."""
+    scales = {key: scale for key, scale in find_scales(index).scales.items() if key.startswith(slot.prefix)}
+    if scales and slot.open_clip:
+        raise ScaledFp8Error(f"{index.path}: the OpenCLIP text encoder under {slot.prefix} is scaled fp8; not read")
     shapes = transformers_shapes(own) if slot.open_clip else own
     network = build(shapes)
     check_keys(network, {slot.prefix + key: shape for key, shape in shapes.items()}, slot.prefix)
     with TensorFile(index.path) as f:
         source = TensorView(f, slot.prefix, own) if slot.open_clip else f
-        read_parameters(network, source, "" if slot.open_clip else slot.prefix, resolve_dtype(dtype), mesh=None)
+        prefix = "" if slot.open_clip else slot.prefix
+        read_parameters(network, source, prefix, resolve_dtype(dtype), mesh=None, file_scales=scales)
     return network
 
 

@@ -2,8 +2,9 @@
 
 Accepted files: a full checkpoint (`model.diffusion_model.*` beside VAE and text-encoder weights, which are
 ignored), a bare diffusion model (`diffusion_model.*`), or a diffusion model with no prefix, of any family in
-`registry.FAMILIES`. The config is inferred from key names and shapes alone, by the family. The header is checked
-completely (missing, unexpected, mis-shaped keys) before any tensor is read; tensors are then read one at a time
+`registry.FAMILIES`; its weights wide, float8, or float8 with ComfyUI's per-tensor scales (`scaled_fp8`). The
+config is inferred from key names and shapes alone, by the family. The header is checked completely (missing,
+unexpected, mis-shaped keys, scales) before any tensor is read; tensors are then read one at a time
 from the memory-mapped file, converted to Flax layout, cast and placed on the device. The host holds at most one
 tensor beyond the model, or for a layer of stacked blocks that layer's per-block tensors until they are stacked and
 transferred. On a device mesh each tensor goes straight to its shards (split by `jaxlora.parallel.mesh.FSDP_RULES`),
@@ -34,8 +35,10 @@ from jaxlora.models.quantize import (
     quantize_weight,
     scale_shape,
     stored_dtype,
+    widen,
 )
 from jaxlora.models.registry import describe_keys, find_family
+from jaxlora.models.scaled_fp8 import find_scales
 from jaxlora.models.stack import LayerSite, layer_sites
 from jaxlora.parallel.mesh import fsdp_sharding
 from jaxlora.parallel.placement import from_host
@@ -51,10 +54,12 @@ class ShapeMismatchError(CheckpointError):
 
 @dataclass(frozen=True)
 class CheckpointIndex:
-    """A checkpoint's header: tensor shapes in torch layout (file keys) and the `__metadata__` strings."""
+    """A checkpoint's header: tensor shapes in torch layout and safetensors dtype names ("BF16", "F8_E4M3"), by
+    file key, and the `__metadata__` strings."""
 
     path: Path
     shapes: Mapping[str, tuple[int, ...]]
+    dtypes: Mapping[str, str]
     metadata: Mapping[str, str]
 
 
@@ -69,11 +74,13 @@ def read_index(path: str | Path) -> CheckpointIndex:
         raise CheckpointError(f"{path}: pickled checkpoints are not loaded (they can run code); use .safetensors")
     try:
         with safe_open(path, framework="numpy") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            slices = {key: f.get_slice(key) for key in f.keys()}
+            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+            dtypes = {key: s.get_dtype() for key, s in slices.items()}
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable .safetensors file: {error}") from error
-    return CheckpointIndex(path, shapes, metadata)
+    return CheckpointIndex(path, shapes, dtypes, metadata)
 
 
 # safetensors' numpy reader has no fp8 dtypes (it looks them up on numpy); such tensors are read from the mapped file.
@@ -169,12 +176,19 @@ def quantizes(site: LayerSite, name: str, quantization: str) -> bool:
     return quantization != "none" and name == "weight" and site.layer.adaptable and len(site.weight.shape) >= 2
 
 
-def _converted(site: LayerSite, name: str, torch_array: np.ndarray, dtype, quantization: str):
-    """One tensor in the layer's Flax layout: (array in `dtype`, None), or (quantized array, scale)."""
+def _converted(site: LayerSite, name: str, torch_array: np.ndarray, dtype, quantization: str, scale=None):
+    """One tensor in the layer's Flax layout: (array in `dtype`, None), or (quantized array, scale). `scale` is the
+    file's own scale of a float8 weight (a scaled-fp8 checkpoint): the weight keeps it when stored quantized or as
+    stored (`dtype` None), and is multiplied by it when cast to a wide `dtype`, never used unscaled."""
     array = site.from_torch(name, torch_array)
-    if not quantizes(site, name, quantization):
+    out_axis = site.permutation("weight").index(0)
+    if quantizes(site, name, quantization):
+        return quantize_weight(array, quantization, out_axis, scale)
+    if scale is None:
         return _cast(array, dtype), None
-    return quantize_weight(array, quantization, site.permutation("weight").index(0))
+    if dtype is None:
+        return quantize_weight(array, "fp8", out_axis, scale)
+    return _cast(widen(array, scale), dtype), None
 
 
 def read_parameters(
@@ -184,11 +198,13 @@ def read_parameters(
     dtype: jnp.dtype | None,
     mesh: jax.sharding.Mesh | None,
     quantization: str = "none",
+    file_scales: Mapping[str, str] | None = None,
 ) -> None:
     """Fill the network from an open safetensors file, onto the `mesh`'s shards when one is given. A stacked
     layer's per-block tensors are converted one at a time and stacked on the host, then placed in one transfer.
     With a `quantization` (`jaxlora.models.quantize`) each adapted weight is quantized as it is read, so the
-    host holds at most one wide tensor (or one stacked layer's) and the device none."""
+    host holds at most one wide tensor (or one stacked layer's) and the device none. `file_scales` maps the file key of
+    each float8 weight stored with a scale to its scale's key (`scaled_fp8.find_scales`)."""
 
     def sharding(key: str, shape: tuple[int, ...]) -> jax.sharding.Sharding | None:
         return None if mesh is None else fsdp_sharding(mesh, key, shape)
@@ -200,7 +216,12 @@ def read_parameters(
 
     pending: dict[tuple[int, str], list[tuple[np.ndarray, np.ndarray | None]]] = {}
     for key, site, name in torch_parameters(network):
-        converted = _converted(site, name, f.get_tensor(prefix + key), dtype, quantization)
+        scale_key = (file_scales or {}).get(prefix + key)
+        torch_array = f.get_tensor(prefix + key)
+        scale = (
+            None if scale_key is None else f.get_tensor(scale_key).astype(np.float32).reshape([1] * torch_array.ndim)
+        )
+        converted = _converted(site, name, torch_array, dtype, quantization, scale)
         if site.index is None:
             store(site.layer, key, name, *converted)
             continue
@@ -248,16 +269,19 @@ def load_network(
     """Find the family, infer its config, build the network abstractly, check every key, then stream the tensors
     in (unless `weights` is False: the structure alone is what adapter-file conversion needs), onto their shards
     when a `mesh` is given, quantized as read when a `quantization` is given. `dtype` None keeps each tensor's
-    stored dtype."""
+    stored dtype (a scaled-fp8 file's weights with their scales). A scaled-fp8 file's scales are checked first and
+    their keys (and its marker, input scales and comfy_quant tensors) are not model keys."""
     check_quantization(quantization)
-    family, prefix = find_family(index.shapes)
+    file_scales = find_scales(index)
+    shapes = {k: s for k, s in index.shapes.items() if k not in file_scales.auxiliary}
+    family, prefix = find_family(shapes)
     ignored = {prefix + key for key in family.ignored_keys}
-    shapes = {k: s for k, s in index.shapes.items() if k not in ignored}
+    shapes = {k: s for k, s in shapes.items() if k not in ignored}
     unprefixed = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
     config, variant = family.infer_config(unprefixed)
     network = family.build(config)
     check_keys(network, shapes, prefix)
     if weights:
         with TensorFile(index.path) as f:
-            read_parameters(network, f, prefix, dtype, mesh, quantization)
+            read_parameters(network, f, prefix, dtype, mesh, quantization, file_scales.scales)
     return LoadedNetwork(network, family, variant, prefix)

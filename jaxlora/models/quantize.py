@@ -6,7 +6,8 @@ Modes (`QUANTIZATIONS`):
 - "fp8": float8_e4m3fn with one float32 scale for the whole tensor (amax / 448, e4m3's largest finite value).
 - "fp8_channel": float8_e4m3fn with one scale per output channel.
 A tensor the file already stores as float8_e4m3fn (the `*_fp8_e4m3fn` checkpoints users download) is kept as stored
-under either fp8 mode, with scale 1: never widened, never re-rounded.
+under either fp8 mode, with scale 1: never widened, never re-rounded. One stored as float8 with its own scale
+(ComfyUI's `*_fp8_scaled` checkpoints, `jaxlora.models.scaled_fp8`) is kept likewise, with the file's scale.
 
 Only the 2-D and larger weights of adaptable layers (linear and conv kernels, the bulk of every model) are
 quantized; norms, biases, embeddings and raw parameters stay in the load dtype. A quantized layer holds its
@@ -58,17 +59,27 @@ def scale_shape(shape: tuple[int, ...], mode: str, out_axis: int) -> tuple[int, 
     return tuple(size if axis == keep else 1 for axis, size in enumerate(shape))
 
 
-def quantize_weight(weight: np.ndarray, mode: str, out_axis: int) -> tuple[np.ndarray, np.ndarray]:
+def widen(weight: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """The float32 weight a stored weight and its scale stand for, on the host."""
+    return weight.astype(np.float32) if scale is None else weight.astype(np.float32) * scale
+
+
+def quantize_weight(
+    weight: np.ndarray, mode: str, out_axis: int, file_scale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(quantized weight, float32 scale) of one weight on the host; `out_axis` is the output-channel axis of its
-    layout. A tensor already stored as e4m3 under an fp8 mode is returned unchanged with scale 1."""
+    layout. `file_scale` is the per-tensor scale a file stores beside a float8 weight (ComfyUI's scaled fp8). Under an
+    fp8 mode a float8 weight with a scale, or an e4m3 one without (scale 1), is returned unchanged with that scale,
+    shaped as the mode's scales; under int8 it is multiplied out and re-quantized."""
     check_quantization(mode)
     if mode == "none":
         raise ValueError("quantize_weight needs a quantization mode, not 'none'")
     keep = out_axis % weight.ndim if mode in ("int8", "fp8_channel") else None
     axes = tuple(axis for axis in range(weight.ndim) if axis != keep)
-    if weight.dtype == FP8 and mode != "int8":
-        return weight, np.ones([1] * weight.ndim, np.float32)
-    wide = weight.astype(np.float32)
+    if mode != "int8" and (weight.dtype == FP8 or file_scale is not None):
+        kept = np.ones([1] * weight.ndim, np.float32) if file_scale is None else file_scale
+        return weight, np.broadcast_to(kept, scale_shape(weight.shape, mode, out_axis)).astype(np.float32)
+    wide = widen(weight, file_scale)
     amax = np.max(np.abs(wide), axis=axes, keepdims=True)
     scale = np.where(amax > 0, amax / _LARGEST[mode], 1.0).astype(np.float32)
     scaled = np.clip(wide / scale, -_LARGEST[mode], _LARGEST[mode])

@@ -132,7 +132,8 @@ MEANINGS = {
     "bucket_mode": "the node's pre-bucketed input: accepted; jaxlora always buckets by resolution",
     "bypass_mode": "every adapter in activation form (ComfyUI's bypass), for LoRA, LoHa, LoKr and OFT",
     "base_quantization": "store the frozen weights quantized: int8 (per channel), fp8 (e4m3, per tensor), "
-    "fp8_channel; dequantized per layer in the step",
+    "fp8_channel; dequantized per layer in the step. An fp8 file's weights (a scaled-fp8 file's with its scales) "
+    "are kept as stored under fp8",
     "lora_dtype": "adapter compute rounding and file dtype (optimizer state stays fp32)",
     "algorithm": "adapter algorithm",
     "gradient_checkpointing": "recompute each block's activations in the backward pass (saves memory)",

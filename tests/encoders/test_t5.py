@@ -12,6 +12,7 @@ from safetensors.torch import save_file as torch_save_file
 from jaxlora.encoders.loading import MissingEncoderError, load_t5
 from jaxlora.encoders.t5 import T5Config, T5Encoder
 from jaxlora.models.demo import random_network_tensors
+from tests.models.test_scaled_fp8 import scaled_checkpoint
 
 TINY_T5 = T5Config(width=64, depth=3, heads=4, head_width=16, mlp_width=96, vocab_size=300)
 TOLERANCE = 2e-5  # max |diff| relative to max |value|, fp32
@@ -73,3 +74,16 @@ def test_fp8_stored_t5_loads_as_its_cast(tmp_path):
     ours, rounded = load_t5(tmp_path / "t5xxl_fp8_e4m3fn.safetensors"), load_t5(tmp_path / "rounded.safetensors")
     tokens = jnp.asarray(np.arange(40)[None] % 300)
     np.testing.assert_array_equal(ours(tokens), rounded(tokens))
+
+
+def test_scaled_fp8_t5_loads_multiplied_by_its_scales(tmp_path):
+    """`t5xxl_fp8_e4m3fn_scaled.safetensors` as ComfyUI publishes it (legacy layout, no prefix): the encoder
+    computes exactly what the dequantized weights (torch: w8.float() * scale) written in fp32 compute."""
+    wide = random_network_tensors(T5Encoder(TINY_T5), seed=6)
+    tensors, metadata, dequantized = scaled_checkpoint("legacy", wide_tensors=wide, prefix="")
+    assert "encoder.block.0.layer.0.SelfAttention.q.scale_weight" in tensors
+    torch_save_file(tensors, str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"), metadata=metadata)
+    torch_save_file(dequantized, str(tmp_path / "dequantized.safetensors"))
+    ours = load_t5(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors")
+    tokens = jnp.asarray(np.arange(40)[None] % 300)
+    np.testing.assert_array_equal(ours(tokens), load_t5(tmp_path / "dequantized.safetensors")(tokens))
