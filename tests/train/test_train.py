@@ -141,12 +141,12 @@ def test_training_lowers_the_loss(one_level_model, optimizer, loss, algorithm):
 
 
 def test_only_the_adapter_changes_and_the_input_model_is_untouched(model):
-    before = {key: np.asarray(getattr(layer, name)[...]) for key, layer, name in torch_parameters(model.network)}
+    before = {key: np.asarray(site.value(name)) for key, site, name in torch_parameters(model.network)}
     result = train_lora(model, *small_data(), steps=3, **PLAIN, **QUIET)
-    assert all(layer.adapter is None for _, layer, _ in torch_parameters(model.network))
+    assert all(site.layer.adapter is None for _, site, _ in torch_parameters(model.network))
     trained = result.model_with_lora.network
-    for key, layer, name in torch_parameters(trained):
-        np.testing.assert_array_equal(np.asarray(getattr(layer, name)[...]), before[key], err_msg=key)
+    for key, site, name in torch_parameters(trained):
+        np.testing.assert_array_equal(np.asarray(site.value(name)), before[key], err_msg=key)
     assert any(np.abs(leaf).max() > 0 for leaf in adapter_leaves(trained))
     assert result.steps == 3 and set(result.lora) and all(k.startswith("diffusion_model.") for k in result.lora)
 
