@@ -51,6 +51,7 @@ from dataclasses import dataclass, replace  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from full_size import MODELS, training_batch  # noqa: E402
 from jax.sharding import (
     Sharding,  # noqa: E402
     SingleDeviceSharding,  # noqa: E402
@@ -58,29 +59,14 @@ from jax.sharding import (
 from load_and_forward import in_fresh_process, timed  # noqa: E402
 
 from jaxlora.models.diffusion import abstract_model  # noqa: E402
-from jaxlora.models.flux import FLUX_DEV  # noqa: E402
-from jaxlora.models.unet import SD15, SDXL  # noqa: E402
-from jaxlora.models.unet_family import DEMO_UNET  # noqa: E402
 from jaxlora.parallel.mesh import MeshLayout, make_mesh  # noqa: E402
 from jaxlora.parallel.placement import in_host_memory  # noqa: E402
 from jaxlora.train.config import TrainConfig  # noqa: E402
-from jaxlora.train.data import Dataset, make_bucket  # noqa: E402
 from jaxlora.train.loop import prepare_run  # noqa: E402
 from jaxlora.train.perf import matmul_flops, published_peak  # noqa: E402
 from jaxlora.train.step import compile_step  # noqa: E402
 
 GIB = 2**30
-# name -> (network config, caption tokens); "tiny-flux" is a two-block Flux for a quick check of the whole path
-MODELS = {
-    "demo": (DEMO_UNET, 77),
-    "sd15": (SD15, 77),
-    "sdxl": (SDXL, 77),
-    "flux-dev": (FLUX_DEV, 512),
-    "tiny-flux": (
-        replace(FLUX_DEV, hidden_size=256, num_heads=2, mlp_hidden=512, depth=1, depth_single_blocks=1),
-        64,
-    ),
-}
 # chip -> (topology of 4 chips, topology of 8 chips, HBM GiB, HBM bandwidth bytes/s), published figures
 CHIPS = {
     "v5e": ("v5e:2x2", "v5e:2x4", 16, 819e9),
@@ -151,16 +137,9 @@ def run_case(case: Case, compiled_too: bool = True) -> dict:
     """Set the step up on the host as the trainer does (`prepare_run`), lay its inputs out on TPU devices,
     compile, measure."""
     os.environ["JAXLORA_ATTENTION"] = case.attention  # read when the step is traced (models.attention)
-    network_config, tokens = MODELS[case.model]
     config = case.config
-    model = abstract_model(network_config, config.training_dtype, config.base_quantization)
-    conditioning = {
-        field.name: np.zeros((1, tokens, field.width) if field.name == "c_crossattn" else (1, field.width), np.float32)
-        for field in model.conditioning_fields
-    }
-    latent = case.pixels // 8
-    latents = np.zeros((case.batch, network_config.in_channels, latent, latent), np.float32)
-    run = prepare_run(model, Dataset((make_bucket(latents, conditioning),)), config)
+    model = abstract_model(MODELS[case.model][0], config.training_dtype, config.base_quantization)
+    run = prepare_run(model, training_batch(model, case.model, case.pixels, case.batch), config)
     devices = topology_devices(case)
     if case.fsdp == 1:
         layout, settings = None, run.settings
