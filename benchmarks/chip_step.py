@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from full_size import MODELS, training_batch
+from full_size import MODELS, add_case_options, markdown_row, step_config, training_batch
 from load_and_forward import in_fresh_process
 
 from jaxlora.dtypes import TRAINING_DTYPES
@@ -59,14 +59,7 @@ class Case:
 
     @property
     def config(self) -> TrainConfig:
-        remat = self.remat != "off"
-        return TrainConfig(
-            rank=16,
-            training_dtype=self.dtype,
-            batch_size=self.batch,
-            gradient_checkpointing=remat,
-            remat_policy=self.remat if remat else "nothing_saveable",
-        )
+        return step_config(self.batch, self.remat, training_dtype=self.dtype)
 
     @property
     def label(self) -> list[str]:
@@ -137,20 +130,9 @@ def device_line() -> str:
     return f"jax {jax.__version__}, {device.device_kind} ({device.platform}), peak: {device_peak()[1]}"
 
 
-def markdown(case: Case, row: dict, header: bool) -> str:
-    columns = [*LABELS, *row]
-    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"] if header else []
-    cells = [v if isinstance(v, str) else f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}" for v in row.values()]
-    lines.append("| " + " | ".join(case.label + cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", choices=list(MODELS), default=["sdxl"])
-    parser.add_argument("--pixels", nargs="+", type=int, default=[1024])
-    parser.add_argument("--batch", nargs="+", type=int, default=[1])
-    parser.add_argument("--remat", nargs="+", default=["nothing_saveable"], help='a remat policy, or "off"')
+    add_case_options(parser)
     parser.add_argument("--attention", nargs="+", choices=("auto", "xla", "cudnn", "splash"), default=["auto"])
     parser.add_argument("--dtype", nargs="+", choices=TRAINING_DTYPES, default=["bf16"])
     parser.add_argument("--warmup", type=int, default=3, help="steps run before the timed ones")
@@ -161,7 +143,7 @@ def main() -> None:
     for index, values in enumerate(combinations):
         case = Case(*values)
         row = in_fresh_process(run_case, case, args.warmup, args.steps)
-        print(markdown(case, row, header=index == 0), flush=True)
+        print(markdown_row(case.label, row, LABELS if index == 0 else None), flush=True)
 
 
 if __name__ == "__main__":

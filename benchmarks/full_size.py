@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 from typing import Any
 
@@ -12,6 +13,7 @@ from jaxlora.models.diffusion import DiffusionModel
 from jaxlora.models.flux import FLUX_DEV
 from jaxlora.models.unet import SD15, SDXL
 from jaxlora.models.unet_family import DEMO_UNET
+from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Dataset, make_bucket
 
 # name -> (network config, caption tokens); "tiny-flux" is a two-block Flux for a quick check of the whole path
@@ -27,6 +29,19 @@ MODELS: dict[str, tuple[Any, int]] = {
 }
 
 
+def step_config(batch: int, remat: str, **settings) -> TrainConfig:
+    """The benchmarks' run: LoRA rank 16 (fp32 masters, AdamW, the defaults) at `batch`, remat per block with the
+    `remat` policy ("off": none), and the given TrainConfig `settings`."""
+    on = remat != "off"
+    return TrainConfig(
+        rank=16,
+        batch_size=batch,
+        gradient_checkpointing=on,
+        remat_policy=remat if on else "nothing_saveable",
+        **settings,
+    )
+
+
 def training_batch(model: DiffusionModel, name: str, pixels: int, batch: int) -> Dataset:
     """One bucket of `batch` square latents of `pixels` and captions of the model's training length (zeros: what
     the step costs does not depend on the values)."""
@@ -38,3 +53,22 @@ def training_batch(model: DiffusionModel, name: str, pixels: int, batch: int) ->
     latent = pixels // 8
     latents = np.zeros((batch, network_config.in_channels, latent, latent), np.float32)
     return Dataset((make_bucket(latents, conditioning),))
+
+
+def add_case_options(parser: argparse.ArgumentParser) -> None:
+    """The options both chip benchmarks take; each lists values, and every combination is one case."""
+    parser.add_argument("--model", nargs="+", choices=list(MODELS), default=["sdxl"])
+    parser.add_argument("--pixels", nargs="+", type=int, default=[1024])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1])
+    parser.add_argument("--remat", nargs="+", default=["nothing_saveable"], help='a remat policy, or "off"')
+
+
+def markdown_row(labels: list[str], row: dict, header: tuple[str, ...] | None = None) -> str:
+    """A case's row of a markdown table (its `labels`, then the measured `row`), below the table's header when
+    `header` names the label columns."""
+    cells = [v if isinstance(v, str) else f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}" for v in row.values()]
+    lines = [f"| {' | '.join(labels + cells)} |"]
+    if header is not None:
+        columns = [*header, *row]
+        lines[:0] = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    return "\n".join(lines)

@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from full_size import MODELS, training_batch  # noqa: E402
+from full_size import MODELS, add_case_options, markdown_row, step_config, training_batch  # noqa: E402
 from jax.sharding import (
     Sharding,  # noqa: E402
     SingleDeviceSharding,  # noqa: E402
@@ -91,13 +91,10 @@ class Case:
 
     @property
     def config(self) -> TrainConfig:
-        remat = self.remat != "off"
-        return TrainConfig(
-            rank=16,
+        return step_config(
+            self.batch,
+            self.remat,
             training_dtype="bf16",
-            batch_size=self.batch,
-            gradient_checkpointing=remat,
-            remat_policy=self.remat if remat else "nothing_saveable",
             offloading=self.offloading,
             base_quantization=self.quantization,
             quantized_backward=self.quantized_backward,
@@ -220,23 +217,11 @@ def per_chip_bytes(leaf: jax.ShapeDtypeStruct) -> int:
     return math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
 
 
-def markdown(rows: list[tuple[Case, dict]], header: bool) -> str:
-    columns = [*LABELS, *rows[0][1]]
-    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"] if header else []
-    for case, row in rows:
-        cells = [v if isinstance(v, str) else f"{v:.3g}" if v < 100 else f"{v:.0f}" for v in row.values()]
-        lines.append("| " + " | ".join(case.label + cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", choices=list(MODELS), default=["sdxl"])
-    parser.add_argument("--pixels", nargs="+", type=int, default=[1024])
-    parser.add_argument("--batch", nargs="+", type=int, default=[1])
+    add_case_options(parser)
     parser.add_argument("--chip", nargs="+", choices=list(CHIPS), default=["v5e"])
     parser.add_argument("--fsdp", nargs="+", type=int, default=[1], help="chips the frozen base is split over")
-    parser.add_argument("--remat", nargs="+", default=["nothing_saveable"], help='a remat policy, or "off"')
     parser.add_argument("--quantization", nargs="+", default=["none"], help="none, int8, fp8, fp8_channel")
     parser.add_argument("--offloading", nargs="+", choices=("off", "on"), default=["off"])
     parser.add_argument("--attention", nargs="+", choices=("splash", "xla"), default=["splash"])
@@ -259,7 +244,7 @@ def main() -> None:
     for index, values in enumerate(combinations):
         case = Case(*values)
         row = in_fresh_process(run_case, case, not args.trace_only)
-        print(markdown([(case, row)], header=index == 0), flush=True)
+        print(markdown_row(case.label, row, LABELS if index == 0 else None), flush=True)
 
 
 if __name__ == "__main__":
