@@ -25,18 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.models.quantize import FP8, dequantize
+from jaxlora.models.quantize import FP8, dequantize, symmetric_quantize
 
 
 def quantize_rows(values: jax.Array, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
-    """(values in `dtype`, float32 scale per row) with one symmetric scale per row of the last axis (amax over
-    the largest finite value of `dtype`; 1 for an all-zero row). `dtype` is int8 (rounded) or e4m3."""
-    largest = float(jnp.iinfo(dtype).max if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype).max)
-    wide = values.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(wide), axis=-1, keepdims=True)
-    scale = jnp.where(amax > 0, amax / largest, 1.0)
-    scaled = jnp.clip(wide / scale, -largest, largest)
-    return (jnp.round(scaled) if jnp.issubdtype(dtype, jnp.integer) else scaled).astype(dtype), scale
+    """(values in `dtype`, float32 scale per row) with one symmetric scale per row of the last axis; `dtype` is
+    int8 or e4m3."""
+    return symmetric_quantize(values.astype(jnp.float32), (-1,), np.dtype(dtype), jnp)
 
 
 def gradient_dtype(weight_dtype) -> np.dtype:

@@ -35,7 +35,6 @@ from flax import nnx
 
 QUANTIZATIONS = ("none", "int8", "fp8", "fp8_channel")
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
-_LARGEST = {"int8": 127.0, "fp8": float(ml_dtypes.finfo(FP8).max), "fp8_channel": float(ml_dtypes.finfo(FP8).max)}
 
 
 class WeightScale(nnx.Variable):
@@ -79,11 +78,19 @@ def quantize_weight(
     if mode != "int8" and (weight.dtype == FP8 or file_scale is not None):
         kept = np.ones([1] * weight.ndim, np.float32) if file_scale is None else file_scale
         return weight, np.broadcast_to(kept, scale_shape(weight.shape, mode, out_axis)).astype(np.float32)
-    wide = widen(weight, file_scale)
-    amax = np.max(np.abs(wide), axis=axes, keepdims=True)
-    scale = np.where(amax > 0, amax / _LARGEST[mode], 1.0).astype(np.float32)
-    scaled = np.clip(wide / scale, -_LARGEST[mode], _LARGEST[mode])
-    return (np.round(scaled) if mode == "int8" else scaled).astype(stored_dtype(mode)), scale
+    return symmetric_quantize(widen(weight, file_scale), axes, stored_dtype(mode), np)
+
+
+def symmetric_quantize(wide, axes: tuple[int, ...], dtype: np.dtype, xp=np):
+    """(`wide` in `dtype`, float32 scale) with one symmetric scale per slice reduced over `axes`: amax over the
+    largest finite value of `dtype` (1 for an all-zero slice), rounded for int8. `xp` is numpy for weights on the
+    host, jax.numpy for values inside a traced step."""
+    integer = np.issubdtype(dtype, np.integer)
+    largest = float(np.iinfo(dtype).max if integer else ml_dtypes.finfo(dtype).max)
+    amax = xp.max(xp.abs(wide), axis=axes, keepdims=True)
+    scale = xp.where(amax > 0, amax / largest, 1.0).astype(np.float32)
+    scaled = xp.clip(wide / scale, -largest, largest)
+    return (xp.round(scaled) if integer else scaled).astype(dtype), scale
 
 
 def dequantize(weight: jax.Array, scale: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
