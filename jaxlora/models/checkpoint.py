@@ -176,6 +176,19 @@ def quantizes(site: LayerSite, name: str, quantization: str) -> bool:
     return quantization != "none" and name == "weight" and site.layer.adaptable and len(site.weight.shape) >= 2
 
 
+def stored_quantization(network: nnx.Module) -> str:
+    """The quantization mode that describes adapted weights kept as the file stored them (`dtype` None): "fp8" when
+    any is a float8 (a scaled-fp8 file's, per tensor with its scale, exactly as the fp8 mode stores them), else
+    "none"."""
+    float8 = (
+        site.layer.adaptable
+        and jnp.dtype(site.weight.dtype).itemsize == 1
+        and jnp.issubdtype(site.weight.dtype, jnp.floating)
+        for site in layer_sites(network)
+    )
+    return "fp8" if any(float8) else "none"
+
+
 def _converted(site: LayerSite, name: str, torch_array: np.ndarray, dtype, quantization: str, scale=None):
     """One tensor in the layer's Flax layout: (array in `dtype`, None), or (quantized array, scale). `scale` is the
     file's own scale of a float8 weight (a scaled-fp8 checkpoint): the weight keeps it when stored quantized or as

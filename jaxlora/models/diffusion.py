@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.dtypes import PREDICTIONS, resolve_dtype
-from jaxlora.models.checkpoint import TensorFile, load_network, quantize_abstract, read_index
+from jaxlora.models.checkpoint import TensorFile, load_network, quantize_abstract, read_index, stored_quantization
 from jaxlora.models.family import AdapterNames, ConditioningField, ModelFamily, Variant
 from jaxlora.models.quantize import check_quantization, is_quantized
 from jaxlora.models.registry import family_of_config
@@ -139,6 +139,8 @@ def load_model(
 
     keys = {key[len(loaded.prefix) :] for key in index.shapes if key.startswith(loaded.prefix)} | set(index.shapes)
     sampling = loaded.family.load_sampling(loaded.variant, loaded.network.config, read_tensor, keys, prediction)
+    if weights and dtype is None and quantization == "none":
+        quantization = stored_quantization(loaded.network)  # an fp8 file kept as stored is an fp8 base
     return DiffusionModel(loaded.network, loaded.family, loaded.variant, sampling, Path(path), quantization)
 
 

@@ -98,10 +98,11 @@ def test_scaled_file_keeps_its_fp8_bytes_and_scales_and_dequantizes_exactly(file
     stored = tensors[layout]
     scaled = scaled_keys(stored)
     assert len(scaled) > 10
-    # (training dtype, quantization): the file's fp8 kept under fp8, fp8_channel and training_dtype "none"; the
-    # layouts differ only in keys, so the others are loaded one way
-    kept = (("fp32", "fp8"), ("bf16", "fp8_channel"), ("none", "none"))
-    for dtype, mode in kept if layout == "legacy" else kept[:1]:
+    # (training dtype, quantization, the model's quantization): the file's fp8 kept under fp8, fp8_channel and
+    # training_dtype "none" (an fp8 base, as the fp8 mode stores it); the layouts differ only in keys, so the others
+    # are loaded one way
+    kept = (("fp32", "fp8", "fp8"), ("bf16", "fp8_channel", "fp8_channel"), ("none", "none", "fp8"))
+    for dtype, mode, stored_as in kept if layout == "legacy" else kept[:1]:
         model = load_model(paths[layout], dtype, quantization=mode)
         weights = sites(model)
         for key in scaled:
@@ -111,7 +112,7 @@ def test_scaled_file_keeps_its_fp8_bytes_and_scales_and_dequantizes_exactly(file
             loaded = np.transpose(np.asarray(site.value("weight")), np.argsort(site.permutation("weight")))
             np.testing.assert_array_equal(loaded.view(np.uint8), file_bytes, err_msg=key)
             np.testing.assert_array_equal(wide_weight(site), oracle[key], err_msg=key)
-        assert model.quantization == mode
+        assert model.quantization == stored_as
 
 
 def test_scaled_file_is_multiplied_out_without_an_fp8_mode(files):

@@ -90,5 +90,6 @@ def test_training_dtype_none_keeps_stored_weights_and_computes_as_comfyui_autoca
     assert compute_dtype(TrainConfig(training_dtype="none"), fp16) == jnp.float16
     stored = load_model(path, "none")  # the file's fp32, as stored
     assert stored.dtype == jnp.float32 and compute_dtype(TrainConfig(training_dtype="none"), stored) == jnp.bfloat16
+    assert stored.quantization == "none"  # a wide file kept as stored is no quantized base
     with pytest.raises(ValueError, match="load_model\\(path, quantization='int8'\\)"):
         preflight(stored, dataset, TrainConfig(base_quantization="int8"))
