@@ -173,7 +173,8 @@ def test_exported_tensors_are_pinned(family, algorithm, tmp_path):
     if pinned is None:
         pytest.fail(f"{case} is not pinned: run `python -m tests.test_pinned_exports {case}` and commit the result")
     trained = exported_fingerprints(family, algorithm, tmp_path)
-    assert {s: f == "refused" for s, f in trained.items()} == {s: f == "refused" for s, f in pinned.items()}
+    refused = {s: f == "refused" for s, f in trained.items()}
+    assert refused == {s: f == "refused" for s, f in pinned.items()}, "the styles that can name the adapter changed"
     for style, fingerprint in trained.items():
         if fingerprint == "refused":
             continue
@@ -186,8 +187,11 @@ def test_exported_tensors_are_pinned(family, algorithm, tmp_path):
 
 def repin(cases: list[str]) -> None:
     """Train the named "family/algorithm" cases (all when none is named) and write their fingerprints."""
+    known = [f"{f}/{a}" for f in CONFIGS for a in ALGORITHMS]
+    if unknown := [case for case in cases if case not in known]:
+        raise SystemExit(f"unknown cases {unknown}: name them FAMILY/ALGORITHM, from {known}")
     pinned = json.loads(PINNED_FILE.read_text()) if PINNED_FILE.exists() else {}
-    for case in cases or [f"{f}/{a}" for f in CONFIGS for a in ALGORITHMS]:
+    for case in cases or known:
         family, algorithm = case.split("/")
         with tempfile.TemporaryDirectory() as folder:
             pinned[case] = exported_fingerprints(family, algorithm, Path(folder))
