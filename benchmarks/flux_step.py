@@ -16,13 +16,12 @@ Nothing is allocated; each case compiles in a freshly spawned process.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 from dataclasses import dataclass
 
 import jax
 import numpy as np
-from load_and_forward import timed
+from load_and_forward import in_fresh_process, timed
 from train_step import lower_and_compile, markdown_table, prepare, trace, xla_counts
 
 from jaxlora.models.chroma import CHROMA
@@ -77,8 +76,7 @@ def run_all(cases: list[Case], title: str, compile_step: bool = True) -> None:
     print(f"{title}\n")
     labels = ("pixels", "remat", "blocks")
     for index, case in enumerate(cases):
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            table = markdown_table([(case, pool.apply(run_case, (case, compile_step)))], labels)
+        table = markdown_table([(case, in_fresh_process(run_case, case, compile_step))], labels)
         print("\n".join(table.splitlines()[2 * bool(index) :]), flush=True)
     print()
 
