@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from fresh_process import in_fresh_process
 from full_size import MODELS, add_case_options, markdown_row, step_config, training_batch
-from load_and_forward import in_fresh_process
 
 from jaxlora.dtypes import TRAINING_DTYPES
 from jaxlora.models.diffusion import DiffusionModel, abstract_model

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
-from load_and_forward import in_fresh_process, timed
+from fresh_process import in_fresh_process
+from load_and_forward import timed
 from train_step import lower_and_compile, markdown_table, prepare, trace, xla_counts
 
 from jaxlora.models.chroma import CHROMA

@@ -8,26 +8,23 @@ into the compiled program as constants.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import multiprocessing
-import multiprocessing.pool
 import os
 import resource
-import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from fresh_process import in_fresh_process
 
 from jaxlora import load_model
 from jaxlora.models.checkpoint import torch_parameters
@@ -153,35 +150,6 @@ def measure_load(path: Path) -> dict:
         "RssAnon": (before["RssAnon"], peaks["RssAnon"], after["RssAnon"]),
         "RssFile": (before["RssFile"], peaks["RssFile"], after["RssFile"]),
     }
-
-
-def _exit_on_sigterm(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def spawned_pool(processes: int = 1, **options) -> Iterator[multiprocessing.pool.Pool]:
-    """A pool of freshly spawned interpreters that ends with this process.
-
-    Python's default SIGTERM kills this process on the spot, leaving a worker that may be half an hour into a
-    compile running as an orphan. While the pool lives, SIGTERM raises SystemExit instead, so the pool's exit
-    terminates its workers.
-    """
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        with multiprocessing.get_context("spawn").Pool(processes, **options) as pool:
-            yield pool
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def in_fresh_process(fn: Callable, *args):
-    """fn(*args) in a newly spawned interpreter, so its memory neither counts here nor starts from ours."""
-    with spawned_pool() as pool:
-        result = pool.apply(fn, args)
-        pool.close()  # let the worker exit on its own (terminating it makes libtpu print a crash report)
-        pool.join()
-        return result
 
 
 def memory_report(m: dict) -> str:

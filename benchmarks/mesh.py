@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
-from load_and_forward import in_fresh_process  # noqa: E402
+from fresh_process import in_fresh_process  # noqa: E402
 from train_step import (  # noqa: E402
     UNETS,
     Case,

@@ -51,12 +51,13 @@ from dataclasses import dataclass, replace  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from fresh_process import in_fresh_process  # noqa: E402
 from full_size import MODELS, add_case_options, markdown_row, step_config, training_batch  # noqa: E402
 from jax.sharding import (
     Sharding,  # noqa: E402
     SingleDeviceSharding,  # noqa: E402
 )
-from load_and_forward import in_fresh_process, timed  # noqa: E402
+from load_and_forward import timed  # noqa: E402
 
 from jaxlora.models.diffusion import abstract_model  # noqa: E402
 from jaxlora.parallel.mesh import MeshLayout, make_mesh  # noqa: E402

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from fresh_process import in_fresh_process, in_fresh_processes
 from jax.experimental.serialize_executable import serialize
-from load_and_forward import in_fresh_process, memory_kib, spawned_pool, timed
+from load_and_forward import memory_kib, timed
 
 from jaxlora import load_model
 from jaxlora.models.demo import demo_dataset, write_random_checkpoint
@@ -211,8 +212,8 @@ def abstract_section(models: list[str], latents: list[int], jobs: int) -> str:
         for latent in latents
         for case in remat_on_off(Case(model, latent, TrainConfig(rank=16, training_dtype="bf16")))
     ]
-    with spawned_pool(jobs, maxtasksperchild=1) as pool:
-        rows = pool.map(run_abstract, cases[::-1], chunksize=1)[::-1]  # the largest first, so workers end together
+    # the largest first, so that the cases compiled side by side end together
+    rows = in_fresh_processes(run_abstract, [(case,) for case in cases[::-1]], jobs)[::-1]
     title = f"Abstract compiles, {jobs} at a time: batch 1, 77 tokens, bf16, LoRA rank 16 (fp32 masters), AdamW"
     return f"{title}\n\n{markdown_table(list(zip(cases, rows, strict=True)))}"
 
