@@ -33,6 +33,7 @@ from jaxlora.parallel.placement import in_host_memory, is_writer, place_tree, to
 from jaxlora.train.checkpoints import Checkpoints, open_run
 from jaxlora.train.config import TRAINING_CONTROLS, TrainConfig
 from jaxlora.train.data import Dataset, check_dataset, device_arrays, load_dataset, make_dataset
+from jaxlora.train.memory_plan import DeviceMemory, StepMemory, check_step_fits, compile_within_memory
 from jaxlora.train.objective import Objective
 from jaxlora.train.optim import OptimizerSettings, ema_params, eval_params, loss_function, make_optimizer, with_ema
 from jaxlora.train.perf import device_peak, matmul_flops
@@ -528,8 +529,10 @@ def _train(
             adapters, opt_state, base, bucket, noise_key_data(config.seed, 0, micro), perm_key, 0
         )
         flops.append(matmul_flops(traced.jaxpr))
-        compiled.append(traced.lower().compile())
+        what = f"the train step for latents {list(shape)}, batch {config.batch_size}"
+        compiled.append(compile_within_memory(traced.lower(), what))
         stats.compile_seconds += time.perf_counter() - begin
+        progress(check_step_fits(StepMemory.of(compiled[-1]), DeviceMemory.of(jax.local_devices()[0]), what))
     progress(f"compiled {len(compiled)} step shape(s) in {stats.compile_seconds:.1f} s")
     stats.peak_flops, stats.peak_source = device_peak()
 

@@ -29,6 +29,7 @@ from jaxlora.train.checkpoints import RUN_FILE, ResumeError, new_run, open_run, 
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import load_dataset, save_dataset
 from jaxlora.train.loop import RunStats, TrainResult
+from jaxlora.train.memory_plan import DeviceMemory
 from jaxlora.train.report import RunInterruptedError, write_run_outputs
 
 PREFIX = "loras/style"
@@ -88,6 +89,24 @@ def test_the_same_command_twice_makes_two_identical_readable_adapters(inputs, tm
     assert main(command(inputs, tmp_path, "--resume", "--steps", "4")) == 0  # a kept run trains further
     assert "resumed from step 3 of run_00002" in capsys.readouterr().err
     assert (tmp_path / "loras" / "style_4_steps_00003_.safetensors").is_file()
+
+
+def test_a_step_too_large_for_the_device_stops_before_training_and_does_not_block_the_next_run(
+    inputs, tmp_path, capsys, monkeypatch
+):
+    """On a device with less free memory than XLA's plan of the step (a stand-in for a GPU's allocator figures; the
+    CPU reports none) the run stops after compiling, before any step, naming the memory and the settings to
+    change; the same command on a device with room then trains."""
+    monkeypatch.setattr(DeviceMemory, "of", classmethod(lambda cls, device: DeviceMemory(limit=2**20, in_use=0)))
+    assert main(command(inputs, tmp_path)) == 2
+    error = capsys.readouterr().err
+    assert "\nerror: the train step for latents [4, 8, 8], batch 1 needs " in error
+    assert "but the device has 0.00 GiB free of 0.00 GiB" in error and "--batch-size" in error
+    assert not list((tmp_path / "loras").glob("*.safetensors"))
+    monkeypatch.undo()
+    assert main(command(inputs, tmp_path)) == 0
+    assert "the train step for latents [4, 8, 8], batch 1 needs " in capsys.readouterr().err
+    assert (tmp_path / "loras" / "style_3_steps_00001_.safetensors").is_file()
 
 
 def test_resume_with_nothing_to_resume_is_refused(inputs, tmp_path, capsys):
