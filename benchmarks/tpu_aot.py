@@ -64,6 +64,7 @@ from jaxlora.parallel.mesh import MeshLayout, make_mesh  # noqa: E402
 from jaxlora.parallel.placement import in_host_memory  # noqa: E402
 from jaxlora.train.config import TrainConfig  # noqa: E402
 from jaxlora.train.loop import prepare_run  # noqa: E402
+from jaxlora.train.memory_plan import StepMemory  # noqa: E402
 from jaxlora.train.perf import matmul_flops, published_peak  # noqa: E402
 from jaxlora.train.step import compile_step  # noqa: E402
 
@@ -186,20 +187,14 @@ def run_case(case: Case, compiled_too: bool = True) -> dict:
             "compile s": time.perf_counter() - start,
         }
     compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    total = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
+    memory, plan = compiled.memory_analysis(), StepMemory.of(compiled)
     accessed = compiled.cost_analysis()["bytes accessed"]
     bound = max(flops / published_peak(devices[0]), accessed / bandwidth)
     return {
-        "args GiB": memory.argument_size_in_bytes / GIB,
-        "temp GiB": memory.temp_size_in_bytes / GIB,
-        "total GiB": total / GIB,
-        "fits": "yes" if total <= hbm_gib * GIB else f"no (>{hbm_gib})",
+        "args GiB": plan.arguments / GIB,
+        "temp GiB": plan.temporaries / GIB,
+        "total GiB": plan.total / GIB,
+        "fits": "yes" if plan.total <= hbm_gib * GIB else f"no (>{hbm_gib})",
         "host GiB": (memory.host_argument_size_in_bytes + memory.host_temp_size_in_bytes) / GIB,
         "TFLOP": flops / 1e12,
         "GB accessed": accessed / 1e9,

@@ -40,6 +40,7 @@ from jaxlora.models.unet_family import DEMO_UNET
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import Bucket, Dataset, make_bucket, make_dataset
 from jaxlora.train.loop import prepare_run
+from jaxlora.train.memory_plan import StepMemory
 from jaxlora.train.perf import matmul_flops
 from jaxlora.train.step import compile_step, noise_key_data, permutation_key
 
@@ -105,14 +106,9 @@ def xla_counts(compiled: jax.stages.Compiled) -> dict:
     """XLA's buffer sizes (GiB), the serialized executable's size and the FLOP count.
 
     "total" = arguments + outputs - donated aliases + temporaries: the device memory the step needs."""
-    memory = compiled.memory_analysis()
-    sizes = {
-        "args": memory.argument_size_in_bytes,
-        "out": memory.output_size_in_bytes,
-        "alias": memory.alias_size_in_bytes,
-        "temp": memory.temp_size_in_bytes,
-    }
-    sizes["total"] = sizes["args"] + sizes["out"] - sizes["alias"] + sizes["temp"]
+    plan = StepMemory.of(compiled)
+    sizes = {"args": plan.arguments, "out": plan.outputs, "alias": plan.aliased, "temp": plan.temporaries}
+    sizes["total"] = plan.total
     row = {f"{name} GiB": size / GIB for name, size in sizes.items()}
     row["exe MiB"] = len(serialize(compiled)[0]) / 2**20  # XLA:CPU reports generated_code_size_in_bytes = 0
     row["TFLOP"] = compiled.cost_analysis()["flops"] / 1e12
@@ -135,9 +131,10 @@ def run_concrete(case: Case, checkpoint: Path, bucket: Bucket, steps: int) -> di
     for i in range(2 + steps):
         key_data = noise_key_data(config.seed, i * micro, micro)
         call = functools.partial(compiled, adapters, opt_state, base, data, key_data, perm_key, i * micro)
-        (adapters, opt_state, losses), elapsed = timed(call)
+        (adapters, opt_state, metrics), elapsed = timed(call)
         seconds.append(elapsed)
-    assert np.isfinite(np.asarray(losses)).all(), f"{case}: non-finite loss {losses}"
+    losses = np.asarray(metrics["loss"])
+    assert np.isfinite(losses).all(), f"{case}: non-finite loss {losses}"
     per_step = statistics.median(seconds[2:])
     return row | {
         "first step s": seconds[0],
