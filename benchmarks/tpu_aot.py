@@ -16,8 +16,9 @@ The step is set up by the trainer's `prepare_run` and `compile_step`: LoRA rank 
 bf16 frozen base (or int8 / fp8 stored: `--quantization`; the node's quantized_backward: `--quantized-backward on`,
 "+qbwd" in the base column), remat per block (`--remat`; "off" disables it), the
 prompt lengths the models train with (77 CLIP tokens, 512 T5 tokens). `--fsdp N` splits the frozen base over N chips
-of the topology (`fsdp=N` mesh, one sample per chip at least); sizes are what one chip holds. `--attention splash` is
-what the trainer picks on a TPU (`jaxlora.models.attention`), `xla` XLA's own attention.
+of the topology (`fsdp=N` mesh, one sample per chip at least); `--data N` replicates it on N chips, each training
+its share of the batch (`data=N`; with both, `data=D,fsdp=F` on D x F chips); sizes are what one chip holds.
+`--attention splash` is what the trainer picks on a TPU (`jaxlora.models.attention`), `xla` XLA's own attention.
 
 Columns:
 - args / temp / total GiB: XLA's buffer assignment per chip; total = arguments + outputs - donated aliases +
@@ -85,6 +86,7 @@ class Case:
     batch: int = 1
     chip: str = "v5e"
     fsdp: int = 1
+    data: int = 1
     remat: str = "nothing_saveable"
     quantization: str = "none"
     offloading: bool = False
@@ -103,8 +105,17 @@ class Case:
         )
 
     @property
+    def chips(self) -> int:
+        return self.data * self.fsdp
+
+    @property
+    def mesh(self) -> str:
+        """The mesh in `--mesh` syntax, its trivial axes left out."""
+        return ",".join(f"{axis}={size}" for axis, size in (("data", self.data), ("fsdp", self.fsdp)) if size > 1)
+
+    @property
     def label(self) -> list[str]:
-        chip = self.chip if self.fsdp == 1 else f"{self.chip}-{self.fsdp} fsdp"
+        chip = self.chip if self.chips == 1 else f"{self.chip}-{self.chips} {self.mesh}"
         base = "bf16" if self.quantization == "none" else self.quantization
         base += " +qbwd" if self.quantized_backward else ""
         remat = self.remat + (" +offload" if self.offloading else "")
@@ -115,14 +126,14 @@ LABELS = ("model", "pixels", "batch", "chip", "base", "remat", "attention")
 
 
 def topology_devices(case: Case) -> list:
-    """The TPU devices the step is compiled for: one chip of a 4-chip topology, or the `fsdp` chips of one."""
+    """The TPU devices the step is compiled for: one chip of a 4-chip topology, or the mesh's chips of one."""
     from jax.experimental import topologies
 
     four, eight, _, _ = CHIPS[case.chip]
-    if case.fsdp not in (1, 4, 8):
-        raise ValueError(f"--fsdp {case.fsdp}: this script compiles for 1, 4 or 8 chips")
-    devices = topologies.get_topology_desc(eight if case.fsdp == 8 else four, "tpu").devices
-    return devices[: case.fsdp]
+    if case.chips not in (1, 4, 8):
+        raise ValueError(f"--data {case.data} --fsdp {case.fsdp}: this script compiles for 1, 4 or 8 chips")
+    devices = topologies.get_topology_desc(eight if case.chips == 8 else four, "tpu").devices
+    return devices[: case.chips]
 
 
 def on_devices(tree, shardings):
@@ -140,11 +151,11 @@ def run_case(case: Case, compiled_too: bool = True) -> dict:
     model = abstract_model(MODELS[case.model][0], config.training_dtype, config.base_quantization)
     run = prepare_run(model, training_batch(model, case.model, case.pixels, case.batch), config)
     devices = topology_devices(case)
-    if case.fsdp == 1:
+    if case.chips == 1:
         layout, settings = None, run.settings
         same = base = SingleDeviceSharding(devices[0])
     else:
-        layout = MeshLayout.of(make_mesh(f"fsdp={case.fsdp}", devices), run.base)
+        layout = MeshLayout.of(make_mesh(case.mesh, devices), run.base)
         settings = replace(run.settings, batch_sharding=layout.batch)
         same, base = layout.replicated, layout.base
     if run.streamed:  # offloading: the stacked blocks' weight matrices in the chips' host memory, as prepare_run does
@@ -162,7 +173,7 @@ def run_case(case: Case, compiled_too: bool = True) -> dict:
         0,
     )
     traced, trace_s = timed(lambda: step.trace(*inputs))
-    flops = matmul_flops(traced.jaxpr) / case.fsdp  # the batch, and its FLOPs, split over the chips
+    flops = matmul_flops(traced.jaxpr) / case.chips  # the batch, and its FLOPs, split over the chips
     if not compiled_too:
         return {"TFLOP": flops / 1e12, "trace s": trace_s}
     lowered, lower_s = timed(traced.lower)
@@ -218,6 +229,7 @@ def main() -> None:
     add_case_options(parser)
     parser.add_argument("--chip", nargs="+", choices=list(CHIPS), default=["v5e"])
     parser.add_argument("--fsdp", nargs="+", type=int, default=[1], help="chips the frozen base is split over")
+    parser.add_argument("--data", nargs="+", type=int, default=[1], help="chips the frozen base is replicated on")
     parser.add_argument("--quantization", nargs="+", default=["none"], help="none, int8, fp8, fp8_channel")
     parser.add_argument("--offloading", nargs="+", choices=("off", "on"), default=["off"])
     parser.add_argument("--attention", nargs="+", choices=("splash", "xla"), default=["splash"])
@@ -231,6 +243,7 @@ def main() -> None:
         args.batch,
         args.chip,
         args.fsdp,
+        args.data,
         args.remat,
         args.quantization,
         [value == "on" for value in args.offloading],
