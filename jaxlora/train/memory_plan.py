@@ -2,7 +2,7 @@
 
 XLA plans a program's memory when it compiles it: the buffers of its arguments, outputs and temporaries. The
 trainer reads that plan and the device's free memory, and stops with a clear error naming the settings that would
-make the step fit, instead of an allocator failure part-way into the run (a GPU) or the compiler's bare
+make the step fit, instead of an allocator failure in the first step (a GPU) or the compiler's bare
 RESOURCE_EXHAUSTED (XLA:TPU refuses a program that cannot fit its chip at compile time). On a device that reports
 no memory figures (the CPU) the plan is still reported and nothing is checked."""
 
